@@ -1,0 +1,45 @@
+# Set-up and entry points; run from the repository root.
+#
+#   make install   create .venv and install requirements.txt (once; again when it changes)
+#   make test      install, then the fast test suite (PYTEST_ARGS="..." adds pytest flags)
+#   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
+#                  (PopTorch's pin) + requirements-ipu.txt, in .venv-torch20
+#
+# IPU hosts: activate the Poplar SDK's PopTorch environment first. When the active Python
+# already imports poptorch, requirements-ipu.txt goes into that environment and its torch
+# is left alone; any other active environment (CI, laptops) still gets .venv.
+
+SYSTEM_PYTHON ?= python3
+HAS_POPTORCH := $(shell $(SYSTEM_PYTHON) -c "import poptorch" >/dev/null 2>&1 && echo yes)
+
+ifeq ($(HAS_POPTORCH),yes)
+PYTHON := $(SYSTEM_PYTHON)
+REQUIREMENTS := requirements-ipu.txt
+INSTALLED := .installed-ipu
+else
+PYTHON := .venv/bin/python
+REQUIREMENTS := requirements.txt
+INSTALLED := .venv/.installed
+endif
+
+.PHONY: install test test-torch20
+
+install: $(INSTALLED)
+
+$(INSTALLED): $(REQUIREMENTS)
+ifneq ($(HAS_POPTORCH),yes)
+	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv .venv
+endif
+	$(PYTHON) -m pip install -r $(REQUIREMENTS)
+	touch $@
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+.venv-torch20/.installed: requirements-ipu.txt
+	test -x .venv-torch20/bin/python || $(SYSTEM_PYTHON) -m venv .venv-torch20
+	.venv-torch20/bin/python -m pip install torch==2.0.1 -r requirements-ipu.txt
+	touch $@
+
+test-torch20: .venv-torch20/.installed
+	.venv-torch20/bin/python -m pytest $(PYTEST_ARGS)

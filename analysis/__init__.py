@@ -1,0 +1,1 @@
+"""Analysis: power decomposition, batch-dependence probe, plots."""

@@ -1,0 +1,1 @@
+"""Training application: `python -m train` (config, PopTorch/PyTorch engines, loop, checkpoints, logging)."""
