@@ -1,0 +1,257 @@
+"""Normalisation + activation layers, one module per method, built by name.
+
+`get_norm_act` is the only place that knows every norm (timm's norm-act pattern): models
+ask for a name from `NORMS` and never import a class. Each layer normalises, applies its
+affine and then its activation; `apply_act=False` gives the variant for positions that no
+activation follows (the last norm of a residual branch).
+
+Statistics domains, which is what the comparison is about:
+  batch        each replica's micro-batch (BatchNorm on a replicated IPU pod)
+  sync_batch   the micro-batches of `bn_group_size` replicas together (0 = all)
+  the rest     one sample: a sample's output never depends on its batch mates
+
+This module must also run on torch 2.0 (PopTorch's pin): no newer torch API here.
+"""
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from models.activations import check_act, get_act, unknown_name_error
+from models.proxy import NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, statistics_dtype
+
+NORMS = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
+BATCH_INDEPENDENT = ("group", "layer", "instance", "group_pn", "layer_pn", "none")
+DEFAULT_GROUPS = 32
+DEFAULT_EPS = 1e-5
+
+
+def check_input(module, x, num_channels):
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(
+            f"{type(module).__name__} expects a 3-D, 4-D or 5-D input (N, C, *spatial), "
+            f"got a {x.dim()}-D input of shape {tuple(x.shape)}")
+    if x.shape[1] != num_channels:
+        raise ValueError(
+            f"{type(module).__name__} expects {num_channels} channels in dim 1, "
+            f"got an input of shape {tuple(x.shape)}")
+
+
+class BatchNormAct(_BatchNorm):
+    """BatchNorm + activation, with statistics over each replica micro-batch.
+
+    The batch may hold `stats_chunks` replica micro-batches side by side (the PyTorch
+    engine emulates replicas in one forward). Each chunk is normalised with its own
+    statistics, exactly as separate BatchNorm calls would, and the running statistics
+    are updated once with the chunk average.
+
+    `bn_group_size` replicas share statistics (1 = none: plain per-replica BatchNorm;
+    0 = all). In one process, consecutive chunks are grouped by it. Across processes
+    (torchrun, one replica each) the statistics cover the given `process_group`, whose
+    sums are all-reduced with autograd so gradients reach every replica's input; the
+    engine builds groups of bn_group_size processes. Eval uses the running statistics.
+    The state_dict is a BatchNorm's.
+    """
+
+    def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",
+                 apply_act=True, stats_chunks=1, bn_group_size=1, process_group=None):
+        super().__init__(num_channels, eps=eps, momentum=momentum)
+        self.act = get_act(act) if apply_act else nn.Identity()
+        self.stats_chunks = stats_chunks
+        self.bn_group_size = bn_group_size
+        self.process_group = process_group
+
+    def _check_input_dim(self, x):
+        check_input(self, x, self.num_features)
+
+    def _num_stats_groups(self, batch_size):
+        """How many independent statistics groups the local batch holds."""
+        chunks, group = self.stats_chunks, self.bn_group_size
+        if self.process_group is not None and chunks != 1:
+            raise ValueError(
+                f"with a process_group each process holds one replica, got stats_chunks={chunks}")
+        if chunks < 1 or batch_size % chunks:
+            raise ValueError(
+                f"a batch of {batch_size} samples cannot be split into stats_chunks={chunks} "
+                f"equal replica micro-batches")
+        if group < 0:
+            raise ValueError(f"bn_group_size must be >= 0 (0 = all replicas), got {group}")
+        if group == 0 or group >= chunks:
+            return 1
+        if chunks % group:
+            raise ValueError(f"bn_group_size={group} does not divide stats_chunks={chunks}")
+        return chunks // group
+
+    def forward(self, x):
+        num_groups = self._num_stats_groups(x.shape[0]) if self.training else 1
+        if num_groups > 1 or (self.training and self.process_group is not None):
+            self._check_input_dim(x)
+            x = self._grouped_batch_norm(x, num_groups)
+        else:
+            x = super().forward(x)
+        return self.act(x)
+
+    def _grouped_batch_norm(self, x, num_groups):
+        dtype = statistics_dtype(x.dtype)
+        xg = x.to(dtype).reshape(num_groups, x.shape[0] // num_groups, self.num_features, -1)
+        count = xg.shape[1] * xg.shape[3]
+        if count < 2 and self.process_group is None:
+            raise ValueError(
+                f"BatchNorm needs more than 1 value per channel when training, got input "
+                f"of shape {tuple(x.shape)} split into {num_groups} statistics groups")
+        mean = xg.mean(dim=(1, 3))  # (groups, C)
+        var = (xg - mean[:, None, :, None]).square().mean(dim=(1, 3))
+        if self.process_group is not None:
+            mean, var, count = all_reduce_moments(mean, var, count, self.process_group)
+        self._update_running_stats(mean, var, count)
+        scale = torch.rsqrt(var + self.eps) * self.weight.to(dtype)
+        # centre first: x * scale + (bias - mean * scale) cancels when |mean| >> std
+        y = (xg - mean[:, None, :, None]) * scale[:, None, :, None] + self.bias.to(dtype)[:, None]
+        return y.reshape(x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, count):
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * count / (count - 1)
+        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
+
+
+class SyncBatchNormAct(BatchNormAct):
+    """BatchNorm + activation with statistics shared by `bn_group_size` replicas (0 = all)."""
+
+    def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",
+                 apply_act=True, stats_chunks=1, bn_group_size=0, process_group=None):
+        super().__init__(num_channels, eps, momentum, act, apply_act, stats_chunks,
+                         bn_group_size, process_group)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over a process group; the gradient of a sum is the sum of the gradients.
+
+    Written here because torch.distributed.nn.functional.all_reduce is deprecated in
+    recent torch and its replacement has no autograd on torch 2.0.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_moments(mean, var, count, group):
+    """Combine each process's (mean, biased variance, count: an int) into the group's.
+
+    Sums of x and x^2 travel in float64 so E[x^2] - E[x]^2 does not cancel; the
+    all-reduce carries gradients, so each replica's input gets the gradient of every
+    replica's loss through the shared statistics.
+    """
+    mean64, var64 = mean.double(), var.double()
+    count64 = torch.full_like(mean64, count)
+    sums = torch.stack([count64 * mean64, count64 * (var64 + mean64 * mean64), count64])
+    sum_x, sum_x2, total = AllReduceSum.apply(sums, group).unbind(0)
+    global_mean = sum_x / total
+    global_var = sum_x2 / total - global_mean * global_mean
+    return global_mean.to(mean.dtype), global_var.to(var.dtype), total.to(mean.dtype)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm + affine + activation over one sample.
+
+    groups=1 is the LayerNorm of CNNs (statistics over C and all spatial positions of a
+    sample, not nn.LayerNorm over the last dim); groups=C is InstanceNorm. bias=False
+    gives the scale-only norm that Proxy Norm networks use where no activation follows.
+    The state_dict is an nn.GroupNorm's.
+    """
+
+    def __init__(self, num_channels, groups=DEFAULT_GROUPS, eps=DEFAULT_EPS, act="relu",
+                 apply_act=True, bias=True):
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if num_channels % groups:
+            raise ValueError(
+                f"{type(self).__name__}: {num_channels} channels are not divisible by "
+                f"{groups} groups")
+        super().__init__(groups, num_channels, eps=eps)
+        if not bias:
+            self.register_parameter("bias", None)
+        self.act = get_act(act) if apply_act else nn.Identity()
+
+    @property
+    def groups(self):
+        return self.num_groups
+
+    def forward(self, x):
+        check_input(self, x, self.num_channels)
+        return self.act(super().forward(x))
+
+
+class GroupNormProxyAct(GroupNormAct):
+    """GroupNorm -> affine -> activation -> Proxy Norm, all within one sample.
+
+    The maths lives in models/proxy.py. Parameters per channel: weight (gamma), bias
+    (beta), proxy_weight and proxy_bias (the proxy's own affine, initialised to 0).
+    There are no buffers: train and eval compute the same function.
+    """
+
+    def __init__(self, num_channels, groups=DEFAULT_GROUPS, eps=DEFAULT_EPS, act="relu",
+                 proxy_eps=PROXY_EPS, num_proxy_samples=NUM_PROXY_SAMPLES):
+        super().__init__(num_channels, groups, eps, act)
+        self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
+        self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
+        self.proxy_eps = proxy_eps
+        self.num_proxy_samples = num_proxy_samples
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if hasattr(self, "proxy_weight"):  # nn.GroupNorm.__init__ calls this before they exist
+            nn.init.zeros_(self.proxy_weight)
+            nn.init.zeros_(self.proxy_bias)
+
+    def forward(self, x):
+        check_input(self, x, self.num_channels)
+        return proxy_norm_act(x, self.num_groups, self.weight, self.bias, self.proxy_weight,
+                              self.proxy_bias, self.act, self.eps, self.proxy_eps,
+                              self.num_proxy_samples)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, proxy_eps={self.proxy_eps}"
+
+
+def get_norm_act(name, num_channels, act="relu", groups=None, eps=None, apply_act=True,
+                 **kwargs):
+    """One nn.Module doing the named normalisation, its affine and `act`.
+
+    groups: GroupNorm groups for `group` and `group_pn` (default 32); the other names fix
+    their own (layer: 1, instance: num_channels) or have none. eps defaults to 1e-5.
+    apply_act=False: no activation follows; for the Proxy Norm names this is the
+    scale-only group/layer norm (Proxy Norm needs an activation to act on).
+    kwargs go to the layer: stats_chunks, bn_group_size, process_group, momentum for the
+    BatchNorms; proxy_eps, num_proxy_samples for the Proxy Norms.
+    """
+    if name not in NORMS:
+        raise unknown_name_error("norm", name, NORMS)
+    check_act(act)
+    eps = DEFAULT_EPS if eps is None else eps
+    if name == "none":
+        if kwargs:
+            raise TypeError(f"norm 'none' takes no options, got {sorted(kwargs)}")
+        return get_act(act) if apply_act else nn.Identity()
+    if name in ("batch", "sync_batch"):
+        layer = BatchNormAct if name == "batch" else SyncBatchNormAct
+        return layer(num_channels, eps=eps, act=act, apply_act=apply_act, **kwargs)
+    groups = {"layer": 1, "layer_pn": 1, "instance": num_channels}.get(
+        name, DEFAULT_GROUPS if groups is None else groups)
+    if name.endswith("_pn"):
+        if not apply_act:
+            return GroupNormAct(num_channels, groups, eps, apply_act=False, bias=False, **kwargs)
+        return GroupNormProxyAct(num_channels, groups, eps, act=act, **kwargs)
+    return GroupNormAct(num_channels, groups, eps, act=act, apply_act=apply_act, **kwargs)
