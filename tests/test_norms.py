@@ -185,31 +185,30 @@ def test_batch_norm_depends_on_batch_mates():
 
 # ---- replica chunks and synchronised statistics in one process ---------------------
 
-def separate_batch_norms(x, state, chunks, grad_out):
-    """`chunks` independent nn.BatchNorm2d calls, one per chunk, from the same state."""
-    outs, norms = [], []
-    x = x.detach().clone().requires_grad_()
-    for xc in x.chunk(chunks):
-        bn = nn.BatchNorm2d(x.shape[1])
-        bn.load_state_dict(state)
-        outs.append(F.relu(bn(xc)))
-        norms.append(bn)
-    out = torch.cat(outs)
+def assert_equals_separate_batch_norms(layer, groups):
+    """`layer` on one batch equals `groups` independent nn.BatchNorm2d calls, one per
+    consecutive chunk, from the same state: outputs and input gradients. Returns those
+    BatchNorms for further checks."""
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = (torch.randn(8, 6, 4, 4) * 2 + 1).requires_grad_()
+    grad_out = torch.randn_like(x)
+    out = layer(x)
     out.backward(grad_out)
-    return out, x.grad, norms
+    x_ref = x.detach().clone().requires_grad_()
+    norms = [nn.BatchNorm2d(6) for _ in range(groups)]
+    for bn in norms:
+        bn.load_state_dict(state)
+    ref_out = torch.cat([F.relu(bn(xc)) for bn, xc in zip(norms, x_ref.chunk(groups))])
+    ref_out.backward(grad_out)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    return norms
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 4])
 def test_stats_chunks_equal_separate_batch_norms(chunks):
     layer = randomise(BatchNormAct(6, stats_chunks=chunks))
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = (torch.randn(8, 6, 4, 4) * 2 + 1).requires_grad_()
-    grad_out = torch.randn(8, 6, 4, 4)
-    out = layer(x)
-    out.backward(grad_out)
-    ref_out, ref_grad, norms = separate_batch_norms(x, state, chunks, grad_out)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-5, atol=1e-5)
+    norms = assert_equals_separate_batch_norms(layer, chunks)
     for name in ("weight", "bias"):
         torch.testing.assert_close(getattr(layer, name).grad,
                                    sum(getattr(bn, name).grad for bn in norms), rtol=1e-5, atol=1e-5)
@@ -222,14 +221,7 @@ def test_stats_chunks_equal_separate_batch_norms(chunks):
 @pytest.mark.parametrize("group_size,groups", [(2, 2), (0, 1), (4, 1), (1, 4)])
 def test_sync_batch_groups_replica_chunks(group_size, groups):
     layer = randomise(SyncBatchNormAct(6, stats_chunks=4, bn_group_size=group_size))
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = (torch.randn(8, 6, 3, 3) * 2 - 1).requires_grad_()
-    grad_out = torch.randn(8, 6, 3, 3)
-    out = layer(x)
-    out.backward(grad_out)
-    ref_out, ref_grad, _ = separate_batch_norms(x, state, groups, grad_out)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-5, atol=1e-5)
+    assert_equals_separate_batch_norms(layer, groups)
 
 
 def test_eval_uses_running_statistics_whatever_the_chunks():
