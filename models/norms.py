@@ -251,7 +251,9 @@ def get_norm_act(name, num_channels, act="relu", groups=None, eps=None, apply_ac
     groups = {"layer": 1, "layer_pn": 1, "instance": num_channels}.get(
         name, DEFAULT_GROUPS if groups is None else groups)
     if name.endswith("_pn"):
-        if not apply_act:
+        if not apply_act:  # the scale-only norm has no proxy: its options do not apply
+            for option in ("proxy_eps", "num_proxy_samples"):
+                kwargs.pop(option, None)
             return GroupNormAct(num_channels, groups, eps, apply_act=False, bias=False, **kwargs)
         return GroupNormProxyAct(num_channels, groups, eps, act=act, **kwargs)
     return GroupNormAct(num_channels, groups, eps, act=act, apply_act=apply_act, **kwargs)

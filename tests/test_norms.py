@@ -139,7 +139,8 @@ def test_proxy_norm_initial_parameters():
 
 @pytest.mark.parametrize("name,groups", [("group_pn", 4), ("layer_pn", 1)])
 def test_pre_residual_proxy_names_are_scale_only_norms(name, groups):
-    layer = get_norm_act(name, 8, groups=4, apply_act=False)
+    # models pass the same options at every position; the proxy ones do not apply here
+    layer = get_norm_act(name, 8, groups=4, apply_act=False, proxy_eps=0.1, num_proxy_samples=50)
     assert type(layer) is GroupNormAct and layer.groups == groups
     assert {n for n, _ in layer.named_parameters()} == {"weight"}
     with torch.no_grad():
