@@ -1,0 +1,19 @@
+import pytest
+
+from benchmarks.readme import markdown_table, replace_section
+
+
+def test_replace_section_rewrites_only_between_markers(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("intro\n<!-- t:start -->\nold\n<!-- t:end -->\noutro\n")
+    replace_section("t", markdown_table(["a", "b"], [[1, 2]]), path=str(path))
+    assert path.read_text() == (
+        "intro\n<!-- t:start -->\n| a | b |\n|---|---|\n| 1 | 2 |\n<!-- t:end -->\noutro\n")
+
+
+def test_replace_section_needs_markers(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("no markers\n")
+    with pytest.raises(ValueError, match="<!-- t:start -->"):
+        replace_section("t", "x", path=str(path))
+    assert path.read_text() == "no markers\n"
