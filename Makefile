@@ -1,6 +1,9 @@
 # Set-up and entry points; run from the repository root.
 #
-#   make install   create .venv and install requirements.txt (once; again when it changes)
+#   make install   create .venv, install requirements.txt (once; again when it changes) and
+#                  build the custom ops
+#   make custom_ops  the fused Proxy Norm ops: the CPU op (custom_ops/build/), and the IPU
+#                  op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
 #   make test      install, then the fast test suite (PYTEST_ARGS="..." adds pytest flags)
 #   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
 #                  (PopTorch's pin) + requirements-ipu.txt, in .venv-torch20
@@ -22,9 +25,11 @@ REQUIREMENTS := requirements.txt
 INSTALLED := .venv/.installed
 endif
 
-.PHONY: install test test-torch20
+POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-install: $(INSTALLED)
+.PHONY: install custom_ops test test-torch20 clean
+
+install: $(INSTALLED) custom_ops
 
 $(INSTALLED): $(REQUIREMENTS)
 ifneq ($(HAS_POPTORCH),yes)
@@ -32,6 +37,14 @@ ifneq ($(HAS_POPTORCH),yes)
 endif
 	$(PYTHON) -m pip install -r $(REQUIREMENTS)
 	touch $@
+
+custom_ops: $(INSTALLED)
+	$(PYTHON) -m custom_ops.build
+ifneq ($(POPLAR_SDK),)
+	$(MAKE) -C custom_ops/ipu
+else
+	@echo "custom_ops: IPU op skipped (no Poplar SDK: popc is not on PATH and POPLAR_SDK_ENABLED is unset)"
+endif
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
@@ -43,3 +56,6 @@ test: install
 
 test-torch20: .venv-torch20/.installed
 	.venv-torch20/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf custom_ops/build custom_ops/ipu/build

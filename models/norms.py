@@ -16,8 +16,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import custom_ops
 from models.activations import check_act, get_act, unknown_name_error
-from models.proxy import NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, statistics_dtype
+from models.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_stats,
+                          statistics_dtype)
 
 NORMS = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
 BATCH_INDEPENDENT = ("group", "layer", "instance", "group_pn", "layer_pn", "none")
@@ -200,15 +202,21 @@ class GroupNormProxyAct(GroupNormAct):
     The maths lives in models/proxy.py. Parameters per channel: weight (gamma), bias
     (beta), proxy_weight and proxy_bias (the proxy's own affine, initialised to 0).
     There are no buffers: train and eval compute the same function.
+
+    The layer runs the fused op (custom_ops) when one is available for its input, which
+    saves only the input for backward; `fused=False` (or PROXYNORM_FUSED=0) forces the
+    eager PyTorch expression of the same maths.
     """
 
     def __init__(self, num_channels, groups=DEFAULT_GROUPS, eps=DEFAULT_EPS, act="relu",
-                 proxy_eps=PROXY_EPS, num_proxy_samples=NUM_PROXY_SAMPLES):
+                 proxy_eps=PROXY_EPS, num_proxy_samples=NUM_PROXY_SAMPLES, fused=True):
         super().__init__(num_channels, groups, eps, act)
         self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
         self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
+        self.act_name = act
         self.proxy_eps = proxy_eps
         self.num_proxy_samples = num_proxy_samples
+        self.fused = fused
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -218,12 +226,23 @@ class GroupNormProxyAct(GroupNormAct):
 
     def forward(self, x):
         check_input(self, x, self.num_channels)
-        return proxy_norm_act(x, self.num_groups, self.weight, self.bias, self.proxy_weight,
-                              self.proxy_bias, self.act, self.eps, self.proxy_eps,
-                              self.num_proxy_samples)
+        op = custom_ops.fused_op(x) if self.fused else None
+        if op is None:
+            return proxy_norm_act(x, self.num_groups, self.weight, self.bias,
+                                  self.proxy_weight, self.proxy_bias, self.act, self.eps,
+                                  self.proxy_eps, self.num_proxy_samples)
+        if x.numel() == self.num_groups:  # F.group_norm's check: both paths take the same inputs
+            raise ValueError(
+                f"{type(self).__name__} needs more than 1 value per group, got an input of "
+                f"shape {tuple(x.shape)} with {self.num_groups} groups")
+        dtype = statistics_dtype(x.dtype)
+        mean, var = proxy_stats(self.weight, self.bias, self.proxy_weight, self.proxy_bias,
+                                self.act, self.num_proxy_samples)
+        return op(x, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), mean,
+                  torch.rsqrt(var + self.proxy_eps), self.act_name, self.eps)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, proxy_eps={self.proxy_eps}"
+        return f"{super().extra_repr()}, proxy_eps={self.proxy_eps}, fused={self.fused}"
 
 
 def get_norm_act(name, num_channels, act="relu", groups=None, eps=None, apply_act=True,
@@ -235,7 +254,7 @@ def get_norm_act(name, num_channels, act="relu", groups=None, eps=None, apply_ac
     apply_act=False: no activation follows; for the Proxy Norm names this is the
     scale-only group/layer norm (Proxy Norm needs an activation to act on).
     kwargs go to the layer: stats_chunks, bn_group_size, process_group, momentum for the
-    BatchNorms; proxy_eps, num_proxy_samples for the Proxy Norms.
+    BatchNorms; proxy_eps, num_proxy_samples, fused for the Proxy Norms.
     """
     if name not in NORMS:
         raise unknown_name_error("norm", name, NORMS)
@@ -252,7 +271,7 @@ def get_norm_act(name, num_channels, act="relu", groups=None, eps=None, apply_ac
         name, DEFAULT_GROUPS if groups is None else groups)
     if name.endswith("_pn"):
         if not apply_act:  # the scale-only norm has no proxy: its options do not apply
-            for option in ("proxy_eps", "num_proxy_samples"):
+            for option in ("proxy_eps", "num_proxy_samples", "fused"):
                 kwargs.pop(option, None)
             return GroupNormAct(num_channels, groups, eps, apply_act=False, bias=False, **kwargs)
         return GroupNormProxyAct(num_channels, groups, eps, act=act, **kwargs)

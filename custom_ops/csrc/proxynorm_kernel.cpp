@@ -1,0 +1,332 @@
+// The fused CPU kernels, compiled once per instruction set: the build passes
+// -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> with the matching -m flags, as ATen does for its
+// own kernels, and proxynorm.cpp runs the copy ATen itself chose at start-up. Everything
+// but the entry point has internal linkage, so the copies never collide.
+//
+// Work is split by (sample, channel) rows of S spatial positions: every pass is parallel
+// over the N*C rows (so LayerNorm, G = 1, parallelises as well as GroupNorm) and
+// vectorised along the row. Group statistics are combined from row moments.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/cpu/moments_utils.h>  // the Welford cascade that F.group_norm uses
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "proxynorm.h"
+
+#define PROXYNORM_CONCAT_(a, b) a##b
+#define PROXYNORM_CONCAT(a, b) PROXYNORM_CONCAT_(a, b)
+
+namespace proxynorm {
+namespace {
+
+using at::vec::Vectorized;
+
+// Each activation's value and slope on vectors of the accumulation type.
+struct Identity {
+  template <typename V> static V value(const V& a) { return a; }
+  template <typename V> static V slope(const V&) { return V(1); }
+  template <typename V> static void value_and_slope(const V& a, V& z, V& d) {
+    z = a;
+    d = V(1);
+  }
+};
+
+struct Relu {
+  template <typename V> static V value(const V& a) { return at::vec::clamp_min(a, V(0)); }
+  template <typename V> static V slope(const V& a) { return V::blendv(V(0), V(1), a > V(0)); }
+  template <typename V> static void value_and_slope(const V& a, V& z, V& d) {
+    z = value(a);
+    d = slope(a);
+  }
+};
+
+struct Silu {  // a * s(a) with s the sigmoid; slope s(a) * (1 + a * (1 - s(a)))
+  template <typename V> static V sigmoid(const V& a) { return V(1) / (V(1) + a.neg().exp()); }
+  template <typename V> static V value(const V& a) { return a * sigmoid(a); }
+  template <typename V> static V slope(const V& a) {
+    const V s = sigmoid(a);
+    return s * (V(1) + a * (V(1) - s));
+  }
+  template <typename V> static void value_and_slope(const V& a, V& z, V& d) {
+    const V s = sigmoid(a);
+    z = a * s;
+    d = s * (V(1) + a * (V(1) - s));
+  }
+};
+
+struct Gelu {  // exact GELU, a * Phi(a); slope Phi(a) + a * phi(a)
+  template <typename V> static V cdf(const V& a) {
+    return V(0.5) * (V(1) + (a * V(M_SQRT1_2)).erf());
+  }
+  template <typename V> static V pdf(const V& a) {
+    return (a * a * V(-0.5)).exp() * V(0.3989422804014327);  // 1 / sqrt(2 pi)
+  }
+  template <typename V> static V value(const V& a) { return a * cdf(a); }
+  template <typename V> static V slope(const V& a) { return cdf(a) + a * pdf(a); }
+  template <typename V> static void value_and_slope(const V& a, V& z, V& d) {
+    const V p = cdf(a);
+    z = a * p;
+    d = p + a * pdf(a);
+  }
+};
+
+template <typename F>
+void with_act(Act act, const F& f) {
+  switch (act) {
+    case Act::kIdentity: return f(Identity{});
+    case Act::kRelu: return f(Relu{});
+    case Act::kSilu: return f(Silu{});
+    case Act::kGelu: return f(Gelu{});
+  }
+}
+
+// Loads and stores a vector of the accumulation type from/to the tensor's type.
+template <typename T>
+struct Io {
+  using V = Vectorized<at::opmath_type<T>>;
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(T* p, const V& v) { v.store(p); }
+};
+
+template <>
+struct Io<c10::BFloat16> {
+  using V = Vectorized<float>;
+  static V load(const c10::BFloat16* p) {
+    V v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+  static void store(c10::BFloat16* p, const V& v) {
+    at::vec::convert_float_bfloat16(v, v).store(p, V::size());
+  }
+};
+
+// Runs f on each full vector of a row of n values of x (and of g, with kWithGrad), storing
+// its result to out with kWrites; then once on zero-padded copies of the tail. Rows are
+// a channel's spatial positions, often short (7x7), so the tail goes through the same
+// vector code rather than a scalar twin.
+template <bool kWithGrad, bool kWrites, typename T, typename F>
+inline void row_loop(int64_t n, const T* x, const T* g, T* out, const F& f) {
+  using V = typename Io<T>::V;
+  constexpr int64_t kSize = V::size();
+  int64_t i = 0;
+  for (; i + kSize <= n; i += kSize) {
+    const V r = f(Io<T>::load(x + i), kWithGrad ? Io<T>::load(g + i) : V(0));
+    if constexpr (kWrites) Io<T>::store(out + i, r);
+  }
+  if (i == n) return;
+  T xb[kSize], gb[kSize], ob[kSize];
+  std::fill(xb, xb + kSize, T(0));
+  std::fill(gb, gb + kSize, T(0));
+  std::copy(x + i, x + n, xb);
+  if constexpr (kWithGrad) std::copy(g + i, g + n, gb);
+  const V r = f(Io<T>::load(xb), Io<T>::load(gb));
+  if constexpr (kWrites) {
+    Io<T>::store(ob, r);
+    std::copy(ob, ob + (n - i), out + i);
+  }
+}
+
+// Rows per task: enough work per thread that tiny inputs are not split (ATen's grain).
+constexpr int64_t kGrainElements = 32768;
+inline int64_t grain(int64_t row) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(row, 1));
+}
+
+template <typename T>
+struct Shape {
+  int64_t N, C, S, G, D;
+  Shape(const at::Tensor& x, int64_t groups)
+      : N(x.size(0)), C(x.size(1)), S(x.numel() / (x.size(0) * x.size(1))), G(groups),
+        D(x.size(1) / groups) {}
+};
+
+template <typename T, typename A>
+void forward_kernel(const at::Tensor& x_t, const at::Tensor& weight, const at::Tensor& bias,
+                    const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd,
+                    int64_t groups, double eps, at::Tensor& out_t, at::Tensor& mean_t,
+                    at::Tensor& rstd_t) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vectorized<acc_t>;
+  const Shape<T> s(x_t, groups);
+  const T* x = x_t.const_data_ptr<T>();
+  T* out = out_t.mutable_data_ptr<T>();
+  const acc_t* w = weight.const_data_ptr<acc_t>();
+  const acc_t* b = bias.const_data_ptr<acc_t>();
+  const acc_t* pm = proxy_mean.const_data_ptr<acc_t>();
+  const acc_t* ps = proxy_rstd.const_data_ptr<acc_t>();
+  acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
+  acc_t* rstd = rstd_t.mutable_data_ptr<acc_t>();
+
+  // 1. Moments of every (sample, channel) row.
+  std::vector<acc_t> row_mean(s.N * s.C), row_var(s.N * s.C);
+  at::parallel_for(0, s.N * s.C, grain(s.S), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::tie(row_mean[r], row_var[r]) = at::native::RowwiseMoments(x + r * s.S, s.S);
+    }
+  });
+  // 2. Group moments from D rows of equal count: the mean of the row variances plus the
+  //    variance of the row means (no E[x^2] - E[x]^2 cancellation).
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const acc_t* m = row_mean.data() + ng * s.D;
+    const acc_t* v = row_var.data() + ng * s.D;
+    acc_t mu = 0, var = 0;
+    for (int64_t d = 0; d < s.D; ++d) mu += m[d];
+    mu /= s.D;
+    for (int64_t d = 0; d < s.D; ++d) var += v[d] + (m[d] - mu) * (m[d] - mu);
+    var /= s.D;
+    mean[ng] = mu;
+    rstd[ng] = acc_t(1) / std::sqrt(std::max(var, acc_t(0)) + acc_t(eps));
+  }
+  // 3. out = (act(w (x - mu) rstd + b) - proxy_mean) * proxy_rstd.
+  at::parallel_for(0, s.N * s.C, grain(s.S), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r % s.C, ng = r / s.D;
+      const V mu(mean[ng]), scale(w[c] * rstd[ng]), shift(b[c]), pmean(pm[c]), prstd(ps[c]);
+      row_loop<false, true>(s.S, x + r * s.S, x, out + r * s.S, [&](const V& xv, const V&) {
+        return (A::value(at::vec::fmadd(xv - mu, scale, shift)) - pmean) * prstd;
+      });
+    }
+  });
+}
+
+template <typename T, typename A>
+void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor& x_t,
+                     const at::Tensor& weight, const at::Tensor& bias,
+                     const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd,
+                     const at::Tensor& mean_t, const at::Tensor& rstd_t, int64_t groups,
+                     at::Tensor& grad_x_t, at::Tensor& grad_weight_t,
+                     at::Tensor& grad_bias_t, at::Tensor& grad_proxy_mean_t,
+                     at::Tensor& grad_proxy_rstd_t) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vectorized<acc_t>;
+  const auto plus = [](const V& a, const V& b) { return a + b; };
+  const Shape<T> s(x_t, groups);
+  const T* x = x_t.const_data_ptr<T>();
+  const T* go = grad_out_t.const_data_ptr<T>();
+  T* gx = grad_x_t.mutable_data_ptr<T>();
+  const acc_t* w = weight.const_data_ptr<acc_t>();
+  const acc_t* b = bias.const_data_ptr<acc_t>();
+  const acc_t* pm = proxy_mean.const_data_ptr<acc_t>();
+  const acc_t* ps = proxy_rstd.const_data_ptr<acc_t>();
+  const acc_t* mean = mean_t.const_data_ptr<acc_t>();
+  const acc_t* rstd = rstd_t.const_data_ptr<acc_t>();
+
+  // 1. Per row, with g the output gradient, a the pre-activation and xc = x - mean:
+  //    sums of g, g * act(a), g * act'(a) and g * act'(a) * xc.
+  enum { kG, kGz, kGd, kGdx, kNumSums };
+  std::vector<acc_t> sums(s.N * s.C * kNumSums);
+  at::parallel_for(0, s.N * s.C, grain(s.S), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r % s.C, ng = r / s.D;
+      const V mu(mean[ng]), scale(w[c] * rstd[ng]), shift(b[c]);
+      V sg(0), sgz(0), sgd(0), sgdx(0);
+      row_loop<true, false>(s.S, x + r * s.S, go + r * s.S, gx, [&](const V& xv, const V& gv) {
+        const V xc = xv - mu;
+        V z, d;
+        A::value_and_slope(at::vec::fmadd(xc, scale, shift), z, d);
+        const V gd = gv * d;
+        sg = sg + gv;
+        sgz = at::vec::fmadd(gv, z, sgz);
+        sgd = sgd + gd;
+        sgdx = at::vec::fmadd(gd, xc, sgdx);
+        return gd;
+      });
+      acc_t* out = sums.data() + r * kNumSums;
+      out[kG] = at::vec::vec_reduce_all<acc_t>(plus, sg);
+      out[kGz] = at::vec::vec_reduce_all<acc_t>(plus, sgz);
+      out[kGd] = at::vec::vec_reduce_all<acc_t>(plus, sgd);
+      out[kGdx] = at::vec::vec_reduce_all<acc_t>(plus, sgdx);
+    }
+  });
+
+  // 2. Per channel: the parameter gradients. Per (sample, group): the coefficients of
+  //    grad_x = rstd * (dy - mean(dy) - y * mean(dy * y)), dy = g act'(a) w proxy_rstd.
+  acc_t* gw = grad_weight_t.mutable_data_ptr<acc_t>();
+  acc_t* gb = grad_bias_t.mutable_data_ptr<acc_t>();
+  acc_t* gpm = grad_proxy_mean_t.mutable_data_ptr<acc_t>();
+  acc_t* gps = grad_proxy_rstd_t.mutable_data_ptr<acc_t>();
+  std::fill(gw, gw + s.C, acc_t(0));
+  std::fill(gb, gb + s.C, acc_t(0));
+  std::fill(gpm, gpm + s.C, acc_t(0));
+  std::fill(gps, gps + s.C, acc_t(0));
+  std::vector<acc_t> coef_x(s.N * s.G), coef_1(s.N * s.G);
+  const acc_t count = acc_t(s.D * s.S);
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t g = 0; g < s.G; ++g) {
+      const int64_t ng = n * s.G + g;
+      acc_t sum_dy = 0, sum_dy_xc = 0;
+      for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) {
+        const acc_t* r = sums.data() + (n * s.C + c) * kNumSums;
+        gw[c] += rstd[ng] * r[kGdx];
+        gb[c] += r[kGd];
+        gpm[c] += r[kG];
+        gps[c] += r[kGz] - pm[c] * r[kG];
+        sum_dy += w[c] * ps[c] * r[kGd];
+        sum_dy_xc += w[c] * ps[c] * r[kGdx];
+      }
+      const acc_t rs = rstd[ng], mean_dy_y = rs * sum_dy_xc / count;
+      coef_x[ng] = -rs * rs * mean_dy_y;
+      coef_1[ng] = -rs * sum_dy / count;
+    }
+  }
+  for (int64_t c = 0; c < s.C; ++c) {
+    gw[c] *= ps[c];
+    gb[c] *= ps[c];
+    gpm[c] *= -ps[c];
+  }
+
+  // 3. grad_x = g act'(a) (rstd w proxy_rstd) + xc coef_x + coef_1, recomputing a from x.
+  at::parallel_for(0, s.N * s.C, grain(s.S), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r % s.C, ng = r / s.D;
+      const V mu(mean[ng]), scale(w[c] * rstd[ng]), shift(b[c]);
+      const V k(rstd[ng] * w[c] * ps[c]), cx(coef_x[ng]), c1(coef_1[ng]);
+      row_loop<true, true>(s.S, x + r * s.S, go + r * s.S, gx + r * s.S,
+                           [&](const V& xv, const V& gv) {
+        const V xc = xv - mu;
+        const V d = A::slope(at::vec::fmadd(xc, scale, shift));
+        return at::vec::fmadd(gv * d, k, at::vec::fmadd(xc, cx, c1));
+      });
+    }
+  });
+}
+
+void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+             const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd, int64_t groups,
+             Act act, double eps, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "proxynorm_forward", [&] {
+    with_act(act, [&](auto a) {
+      forward_kernel<scalar_t, decltype(a)>(x, weight, bias, proxy_mean, proxy_rstd, groups,
+                                            eps, out, mean, rstd);
+    });
+  });
+}
+
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+              const at::Tensor& bias, const at::Tensor& proxy_mean,
+              const at::Tensor& proxy_rstd, const at::Tensor& mean, const at::Tensor& rstd,
+              int64_t groups, Act act, at::Tensor& grad_x, at::Tensor& grad_weight,
+              at::Tensor& grad_bias, at::Tensor& grad_proxy_mean,
+              at::Tensor& grad_proxy_rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "proxynorm_backward", [&] {
+    with_act(act, [&](auto a) {
+      backward_kernel<scalar_t, decltype(a)>(grad_out, x, weight, bias, proxy_mean,
+                                             proxy_rstd, mean, rstd, groups, grad_x,
+                                             grad_weight, grad_bias, grad_proxy_mean,
+                                             grad_proxy_rstd);
+    });
+  });
+}
+
+}  // namespace
+
+Kernels PROXYNORM_CONCAT(kernels_, CPU_CAPABILITY)() { return {&forward, &backward}; }
+
+}  // namespace proxynorm
