@@ -5,6 +5,7 @@
 #   make custom_ops  the fused Proxy Norm ops: the CPU op (custom_ops/build/), and the IPU
 #                  op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
 #   make test      install, then the fast test suite (PYTEST_ARGS="..." adds pytest flags)
+#   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in README.md
 #   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
 #                  (PopTorch's pin) + requirements-ipu.txt, in .venv-torch20
 #
@@ -27,7 +28,7 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-.PHONY: install custom_ops test test-torch20 clean
+.PHONY: install custom_ops test bench-layer test-torch20 clean
 
 install: $(INSTALLED) custom_ops
 
@@ -48,6 +49,9 @@ endif
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench-layer: install
+	$(PYTHON) -m benchmarks.layer
 
 .venv-torch20/.installed: requirements-ipu.txt
 	test -x .venv-torch20/bin/python || $(SYSTEM_PYTHON) -m venv .venv-torch20

@@ -5,10 +5,13 @@ PopTorch traces a model for the IPU, the CPU op (when built; `make custom_ops`) 
 inputs, else None and the layer runs the eager PyTorch expression of the same maths.
 PROXYNORM_FUSED=0 in the environment forces the eager path everywhere.
 """
+import logging
 import os
 import sys
 
-from custom_ops import cpu
+from custom_ops import cpu, ipu
+
+_warned_ipu = False
 
 
 def fused_enabled():
@@ -21,9 +24,18 @@ def fused_op(x):
         return None
     poptorch = sys.modules.get("poptorch")  # only a program that imported it runs on IPUs
     if poptorch is not None and poptorch.isRunningOnIpu():
-        from custom_ops import ipu
-
-        return ipu.group_norm_proxy_act
+        return ipu.group_norm_proxy_act if ipu_op_built() else None
     if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.load():
         return cpu.group_norm_proxy_act
     return None
+
+
+def ipu_op_built():
+    """Whether the IPU op is built; logs one warning line, once, when it is not."""
+    global _warned_ipu
+    if not ipu.is_built() and not _warned_ipu:
+        _warned_ipu = True
+        logging.getLogger(__name__).warning(
+            "the fused Proxy Norm IPU op is not built (%s is missing; run `make custom_ops` "
+            "on a Poplar SDK host); using the eager path", os.path.relpath(ipu.LIBRARY))
+    return ipu.is_built()

@@ -25,13 +25,20 @@ def statistics_dtype(dtype):
 def proxy_quantiles(num_samples=NUM_PROXY_SAMPLES, device="cpu", dtype=torch.float32):
     """u_i = sqrt(2) erfinv(2 (i + 1/2) / n - 1), i = 0..n-1: fixed, never resampled.
 
-    Computed once in float64 and cached per (n, device, dtype).
+    Computed once in float64 on the CPU and cached per (n, device, dtype) for CPU and CUDA.
+    Other devices (PopTorch's IPU) get a fresh copy per call: a tensor made while tracing
+    one graph must not leak into the next.
     """
-    key = (num_samples, torch.device(device), dtype)
-    if key not in _quantile_cache:
+    device = torch.device(device)
+    if num_samples not in _quantile_cache:
         i = torch.arange(num_samples, dtype=torch.float64)
-        u = math.sqrt(2.0) * torch.erfinv(2.0 * (i + 0.5) / num_samples - 1.0)
-        _quantile_cache[key] = u.to(device=device, dtype=dtype)
+        _quantile_cache[num_samples] = math.sqrt(2.0) * torch.erfinv(
+            2.0 * (i + 0.5) / num_samples - 1.0)
+    if device.type not in ("cpu", "cuda"):
+        return _quantile_cache[num_samples].to(device=device, dtype=dtype)
+    key = (num_samples, device, dtype)
+    if key not in _quantile_cache:
+        _quantile_cache[key] = _quantile_cache[num_samples].to(device=device, dtype=dtype)
     return _quantile_cache[key]
 
 

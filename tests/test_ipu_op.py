@@ -80,6 +80,28 @@ def test_makefile_writes_the_library_python_loads():
         assert flag in result.stdout, flag
 
 
+def test_layers_pick_the_ipu_op_while_poptorch_traces(monkeypatch, caplog):
+    import types
+
+    import custom_ops
+
+    tracing = types.SimpleNamespace(isRunningOnIpu=lambda: True)
+    monkeypatch.setitem(sys.modules, "poptorch", tracing)
+    monkeypatch.setattr(custom_ops, "_warned_ipu", False)
+    x = torch.zeros(2, 4, 3)
+    monkeypatch.setattr(ipu, "is_built", lambda: False)
+    with caplog.at_level("WARNING", logger="custom_ops"):
+        assert custom_ops.fused_op(x) is None and custom_ops.fused_op(x) is None
+    assert len(caplog.records) == 1 and "make custom_ops" in caplog.records[0].getMessage()
+    monkeypatch.setattr(ipu, "is_built", lambda: True)
+    assert custom_ops.fused_op(x) is ipu.group_norm_proxy_act
+    monkeypatch.setenv("PROXYNORM_FUSED", "0")
+    assert custom_ops.fused_op(x) is None
+    tracing.isRunningOnIpu = lambda: False  # PopTorch imported, running on the CPU
+    monkeypatch.setenv("PROXYNORM_FUSED", "1")
+    assert custom_ops.fused_op(x) is not ipu.group_norm_proxy_act
+
+
 # --- the reference ------------------------------------------------------------------------
 
 def eager(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
@@ -171,10 +193,6 @@ def train_once(model, probe, names):
     import poptorch
 
     ipu.load()  # a missing build fails here, with the one-line reason
-    # proxy_quantiles caches its table per device; a table made while tracing an earlier
-    # model must not leak into this one.
-    for key in [k for k in proxy._quantile_cache if k[1].type != "cpu"]:
-        del proxy._quantile_cache[key]
     opts = ipu_model_options(poptorch)
     for name in names:
         opts.anchorTensor("grad_" + name, "Gradient___" + name)

@@ -68,3 +68,12 @@ def test_proxy_norm_at_init_centres_and_scales_a_gaussian():
     assert mean.abs().max() < 0.03
     assert ((var / expected - 1).abs().max()) < 0.06
     assert abs(var.mean().item() / expected - 1) < 0.015
+
+
+def test_quantiles_are_cached_only_on_cpu_and_cuda():
+    """A traced device (PopTorch's IPU) must get a fresh table per call, never a cached one."""
+    first = proxy_quantiles(200, "cpu", torch.float32)
+    assert proxy_quantiles(200, "cpu", torch.float32) is first
+    meta = proxy_quantiles(200, "meta", torch.float32)
+    assert meta.device.type == "meta"
+    assert proxy_quantiles(200, "meta", torch.float32) is not meta
