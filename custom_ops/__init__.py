@@ -3,6 +3,9 @@
 `fused_op(x)` picks the op that computes a Proxy Norm layer for input x: the IPU op while
 PopTorch traces a model for the IPU, the CPU op (when built; `make custom_ops`) for CPU
 inputs, else None and the layer runs the eager PyTorch expression of the same maths.
+`fused_proxy_stats(op)` is the proxy-statistics op that goes with it: the CPU one beside
+the CPU op; None beside the IPU op, where the statistics stay PyTorch ops that PopTorch
+traces and PopART differentiates.
 PROXYNORM_FUSED=0 in the environment forces the eager path everywhere.
 """
 import logging
@@ -28,6 +31,12 @@ def fused_op(x):
     if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.load():
         return cpu.group_norm_proxy_act
     return None
+
+
+def fused_proxy_stats(op):
+    """stats(weight, bias, proxy_weight, proxy_bias, quantiles, act) -> (mean, var) to go
+    with the norm-act op `op` from fused_op, or None."""
+    return cpu.proxy_stats if op is cpu.group_norm_proxy_act else None
 
 
 def ipu_op_built():

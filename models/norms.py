@@ -18,8 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import custom_ops
 from models.activations import check_act, get_act, unknown_name_error
-from models.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_stats,
-                          statistics_dtype)
+from models.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_quantiles,
+                          proxy_stats, statistics_dtype)
 
 NORMS = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
 BATCH_INDEPENDENT = ("group", "layer", "instance", "group_pn", "layer_pn", "none")
@@ -236,8 +236,14 @@ class GroupNormProxyAct(GroupNormAct):
                 f"{type(self).__name__} needs more than 1 value per group, got an input of "
                 f"shape {tuple(x.shape)} with {self.num_groups} groups")
         dtype = statistics_dtype(x.dtype)
-        mean, var = proxy_stats(self.weight, self.bias, self.proxy_weight, self.proxy_bias,
-                                self.act, self.num_proxy_samples)
+        parameters = (self.weight, self.bias, self.proxy_weight, self.proxy_bias)
+        stats_op = custom_ops.fused_proxy_stats(op)
+        if stats_op is None:
+            mean, var = proxy_stats(*parameters, self.act, self.num_proxy_samples)
+        else:  # keeps no (C, n) proxy for backward: it would outweigh a small micro-batch
+            mean, var = stats_op(*(p.to(dtype) for p in parameters),
+                                 proxy_quantiles(self.num_proxy_samples, x.device, dtype),
+                                 self.act_name)
         return op(x, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), mean,
                   torch.rsqrt(var + self.proxy_eps), self.act_name, self.eps)
 

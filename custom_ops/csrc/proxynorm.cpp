@@ -111,6 +111,56 @@ group_norm_proxy_act_backward(const at::Tensor& grad_out, const at::Tensor& x_in
   return {grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd};
 }
 
+void check_proxy_parameters(const at::Tensor& weight, const at::Tensor& quantiles) {
+  TORCH_CHECK(weight.device().is_cpu(), "proxynorm: weight must be on the CPU, got ",
+              weight.device());
+  const auto t = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 1 && (t == at::kFloat || t == at::kDouble),
+              "proxynorm: weight must be a (C,) float32 or float64 tensor, got ", t, " ",
+              weight.sizes());
+  TORCH_CHECK(quantiles.dim() == 1 && quantiles.numel() > 0 && quantiles.scalar_type() == t,
+              "proxynorm: quantiles must be a non-empty (n,) ", t, " tensor, got ",
+              quantiles.scalar_type(), " ", quantiles.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_stats(const at::Tensor& weight,
+                                               const at::Tensor& bias,
+                                               const at::Tensor& proxy_weight,
+                                               const at::Tensor& proxy_bias,
+                                               const at::Tensor& quantiles,
+                                               std::string_view act) {
+  check_proxy_parameters(weight, quantiles);
+  const int64_t C = weight.size(0);
+  const auto t = weight.scalar_type();
+  at::Tensor mean = at::empty({C}, weight.options()), var = at::empty({C}, weight.options());
+  kernels().proxy_stats(weight.contiguous(), channel_vector(bias, "bias", C, t),
+                        channel_vector(proxy_weight, "proxy_weight", C, t),
+                        channel_vector(proxy_bias, "proxy_bias", C, t),
+                        quantiles.contiguous(), parse_act(act), mean, var);
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_stats_backward(
+    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
+    const at::Tensor& quantiles, const at::Tensor& mean, std::string_view act) {
+  check_proxy_parameters(weight, quantiles);
+  const int64_t C = weight.size(0);
+  const auto t = weight.scalar_type();
+  at::Tensor grad_weight = at::empty({C}, weight.options());
+  at::Tensor grad_bias = at::empty({C}, weight.options());
+  at::Tensor grad_proxy_weight = at::empty({C}, weight.options());
+  at::Tensor grad_proxy_bias = at::empty({C}, weight.options());
+  kernels().proxy_stats_backward(
+      channel_vector(grad_mean.to(t), "grad_mean", C, t),
+      channel_vector(grad_var.to(t), "grad_var", C, t), weight.contiguous(),
+      channel_vector(bias, "bias", C, t), channel_vector(proxy_weight, "proxy_weight", C, t),
+      channel_vector(proxy_bias, "proxy_bias", C, t), quantiles.contiguous(),
+      channel_vector(mean, "mean", C, t), parse_act(act), grad_weight, grad_bias,
+      grad_proxy_weight, grad_proxy_bias);
+  return {grad_weight, grad_bias, grad_proxy_weight, grad_proxy_bias};
+}
+
 }  // namespace
 }  // namespace proxynorm
 
@@ -122,9 +172,18 @@ TORCH_LIBRARY(proxynorm, m) {
       "group_norm_proxy_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, "
       "Tensor proxy_mean, Tensor proxy_rstd, Tensor mean, Tensor rstd, int groups, str act) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "proxy_stats(Tensor weight, Tensor bias, Tensor proxy_weight, Tensor proxy_bias, "
+      "Tensor quantiles, str act) -> (Tensor, Tensor)");
+  m.def(
+      "proxy_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor weight, Tensor bias, "
+      "Tensor proxy_weight, Tensor proxy_bias, Tensor quantiles, Tensor mean, str act) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(proxynorm, CPU, m) {
   m.impl("group_norm_proxy_act", &proxynorm::group_norm_proxy_act);
   m.impl("group_norm_proxy_act_backward", &proxynorm::group_norm_proxy_act_backward);
+  m.impl("proxy_stats", &proxynorm::proxy_stats);
+  m.impl("proxy_stats_backward", &proxynorm::proxy_stats_backward);
 }

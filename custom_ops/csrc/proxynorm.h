@@ -26,9 +26,28 @@ using BackwardFn = void (*)(const at::Tensor& grad_out, const at::Tensor& x,
                             at::Tensor& grad_bias, at::Tensor& grad_proxy_mean,
                             at::Tensor& grad_proxy_rstd);
 
+// The proxy's per-channel mean and population variance, from the four (C,) parameters
+// and the n quantiles, all float or all double.
+using ProxyStatsFn = void (*)(const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
+                              const at::Tensor& quantiles, Act act, at::Tensor& mean,
+                              at::Tensor& var);
+
+// Recomputes the proxy from the parameters; writes the four parameter gradients.
+using ProxyStatsBackwardFn = void (*)(const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                                      const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& proxy_weight,
+                                      const at::Tensor& proxy_bias,
+                                      const at::Tensor& quantiles, const at::Tensor& mean,
+                                      Act act, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                      at::Tensor& grad_proxy_weight,
+                                      at::Tensor& grad_proxy_bias);
+
 struct Kernels {
   ForwardFn forward;
   BackwardFn backward;
+  ProxyStatsFn proxy_stats;
+  ProxyStatsBackwardFn proxy_stats_backward;
 };
 
 // One per instruction set the kernel file is compiled for (CPU_CAPABILITY, as in ATen).

@@ -298,6 +298,103 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor& x_t,
   });
 }
 
+// Proxy statistics of one channel per row of the n quantiles u: with the proxy
+// yt_i = proxy_bias + (1 + proxy_weight) u_i and z_i = act(weight yt_i + bias),
+// mean = sum_i z_i / n and var = sum_i (z_i - mean)^2 / n. A lane mask of ones keeps the
+// zero-padded tail of the row out of the sums.
+template <typename T, typename A>
+void proxy_stats_kernel(const at::Tensor& weight, const at::Tensor& bias,
+                        const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
+                        const at::Tensor& quantiles, at::Tensor& mean_t, at::Tensor& var_t) {
+  using V = Vectorized<T>;
+  const auto plus = [](const V& a, const V& b) { return a + b; };
+  const int64_t C = weight.numel(), n = quantiles.numel();
+  const T* w = weight.const_data_ptr<T>();
+  const T* b = bias.const_data_ptr<T>();
+  const T* pw = proxy_weight.const_data_ptr<T>();
+  const T* pb = proxy_bias.const_data_ptr<T>();
+  const T* u = quantiles.const_data_ptr<T>();
+  T* mean = mean_t.mutable_data_ptr<T>();
+  T* var = var_t.mutable_data_ptr<T>();
+  const std::vector<T> ones(n, T(1));
+  at::parallel_for(0, C, grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const V scale(T(1) + pw[c]), shift(pb[c]), wc(w[c]), bc(b[c]);
+      const auto z = [&](const V& uv) {
+        return A::value(at::vec::fmadd(wc, at::vec::fmadd(uv, scale, shift), bc));
+      };
+      V sum(0), sum_sq(0);
+      row_loop<true, false>(n, u, ones.data(), static_cast<T*>(nullptr),
+                            [&](const V& uv, const V& mask) {
+        sum = at::vec::fmadd(mask, z(uv), sum);
+        return sum;
+      });
+      const T m = at::vec::vec_reduce_all<T>(plus, sum) / T(n);
+      row_loop<true, false>(n, u, ones.data(), static_cast<T*>(nullptr),
+                            [&](const V& uv, const V& mask) {
+        const V d = (z(uv) - V(m)) * mask;
+        sum_sq = at::vec::fmadd(d, d, sum_sq);
+        return sum_sq;
+      });
+      mean[c] = m;
+      var[c] = at::vec::vec_reduce_all<T>(plus, sum_sq) / T(n);
+    }
+  });
+}
+
+// The gradient reaching z_i is g_i = (grad_mean + 2 grad_var (z_i - mean)) / n (the mean's
+// own term in var cancels: sum_i (z_i - mean) = 0); with ga_i = g_i act'(a_i):
+// grad_bias = sum ga, grad_weight = sum ga yt, grad_proxy_bias = weight sum ga,
+// grad_proxy_weight = weight sum ga u. The (C, n) proxy is recomputed, never stored.
+template <typename T, typename A>
+void proxy_stats_backward_kernel(const at::Tensor& grad_mean_t, const at::Tensor& grad_var_t,
+                                 const at::Tensor& weight, const at::Tensor& bias,
+                                 const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
+                                 const at::Tensor& quantiles, const at::Tensor& mean_t,
+                                 at::Tensor& grad_weight_t, at::Tensor& grad_bias_t,
+                                 at::Tensor& grad_proxy_weight_t,
+                                 at::Tensor& grad_proxy_bias_t) {
+  using V = Vectorized<T>;
+  const auto plus = [](const V& a, const V& b) { return a + b; };
+  const int64_t C = weight.numel(), n = quantiles.numel();
+  const T* gm = grad_mean_t.const_data_ptr<T>();
+  const T* gv = grad_var_t.const_data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  const T* b = bias.const_data_ptr<T>();
+  const T* pw = proxy_weight.const_data_ptr<T>();
+  const T* pb = proxy_bias.const_data_ptr<T>();
+  const T* u = quantiles.const_data_ptr<T>();
+  const T* mean = mean_t.const_data_ptr<T>();
+  T* gw = grad_weight_t.mutable_data_ptr<T>();
+  T* gb = grad_bias_t.mutable_data_ptr<T>();
+  T* gpw = grad_proxy_weight_t.mutable_data_ptr<T>();
+  T* gpb = grad_proxy_bias_t.mutable_data_ptr<T>();
+  const std::vector<T> ones(n, T(1));
+  at::parallel_for(0, C, grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const V scale(T(1) + pw[c]), shift(pb[c]), wc(w[c]), bc(b[c]), m(mean[c]);
+      const V g_mean(gm[c] / T(n)), g_var(T(2) * gv[c] / T(n));
+      V sum_ga(0), sum_ga_yt(0), sum_ga_u(0);
+      row_loop<true, false>(n, u, ones.data(), static_cast<T*>(nullptr),
+                            [&](const V& uv, const V& mask) {
+        const V yt = at::vec::fmadd(uv, scale, shift);
+        V z, d;
+        A::value_and_slope(at::vec::fmadd(wc, yt, bc), z, d);
+        const V ga = at::vec::fmadd(g_var, z - m, g_mean) * d * mask;
+        sum_ga = sum_ga + ga;
+        sum_ga_yt = at::vec::fmadd(ga, yt, sum_ga_yt);
+        sum_ga_u = at::vec::fmadd(ga, uv, sum_ga_u);
+        return ga;
+      });
+      const T s = at::vec::vec_reduce_all<T>(plus, sum_ga);
+      gb[c] = s;
+      gw[c] = at::vec::vec_reduce_all<T>(plus, sum_ga_yt);
+      gpb[c] = w[c] * s;
+      gpw[c] = w[c] * at::vec::vec_reduce_all<T>(plus, sum_ga_u);
+    }
+  });
+}
+
 void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
              const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd, int64_t groups,
              Act act, double eps, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
@@ -325,8 +422,36 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
   });
 }
 
+void proxy_stats(const at::Tensor& weight, const at::Tensor& bias,
+                 const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
+                 const at::Tensor& quantiles, Act act, at::Tensor& mean, at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "proxynorm_proxy_stats", [&] {
+    with_act(act, [&](auto a) {
+      proxy_stats_kernel<scalar_t, decltype(a)>(weight, bias, proxy_weight, proxy_bias,
+                                                quantiles, mean, var);
+    });
+  });
+}
+
+void proxy_stats_backward(const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                          const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
+                          const at::Tensor& quantiles, const at::Tensor& mean, Act act,
+                          at::Tensor& grad_weight, at::Tensor& grad_bias,
+                          at::Tensor& grad_proxy_weight, at::Tensor& grad_proxy_bias) {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "proxynorm_proxy_stats_backward", [&] {
+    with_act(act, [&](auto a) {
+      proxy_stats_backward_kernel<scalar_t, decltype(a)>(
+          grad_mean, grad_var, weight, bias, proxy_weight, proxy_bias, quantiles, mean,
+          grad_weight, grad_bias, grad_proxy_weight, grad_proxy_bias);
+    });
+  });
+}
+
 }  // namespace
 
-Kernels PROXYNORM_CONCAT(kernels_, CPU_CAPABILITY)() { return {&forward, &backward}; }
+Kernels PROXYNORM_CONCAT(kernels_, CPU_CAPABILITY)() {
+  return {&forward, &backward, &proxy_stats, &proxy_stats_backward};
+}
 
 }  // namespace proxynorm
