@@ -29,4 +29,5 @@ def replace_section(name, text, path=README):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(updated)
+    os.chmod(tmp, os.stat(path).st_mode)  # mkstemp's file is private; keep the README's mode
     os.replace(tmp, path)

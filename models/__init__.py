@@ -1,5 +1,84 @@
-"""Models and their normalisation layers.
+"""Models and their normalisation layers: `get_model(name, norm=...)` and `list_models()`.
 
-`models.norms.get_norm_act` builds every normalisation by name; the model families and
-`get_model` arrive in `models/` beside it.
+Every family takes every normalisation in `models.norms.NORMS` by name; models build their
+norm layers through `get_norm_act` only (via `models.layers.NormAct`) and never import a
+norm class. Families:
+  resnet18/34/50/101/152, resnext50_32x4d   torchvision's ResNet v1.5 / ResNeXt (resnet.py)
+  cifar_resnet20/56, digits_resnet           small ResNets for 32x32 inputs (resnet.py)
+  resnet50v2                                 pre-activation ResNet v2 (preact_resnet.py)
+  efficientnet_b0..b5                        EfficientNet with group_dim, expand_ratio
+                                             (efficientnet.py)
+
+Family defaults, used when `act` / `groups` are None: ResNets relu and 32 GroupNorm groups
+(DEFAULT_GROUPS); the small ResNets relu and 8 groups, since they have 16-channel layers
+(8 divides 16, 32 and 64; 2 channels per group at the narrowest, as ResNet-50's 64/32);
+EfficientNet silu, 4 groups (Graphcore's G16 GroupNorm recipe; every EfficientNet width
+is a multiple of 8) and eps 1e-3 for every norm.
 """
+import inspect
+from collections import namedtuple
+from functools import partial
+
+from models import efficientnet, preact_resnet, resnet
+from models.activations import check_act, unknown_name_error
+from models.layers import NormAct
+from models.norms import DEFAULT_GROUPS, NORMS
+
+Family = namedtuple("Family", "builder act groups eps")
+
+_MODELS = {
+    **{name: Family(partial(resnet.resnet, name), "relu", DEFAULT_GROUPS, None)
+       for name in resnet.IMAGENET_ARCHS},
+    **{name: Family(partial(resnet.small_resnet, name), "relu", 8, None)
+       for name in resnet.SMALL_ARCHS},
+    "resnet50v2": Family(preact_resnet.resnet50v2, "relu", DEFAULT_GROUPS, None),
+    **{name: Family(partial(efficientnet.efficientnet, name), "silu", 4, 1e-3)
+       for name in efficientnet.ARCHS},
+}
+
+# what get_model passes itself; the rest of a builder's parameters are the model's options
+_COMMON = ("norm_layer", "num_classes", "in_channels")
+
+
+def list_models():
+    return list(_MODELS)
+
+
+def model_options(name):
+    """The family options `get_model(name, **kw)` accepts, with their defaults."""
+    params = inspect.signature(_get_family(name).builder).parameters
+    return {k: p.default for k, p in params.items() if k not in _COMMON}
+
+
+def _get_family(name):
+    if name not in _MODELS:
+        raise unknown_name_error("model", name, list_models())
+    return _MODELS[name]
+
+
+def get_model(name, norm="group_pn", num_classes=1000, groups=None, act=None, in_channels=3,
+              norm_kwargs=None, **kw):
+    """Build model `name` with every normalisation layer of kind `norm`.
+
+    groups: GroupNorm groups for group/group_pn (None = the family default); act: the
+    activation (None = the family default); norm_kwargs: options for every get_norm_act
+    call (e.g. {"fused": False}, {"stats_chunks": 4}; "eps" overrides the family eps);
+    kw: the family's options (see model_options(name)), e.g. zero_init_residual, group_dim,
+    expand_ratio, drop_rate, drop_path_rate. A layer that cannot be built (e.g. channels
+    not divisible by groups) raises a ValueError that names its module path.
+    """
+    family = _get_family(name)
+    if norm not in NORMS:
+        raise unknown_name_error("norm", norm, NORMS)
+    act = family.act if act is None else act
+    check_act(act)
+    options = model_options(name)
+    unknown = sorted(set(kw) - set(options))
+    if unknown:
+        raise TypeError(f"model '{name}' has no option {', '.join(unknown)}; its options: "
+                        f"{', '.join(options) or 'none'}")
+    norm_kwargs = dict(norm_kwargs or {})
+    eps = norm_kwargs.pop("eps", family.eps)
+    norm_layer = NormAct(norm, act, family.groups if groups is None else groups, eps,
+                         norm_kwargs)
+    return family.builder(norm_layer, num_classes=num_classes, in_channels=in_channels, **kw)

@@ -11,6 +11,14 @@ def test_replace_section_rewrites_only_between_markers(tmp_path):
         "intro\n<!-- t:start -->\n| a | b |\n|---|---|\n| 1 | 2 |\n<!-- t:end -->\noutro\n")
 
 
+def test_replace_section_keeps_the_file_mode(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("<!-- t:start -->\n<!-- t:end -->\n")
+    path.chmod(0o644)
+    replace_section("t", "x", path=str(path))
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_replace_section_needs_markers(tmp_path):
     path = tmp_path / "README.md"
     path.write_text("no markers\n")

@@ -66,6 +66,10 @@ def saved_tensor_sizes(fn, x):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape,groups", SHAPES)
 def test_fused_equals_eager_float32(act, shape, groups):
+    check_fused_equals_eager(act, shape, groups)
+
+
+def check_fused_equals_eager(act, shape, groups):
     fused, eager = layer_pair(act, shape[1], groups)
     x = torch.randn(shape) * 2 + 0.5
     grad_out = torch.randn(shape)
@@ -275,16 +279,13 @@ def test_every_kernel_copy_matches_the_eager_layer(capability):
         pytest.skip("the other tests run this copy")
     script = """
 import sys, torch
-from test_fused_op import ACTS, layer_pair, run
+from test_fused_op import ACTS, SHAPES, check_fused_equals_eager
 if torch.backends.cpu.get_cpu_capability() != {capability!r}.upper():
     sys.exit(77)  # this CPU lacks the instruction set
+torch.manual_seed(0)
 for act in ACTS:
-    fused, eager = layer_pair(act, 12, 3)
-    x, grad_out = torch.randn(2, 12, 7, 5) * 2 + 0.5, torch.randn(2, 12, 7, 5)
-    (out, grads), (out_eager, grads_eager) = run(fused, x, grad_out), run(eager, x, grad_out)
-    torch.testing.assert_close(out, out_eager, rtol=1e-5, atol=1e-5)
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-5)
+    for shape, groups in SHAPES:
+        check_fused_equals_eager(act, shape, groups)
 """.format(capability=capability)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]))
