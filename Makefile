@@ -4,6 +4,8 @@
 #                  build the custom ops
 #   make custom_ops  the fused Proxy Norm ops: the CPU op (custom_ops/build/), and the IPU
 #                  op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
+#   make train     install, then train the default config (digits_resnet_group_pn: real
+#                  handwritten digits, offline, on the CPU); TRAIN_ARGS="..." adds flags
 #   make test      install, then the fast test suite (PYTEST_ARGS="..." adds pytest flags)
 #   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in README.md
 #   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
@@ -28,7 +30,7 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-.PHONY: install custom_ops test bench-layer test-torch20 clean
+.PHONY: install custom_ops train test bench-layer test-torch20 clean
 
 install: $(INSTALLED) custom_ops
 
@@ -46,6 +48,9 @@ ifneq ($(POPLAR_SDK),)
 else
 	@echo "custom_ops: IPU op skipped (no Poplar SDK: popc is not on PATH and POPLAR_SDK_ENABLED is unset)"
 endif
+
+train: install
+	$(PYTHON) -m train --config digits_resnet_group_pn $(TRAIN_ARGS)
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,142 @@
+"""train/config.py: configs.yml + flags merged and validated in one place, one-line errors."""
+import pytest
+
+from train.config import (CONFIGS_PATH, DEFAULT_CONFIG, OPTIONS, ConfigError, build_parser,
+                          config_names, load_configs, parse_command_line, resolve_config)
+
+
+def write_configs(tmp_path, text):
+    path = tmp_path / "configs.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_config_resolves_and_the_default_exists():
+    configs = load_configs()
+    names = config_names(configs)
+    assert DEFAULT_CONFIG in names
+    for name in names:
+        config = resolve_config(name, configs=configs)
+        assert list(config) == list(OPTIONS) and config["config"] == name
+
+
+def test_required_configs_exist():
+    names = set(config_names(load_configs()))
+    norms = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
+    assert {f"digits_resnet_{norm}" for norm in norms} <= names
+    for depth in (20, 56):
+        assert {f"cifar10_resnet{depth}_{n}"
+                for n in ("batch", "group", "group_pn", "layer_pn")} <= names
+    assert {f"resnet50_{n}"
+            for n in ("batch", "sync_batch", "group", "group_pn", "layer_pn")} <= names
+    assert any(name.startswith("resnext50") for name in names)
+    for b in (0, 1, 2):
+        for g in (1, 16):
+            assert {f"efficientnet_b{b}_g{g}_{n}" for n in ("group", "layer_pn")} <= names
+
+
+def test_efficientnet_recipe():
+    config = resolve_config("efficientnet_b0_g16_layer_pn")
+    global_batch = config["micro_batch_size"] * config["gradient_accumulation"] * config["replicas"]
+    assert config["lr"] == pytest.approx(2 ** -14 * global_batch)
+    assert (config["optimizer"], config["lr_schedule"], config["lr_decay"]) == \
+        ("rmsprop", "exponential", 0.97)
+    assert (config["warmup_epochs"], config["label_smoothing"], config["weight_avg_decay"]) == \
+        (5, 0.1, 0.97)
+    assert config["drop_path_rate"] == pytest.approx(1 - 0.8) and config["drop_rate"] > 0
+    assert config["mixup_alpha"] > 0 and config["group_dim"] == 16 and config["engine"] == "ipu"
+
+
+def test_yaml_anchors_are_shared_and_overridden(tmp_path):
+    path = write_configs(tmp_path,
+                         "_base: &base {lr: 0.5, epochs: 3}\nmine: {<<: *base, epochs: 4}\n")
+    config = resolve_config("mine", path=path)
+    assert (config["lr"], config["epochs"]) == (0.5, 4)
+    with pytest.raises(ConfigError, match="unknown config '_base'"):
+        resolve_config("_base", path=path)  # bases are not configs
+
+
+def test_flags_override_the_config():
+    config, _ = parse_command_line(["--config", "digits_resnet_group_pn", "--lr", "1e-3",
+                                    "--epochs", "2", "--nesterov", "false", "--groups", "none",
+                                    "--pipeline-splits", "layer1,layer2", "--skip-corrupt-images",
+                                    "--adam-betas", "[0.8, 0.9]"])
+    assert config["lr"] == 1e-3 and config["epochs"] == 2 and config["nesterov"] is False
+    assert config["groups"] is None and config["pipeline_splits"] == ["layer1", "layer2"]
+    assert config["skip_corrupt_images"] is True and config["adam_betas"] == [0.8, 0.9]
+    assert config["norm"] == "group_pn"  # from configs.yml
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrr", "0.1"], "unknown option --lrr (did you mean --lr?)"),
+    (["--micro-batch", "4"], "did you mean --micro-batch-size?"),
+    (["--config", "digits_resnet_gruop_pn"],
+     "unknown config 'digits_resnet_gruop_pn' (did you mean 'digits_resnet_group_pn'?); configs: "),
+    (["--epochs", "two"], "--epochs expects an integer, got 'two'"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--momentum", "1.5"], "--momentum must be >= 0 and < 1, got 1.5"),
+    (["--nesterov", "maybe"], "--nesterov expects true or false"),
+    (["--optimizer", "adam"],
+     "--optimizer: 'adam' is not one of sgd, rmsprop, adamw (did you mean 'adamw'?)"),
+    (["--norm", "group_np"], "unknown norm 'group_np' (did you mean 'group_pn'?)"),
+    (["--model", "resnet51"], "unknown model 'resnet51' (did you mean 'resnet50'?)"),
+    (["--adam-betas", "[0.9]"], "--adam-betas expects a list of 2 values"),
+    (["--epochs"], "argument --epochs: expected one argument"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_bad_flags_raise_one_line(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_command_line(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("c: {lrr: 0.1}\n", "config 'c': unknown key lrr (did you mean lr?)"),
+    ("c: {epochs: 1.5}\n", "configs.yml 'c': epochs expects an integer, got '1.5'"),
+    ("c: {precision: 16.16}\n",
+     "precision expects a string, got the number 16.16 (quote it in YAML)"),
+    ("c: {warmup_epochs: -1}\n", "warmup_epochs must be >= 0, got -1"),
+    ("c: {lr_schedule: step}\n", "lr_schedule step needs lr_milestones"),
+    ("c: {norm: sync_batch, replicas: 4, bn_group_size: 3}\n",
+     "bn_group_size 3 does not divide replicas 4"),
+    ("c: [1, 2\n", "invalid YAML"),
+])
+def test_bad_configs_raise_one_line(tmp_path, text, message):
+    path = write_configs(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        resolve_config("c", path=path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_yaml_scientific_notation_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a float option still takes it
+    path = write_configs(tmp_path, "c: {weight_decay: 1e-4}\n")
+    assert resolve_config("c", path=path)["weight_decay"] == 1e-4
+
+
+def test_help_lists_every_option_with_its_default():
+    text = build_parser().format_help()
+    for option in OPTIONS.values():
+        assert option.flag in text
+    assert "(default: group_pn)" in text and "--list-configs" in text
+
+
+def test_list_configs():
+    config, list_configs = parse_command_line(["--list-configs"])
+    assert list_configs and config is None
+
+
+def test_configs_path_is_the_repository_file():
+    assert CONFIGS_PATH.endswith("configs.yml")
+
+
+def test_readme_lists_every_option():
+    """A config key, a flag and a README table row are the same name."""
+    import os
+
+    readme = os.path.join(os.path.dirname(CONFIGS_PATH), "README.md")
+    text = open(readme).read()
+    if "## Training" not in text:
+        pytest.skip("README.md has no Training section yet")
+    missing = [name for name in OPTIONS if f"| `{name}` |" not in text]
+    assert not missing

@@ -1,0 +1,269 @@
+"""`python -m train` end to end: run folders, resume, execution-plan invariance, failures.
+
+Runs are in-process (train.__main__.main) and a few steps long at tiny sizes, except the
+signal test, which needs a process of its own.
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_datasets import write_cifar10, write_image_folder
+from train.__main__ import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 64 random 16x16 images in 4 classes: 4 steps per epoch at a global batch of 16
+SYNTHETIC = ["--data", "synthetic", "--synthetic-samples", "64", "--synthetic-num-classes", "4",
+             "--image-size", "16", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The digits configs set cpu_threads: 1 for the process; later tests get it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(run_dir, *flags, config="digits_resnet_group_pn"):
+    return main(["--config", config, "--output-dir", str(run_dir), "--wandb-mode", "disabled",
+                 *[str(flag) for flag in flags]])
+
+
+def plan(micro_batch, accumulation, replicas):
+    return ["--micro-batch-size", micro_batch, "--gradient-accumulation", accumulation,
+            "--replicas", replicas]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_digits_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    status = main(["--config", "digits_resnet_group_pn", "--output-dir", str(run_dir),
+                   "--max-steps", "3", "--log-every", "1", "--wandb-mode", "offline"])
+    assert status == 0
+    files = set(os.listdir(run_dir))
+    assert {"config.yml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt",
+            "summary.json", "wandb"} <= files
+    result = summary(run_dir)
+    for key in ("config", "epochs", "steps", "val_accuracy", "best_val_accuracy",
+                "train_images_per_second", "wall_seconds"):
+        assert result[key] is not None, key
+    assert result["steps"] == 3 and result["status"] == "max_steps"
+    assert result["config"]["norm"] == "group_pn" and result["config"]["max_steps"] == 3
+    kinds = [record["kind"] for record in records(run_dir)]
+    assert kinds == ["train"] * 3 + ["val"]
+    checkpoint = load(run_dir / "checkpoint_last.pt")  # a plain dict, weights_only
+    assert checkpoint["step"] == 3 and checkpoint["config"]["config"] == "digits_resnet_group_pn"
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("digits_resnet_group_pn: max_steps, val_accuracy ")
+    assert str(run_dir) in last_line
+
+
+def test_synthetic_run(tmp_path):
+    assert train(tmp_path / "run", *SYNTHETIC, *plan(8, 2, 1), "--epochs", 1,
+                 "--precision", "16.32", "--grad-clip-norm", 1.0, "--validation", "false") == 0
+    result = summary(tmp_path / "run")
+    assert result["steps"] == 4 and result["val_accuracy"] is None
+
+
+def test_image_folder_run(tmp_path):
+    write_image_folder(tmp_path / "images")
+    assert train(tmp_path / "run", "--data", "imagenet", "--data-path", tmp_path / "images",
+                 "--image-size", 16, *plan(2, 2, 1), "--epochs", 2, "--num-workers", 1) == 0
+    result = summary(tmp_path / "run")
+    assert result["steps"] == 4 and result["config"]["data"] == "imagenet"
+
+
+def test_cifar_folder_run(tmp_path):
+    write_cifar10(tmp_path / "cifar")
+    assert train(tmp_path / "run", "--data-path", tmp_path / "cifar", "--epochs", 1,
+                 *plan(4, 1, 2), "--num-workers", 0, "--mixup-alpha", 0.2, "--cutmix-alpha", 1.0,
+                 config="cifar10_resnet20_group_pn") == 0
+    assert summary(tmp_path / "run")["steps"] == 2  # 20 images: two global batches of 8
+
+
+def test_resume_continues_exactly(tmp_path):
+    flags = [*SYNTHETIC, *plan(8, 2, 1), "--epochs", 3, "--warmup-epochs", 1,
+             "--mixup-alpha", 0.4, "--weight-avg-decay", 0.5, "--optimizer", "adamw"]
+    assert train(tmp_path / "straight", *flags) == 0
+    for stop in (4, 6):  # at the end of epoch 1, and in the middle of epoch 2
+        run_dir = tmp_path / f"stop{stop}"
+        assert train(run_dir, *flags, "--max-steps", stop) == 0
+        assert train(run_dir, *flags, "--resume", "auto") == 0
+        straight = load(tmp_path / "straight" / "checkpoint_last.pt")
+        resumed = load(run_dir / "checkpoint_last.pt")
+        assert resumed["step"] == straight["step"] == 12
+        for part in ("engine", "weight_average"):
+            for name, tensor in straight[part]["model"].items():
+                assert torch.equal(tensor, resumed[part]["model"][name]), (stop, part, name)
+        assert straight["val_accuracy"] == resumed["val_accuracy"]
+    steps = [r["step"] for r in records(tmp_path / "stop6") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))  # the resumed run appends to metrics.jsonl
+
+
+def final_weights(run_dir):
+    return load(os.path.join(run_dir, "checkpoint_last.pt"))["engine"]["model"]
+
+
+def assert_same_weights(a, b, same=True):
+    close = all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+                for k in a if a[k].is_floating_point())
+    assert close == same
+
+
+def test_execution_plan_does_not_change_a_batch_independent_run(tmp_path):
+    """Sample order depends on the seed and global batch only, so with group_pn any split of
+    the global batch of 16 into micro-batches, accumulation and replicas trains the same."""
+    weights = []
+    for i, execution in enumerate([plan(16, 1, 1), plan(8, 2, 1), plan(8, 1, 2), plan(4, 2, 2)]):
+        assert train(tmp_path / str(i), *SYNTHETIC, *execution, "--max-steps", 3,
+                     "--mixup-alpha", 0.4, "--validation", "false") == 0
+        weights.append(final_weights(tmp_path / str(i)))
+    for other in weights[1:]:
+        assert_same_weights(weights[0], other)
+
+
+def test_emulated_replicas_keep_per_replica_batchnorm_statistics(tmp_path):
+    """BatchNorm over 2 replicas of 8 trains like 2 accumulated micro-batches of 8, and
+    unlike one micro-batch of 16."""
+    runs = {"accumulated": plan(8, 2, 1), "replicas": plan(8, 1, 2), "whole": plan(16, 1, 1)}
+    weights = {}
+    for name, execution in runs.items():
+        assert train(tmp_path / name, *SYNTHETIC, *execution, "--max-steps", 2,
+                     "--validation", "false", config="digits_resnet_batch") == 0
+        weights[name] = {k: v for k, v in final_weights(tmp_path / name).items()
+                         if "running" not in k and "num_batches" not in k}
+    assert_same_weights(weights["accumulated"], weights["replicas"])
+    assert_same_weights(weights["accumulated"], weights["whole"], same=False)
+
+
+def error_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_missing_data_path_is_one_line(tmp_path, capsys):
+    assert train(tmp_path / "run", "--data-path", tmp_path / "nowhere",
+                 config="cifar10_resnet20_group_pn") == 2
+    line = error_line(capsys)
+    assert str(tmp_path / "nowhere") in line and "cifar-10-python.tar.gz" in line
+
+
+def test_unknown_key_is_one_line(tmp_path, capsys):
+    assert train(tmp_path / "run", "--weight-dekay", 0.1) == 2
+    assert error_line(capsys) == \
+        "error: unknown option --weight-dekay (did you mean --weight-decay?)"
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path, capsys):
+    write_image_folder(tmp_path / "images")
+    bad = tmp_path / "images" / "train" / "dog" / "2.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    flags = ["--data", "imagenet", "--data-path", tmp_path / "images", "--image-size", 16,
+             *plan(4, 2, 1), "--epochs", 1, "--validation", "false"]
+    assert train(tmp_path / "stop", *flags, "--num-workers", 1) == 2  # raised in a worker
+    assert error_line(capsys) == f"error: cannot read image {bad}: " + \
+        "cannot identify image file <_io.BufferedReader name='" + str(bad) + "'>"
+    assert train(tmp_path / "skip", *flags, "--skip-corrupt-images") == 0
+    assert summary(tmp_path / "skip")["skipped_images"] == 1
+    assert f"skipped corrupt image {bad}" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = [*SYNTHETIC, *plan(16, 1, 1), "--epochs", 3, "--validation", "false"]
+    assert train(run_dir, *flags, "--max-steps", 2) == 0
+    good = load(run_dir / "checkpoint_last.pt")
+    capsys.readouterr()
+    # an absurd learning rate overflows the weights; the next loss is not finite
+    assert train(run_dir, *flags, "--resume", "auto", "--lr", 1e38, "--momentum", 0) == 1
+    err = capsys.readouterr().err
+    assert "error: loss is " in err and f"the last good checkpoint is {run_dir}" in err
+    kept = load(run_dir / "checkpoint_last.pt")
+    assert kept["step"] <= 4 and summary(run_dir)["status"] == "diverged"
+    assert all(torch.isfinite(t).all() for t in kept["engine"]["model"].values()
+               if t.is_floating_point())
+    if kept["step"] == 2:
+        assert torch.equal(kept["engine"]["model"]["fc.weight"],
+                           good["engine"]["model"]["fc.weight"])
+
+
+def test_checkpoint_from_another_model_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, *SYNTHETIC, *plan(16, 1, 1), "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert train(tmp_path / "other", *SYNTHETIC, *plan(16, 1, 1), "--resume", run_dir,
+                 "--norm", "batch") == 2
+    line = error_line(capsys)
+    assert "is from another model: norm group_pn (this run: batch)" in line
+    not_a_checkpoint = tmp_path / "junk.pt"
+    not_a_checkpoint.write_bytes(b"junk")
+    assert train(tmp_path / "other", *SYNTHETIC, "--resume", not_a_checkpoint) == 2
+    assert f"cannot read checkpoint {not_a_checkpoint}" in error_line(capsys)
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, *SYNTHETIC, *plan(16, 1, 1), "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert train(run_dir, *SYNTHETIC, *plan(16, 1, 1), "--max-steps", 1) == 2
+    assert "already holds a run" in error_line(capsys)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", "--output-dir", str(run_dir), "--wandb-mode", "disabled",
+         *SYNTHETIC, *map(str, plan(16, 1, 1)), "--synthetic-samples", "100000", "--epochs", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "SIGTERM: stopping after this step" in err
+    checkpoint = load(run_dir / "checkpoint_last.pt")
+    assert checkpoint["step"] >= 2 and summary(run_dir)["status"] == "interrupted"
+    assert f"--resume {run_dir}" in err
+
+
+def test_ipu_engine_without_poptorch_falls_back_to_the_cpu(tmp_path, capsys):
+    if importlib.util.find_spec("poptorch") is not None:
+        pytest.skip("PopTorch is installed")
+    assert train(tmp_path / "run", *SYNTHETIC, *plan(16, 1, 1), "--max-steps", 1,
+                 "--engine", "ipu", "--checkpoint-every", 1, "--epochs", 1) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: engine ipu: PopTorch is not installed; running the PyTorch "
+                        "engine on the CPU (IPU-only settings are ignored)"]
+    assert summary(tmp_path / "run")["device"] == "cpu"
+
+
+def test_checkpoint_every(tmp_path):
+    assert train(tmp_path / "run", *SYNTHETIC, *plan(16, 1, 1), "--epochs", 2,
+                 "--checkpoint-every", 1, "--validation", "false") == 0
+    files = sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("checkpoint"))
+    assert files == ["checkpoint_epoch1.pt", "checkpoint_epoch2.pt", "checkpoint_last.pt"]

@@ -1,0 +1,404 @@
+"""Training options, configs.yml and the command line, merged and validated in one place.
+
+Every option is one name: a key in configs.yml (snake_case), a flag on the command line
+(--kebab-case) and a key of the resolved config written to the run folder. A run's config
+is the option defaults below, overridden by the named config from configs.yml, overridden
+by the flags given. `resolve_config` does that merge and is the only place that checks
+values; anything it cannot accept raises ConfigError with one line naming the bad thing.
+"""
+import argparse
+import difflib
+import math
+import os
+
+import yaml
+
+from datasets import DATASETS
+
+CONFIGS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs.yml")
+DEFAULT_CONFIG = "digits_resnet_group_pn"
+
+
+class ConfigError(Exception):
+    """A bad config, flag or value: printed as one line, exit status 2."""
+
+
+class Option:
+    """One option: its default, type (int, float, bool, str or list), help and limits.
+
+    `item` is the element type of a list; `null_ok` allows None (written `null` in YAML,
+    `none` on the command line). Bounds: at_least/above and at_most/below.
+    """
+
+    def __init__(self, name, default, kind, help, choices=None, item=str, null_ok=False,
+                 at_least=None, above=None, at_most=None, below=None, length=None):
+        self.name, self.default, self.kind, self.help = name, default, kind, help
+        self.choices, self.item, self.null_ok, self.length = choices, item, null_ok, length
+        self.at_least, self.above, self.at_most, self.below = at_least, above, at_most, below
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+
+# The defaults suit a quick CPU run; configs.yml holds the recipes.
+OPTION_GROUPS = [
+    ("run", [
+        Option("config", DEFAULT_CONFIG, str, "named config from configs.yml (--list-configs lists "
+               "them)"),
+        Option("output_dir", None, str, "run folder (null: runs/CONFIG-YYYYmmdd-HHMMSS)",
+               null_ok=True),
+        Option("resume", None, str, "continue a run: auto (the newest run folder of this config, "
+               "or --output-dir, when it has a checkpoint; else start afresh), a checkpoint file "
+               "or a run folder", null_ok=True),
+        Option("seed", 0, int, "seeds initialisation, sample order, augmentation and dropout",
+               at_least=0),
+        Option("epochs", 10, int, "training epochs", at_least=1),
+        Option("max_steps", 0, int, "stop after this many optimiser steps in all (0 = no limit)",
+               at_least=0),
+        Option("validation", True, bool, "validate at the end of every epoch (and at the end of "
+               "the run)"),
+        Option("checkpoint_every", 0, int, "also keep checkpoint_epochN.pt every N epochs (0 = "
+               "only checkpoint_last.pt and checkpoint_best.pt)", at_least=0),
+        Option("log_every", 10, int, "optimiser steps per training record in metrics.jsonl",
+               at_least=1),
+        Option("wandb_mode", "offline", str, "Weights & Biases: online, offline (no account "
+               "needed; `wandb sync` uploads it later) or disabled",
+               choices=("online", "offline", "disabled")),
+        Option("wandb_project", "proxy-norm", str, "Weights & Biases project"),
+    ]),
+    ("model", [
+        Option("model", "digits_resnet", str, "model name (models.list_models())"),
+        Option("norm", "group_pn", str, "normalisation: batch, sync_batch, group, layer, instance, "
+               "group_pn, layer_pn, none"),
+        Option("groups", None, int, "GroupNorm groups for group/group_pn (null: the model's)",
+               null_ok=True, at_least=1),
+        Option("act", None, str, "activation: relu, silu, gelu (null: the model's)", null_ok=True),
+        Option("group_dim", None, int, "EfficientNet: channels per group in its grouped convs (1 = "
+               "depthwise, G1; 16 = G16)", null_ok=True, at_least=1),
+        Option("expand_ratio", None, int, "EfficientNet: expansion ratio of its inverted "
+               "bottlenecks", null_ok=True, at_least=1),
+        Option("drop_rate", None, float, "EfficientNet: dropout before the classifier",
+               null_ok=True, at_least=0, below=1),
+        Option("drop_path_rate", None, float, "EfficientNet: stochastic depth, the probability of "
+               "dropping a residual branch (1 - survival probability)",
+               null_ok=True, at_least=0, below=1),
+    ]),
+    ("data", [
+        Option("data", "digits", str, "dataset", choices=DATASETS),
+        Option("data_path", None, str, "dataset folder (null: data/DATA)", null_ok=True),
+        Option("image_size", None, int, "training and validation resolution (null: the dataset's)",
+               null_ok=True, at_least=8),
+        Option("num_workers", 0, int, "data loading processes (0 = in the training process)",
+               at_least=0),
+        Option("skip_corrupt_images", False, bool, "replace an unreadable image by the next "
+               "readable one and count it, instead of stopping with its file name"),
+        Option("synthetic_samples", 1024, int, "synthetic: training samples (validation: a "
+               "quarter)", at_least=1),
+        Option("synthetic_num_classes", 1000, int, "synthetic: classes", at_least=2),
+    ]),
+    ("execution (global batch = micro_batch_size x gradient_accumulation x replicas)", [
+        Option("engine", "auto", str, "auto (cuda if available, else cpu), cpu, cuda, or ipu "
+               "(PopTorch; without it: cpu, with a warning)",
+               choices=("auto", "cpu", "cuda", "ipu")),
+        Option("cpu_threads", 0, int, "CPU threads for PyTorch's operators (0 = its default: one "
+               "per core); 1 suits small models on shared cores, where a descheduled second "
+               "thread stalls every operator", at_least=0),
+        Option("precision", "32.32", str, "activations.weights: 32.32, 16.32 or 16.16 (IPU "
+               "float16); on CPU/GPU both 16.x run bfloat16 autocast with float32 weights",
+               choices=("32.32", "16.32", "16.16")),
+        Option("micro_batch_size", 32, int, "samples per replica per forward pass", at_least=1),
+        Option("gradient_accumulation", 1, int, "micro-batches per replica per optimiser step",
+               at_least=1),
+        Option("replicas", 1, int, "data-parallel replicas (emulated in one process on CPU/GPU)",
+               at_least=1),
+        Option("bn_group_size", 0, int, "sync_batch: replicas that share statistics (0 = all)",
+               at_least=0),
+        Option("device_iterations", 1, int, "IPU: optimiser steps per host call", at_least=1),
+        Option("pipeline_splits", [], list, "IPU: modules that begin a pipeline stage (checked "
+               "against the model everywhere)"),
+        Option("stochastic_rounding", False, bool, "IPU: stochastic rounding of float16"),
+        Option("loss_scaling", 1.0, float, "IPU: static loss scaling for float16", above=0),
+        Option("ipu_model", False, bool, "IPU: run on the IPU Model simulator"),
+    ]),
+    ("optimisation", [
+        Option("optimizer", "sgd", str, "sgd, rmsprop (TensorFlow's: eps inside the square root) "
+               "or adamw", choices=("sgd", "rmsprop", "adamw")),
+        Option("lr", 0.1, float, "peak learning rate, for the global batch as configured (not "
+               "rescaled)", above=0),
+        Option("momentum", 0.9, float, "sgd and rmsprop momentum", at_least=0, below=1),
+        Option("nesterov", False, bool, "sgd: Nesterov momentum"),
+        Option("weight_decay", 0.0, float, "L2 (sgd, rmsprop) or decoupled (adamw) decay; none on "
+               "biases and norm weights (Proxy Norm's proxy_weight/proxy_bias take it)",
+               at_least=0),
+        Option("rmsprop_decay", 0.9, float, "rmsprop: decay of the mean square",
+               at_least=0, below=1),
+        Option("optimizer_eps", 1e-08, float, "rmsprop/adamw epsilon", above=0),
+        Option("adam_betas", [0.9, 0.999], list, "adamw: [beta1, beta2]", item=float, length=2),
+        Option("grad_clip_norm", 0.0, float, "clip the global-batch gradient to this norm (0 = "
+               "off)", at_least=0),
+        Option("lr_schedule", "cosine", str, "after warm-up: constant, step (x lr_decay at each of "
+               "lr_milestones), cosine (to 0 at the last epoch) or exponential (x lr_decay every "
+               "lr_decay_epochs)", choices=("constant", "step", "cosine", "exponential")),
+        Option("warmup_epochs", 0.0, float, "linear warm-up from 0 over this many epochs",
+               at_least=0),
+        Option("lr_decay", 0.1, float, "step/exponential: decay factor", above=0, at_most=1),
+        Option("lr_decay_epochs", 1.0, float, "exponential: epochs per decay (staircase)", above=0),
+        Option("lr_milestones", [], list, "step: epochs at which the learning rate decays",
+               item=float),
+    ]),
+    ("regularisation", [
+        Option("label_smoothing", 0.0, float, "label smoothing", at_least=0, below=1),
+        Option("mixup_alpha", 0.0, float, "mixup with a Beta(alpha, alpha) weight (0 = off)",
+               at_least=0),
+        Option("cutmix_alpha", 0.0, float, "cutmix with a Beta(alpha, alpha) area (0 = off; with "
+               "mixup, each sample takes one of the two at random)", at_least=0),
+        Option("weight_avg_decay", 0.0, float, "exponential average of the weights, updated every "
+               "epoch and used for validation and checkpoint_best (0 = off)", at_least=0, below=1),
+    ]),
+]
+
+OPTIONS = {option.name: option for _, group in OPTION_GROUPS for option in group}
+# Keys that define the network: a checkpoint only loads into a run where they agree.
+MODEL_KEYS = ("model", "norm", "groups", "act", "group_dim", "expand_ratio", "data",
+              "synthetic_num_classes")
+
+
+def defaults():
+    return {name: option.default for name, option in OPTIONS.items()}
+
+
+def closest(name, valid):
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def show(value):
+    """A value as the user writes it (YAML spelling)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return str(value)
+
+
+def check_value(option, value, where, from_cli=False):
+    """The value, converted to the option's type; ConfigError if it is not acceptable.
+
+    `where` names the source in messages ("--lr", "configs.yml 'name': lr"). Flag values
+    arrive as strings and are parsed here, so both sources go through the same checks.
+    """
+    if from_cli:
+        value = parse_flag_value(option, value, where)
+    if value is None:
+        if option.null_ok:
+            return None
+        raise ConfigError(f"{where} must be set (it cannot be null)")
+    value = convert(option, value, where)
+    if option.choices is not None and value not in option.choices:
+        hint = closest(str(value), list(option.choices))
+        hint = f" (did you mean '{hint}'?)" if hint else ""
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(option.choices)}{hint}")
+    check_range(option, value, where)
+    return value
+
+
+def parse_flag_value(option, text, where):
+    if not isinstance(text, str):  # already typed (a caller in Python)
+        return text
+    if option.null_ok and text.lower() in ("none", "null"):
+        return None
+    if option.kind is not list:
+        return text
+    if not text.strip().startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where} expects a list such as [a, b], got {text!r}") from None
+
+
+def convert(option, value, where):
+    kind = option.kind
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+             list: "a list"}
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+                return False
+            if isinstance(value, bool):
+                return value
+        elif kind is int and not isinstance(value, (bool, float)):
+            return int(value)
+        elif kind is float and not isinstance(value, bool):
+            number = float(value)  # also YAML 1.1's "1e-4", which it reads as a string
+            if math.isfinite(number):
+                return number
+        elif kind is str and isinstance(value, str):
+            return value
+        elif kind is list and isinstance(value, list):
+            items = [convert(Option(option.name, None, option.item, ""), v, where) for v in value]
+            if option.length is not None and len(items) != option.length:
+                raise ConfigError(
+                    f"{where} expects a list of {option.length} values, got {show(value)}")
+            return items
+    except (TypeError, ValueError):
+        pass
+    if kind is str and isinstance(value, (int, float)):
+        raise ConfigError(f"{where} expects a string, got the number {value} (quote it in YAML)")
+    raise ConfigError(f"{where} expects {names[kind]}, got {show(value)!r}")
+
+
+def check_range(option, value, where):
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        bad = ((option.at_least is not None and v < option.at_least)
+               or (option.above is not None and v <= option.above)
+               or (option.at_most is not None and v > option.at_most)
+               or (option.below is not None and v >= option.below))
+        if bad:
+            limits = [f"{sign} {limit}" for sign, limit in (
+                (">=", option.at_least), (">", option.above), ("<=", option.at_most),
+                ("<", option.below)) if limit is not None]
+            raise ConfigError(f"{where} must be {' and '.join(limits)}, got {show(value)}")
+
+
+def load_configs(path=CONFIGS_PATH):
+    """{name: {key: value}} from configs.yml; names starting with '_' are shared bases."""
+    try:
+        with open(path) as f:
+            configs = yaml.safe_load(f) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", error)
+        raise ConfigError(f"{path}{at}: invalid YAML ({problem})") from None
+    if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
+        raise ConfigError(f"{path} must map each config name to a mapping of options")
+    return configs
+
+
+def config_names(configs):
+    return [name for name in configs if not str(name).startswith("_")]
+
+
+def unknown_key_error(key, where, flag=False):
+    valid = [OPTIONS[k].flag for k in OPTIONS] if flag else list(OPTIONS)
+    hint = closest(key, valid)
+    hint = f" (did you mean {hint}?)" if hint else ""
+    return ConfigError(f"{where}unknown {'option' if flag else 'key'} {key}{hint}")
+
+
+def resolve_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFIGS_PATH):
+    """Defaults <- configs.yml[name] <- overrides (flag values, as strings or typed).
+
+    Returns the resolved config: every option, in OPTIONS order, checked.
+    """
+    configs = load_configs(path) if configs is None else configs
+    names = config_names(configs)
+    if name not in names:
+        hint = closest(name, names)
+        hint = f" (did you mean '{hint}'?)" if hint else ""
+        raise ConfigError(f"unknown config '{name}'{hint}; configs: {', '.join(names)}")
+    config = defaults()
+    for key, value in configs[name].items():
+        if key not in OPTIONS or key == "config":
+            raise unknown_key_error(str(key), f"{os.path.basename(path)}, config '{name}': ")
+        config[key] = check_value(OPTIONS[key], value, f"{os.path.basename(path)} '{name}': {key}")
+    for key, value in (overrides or {}).items():
+        if key not in OPTIONS:
+            raise unknown_key_error("--" + key.replace("_", "-"), "", flag=True)
+        config[key] = check_value(OPTIONS[key], value, OPTIONS[key].flag, from_cli=True)
+    config["config"] = name
+    check_combination(config)
+    return config
+
+
+def check_combination(config):
+    """Checks that involve more than one key (or the model registry)."""
+    from models import list_models  # models/ is below train/ in the reading order
+    from models.activations import ACTS
+    from models.norms import NORMS
+
+    for key, valid in (("model", list_models()), ("norm", NORMS), ("act", list(ACTS))):
+        value = config[key]
+        if value is not None and value not in valid:
+            hint = closest(value, list(valid))
+            hint = f" (did you mean '{hint}'?)" if hint else ""
+            raise ConfigError(f"unknown {key} '{value}'{hint}; valid: {', '.join(valid)}")
+    if config["norm"] == "sync_batch" and config["bn_group_size"] > 1 and (
+            config["replicas"] % config["bn_group_size"]):
+        raise ConfigError(f"bn_group_size {config['bn_group_size']} does not divide replicas "
+                          f"{config['replicas']}")
+    if config["lr_schedule"] == "step" and not config["lr_milestones"]:
+        raise ConfigError("lr_schedule step needs lr_milestones (epochs at which to decay)")
+
+
+def global_batch_size(config):
+    return config["micro_batch_size"] * config["gradient_accumulation"] * config["replicas"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise ConfigError(message)
+
+
+def build_parser():
+    parser = _Parser(
+        prog="python -m train", allow_abbrev=False,
+        usage="python -m train [--config NAME] [--flag VALUE ...] | --list-configs | --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a named config from configs.yml; flags override its values.",
+        epilog="Defaults shown are the built-in ones; a config in configs.yml overrides them and "
+               "flags override the config.\nBooleans: true/false (a bare flag means true). "
+               "Lists: '[a, b]' or a,b. None: none.")
+    parser.add_argument("--list-configs", action="store_true",
+                        help="list the configs in configs.yml and exit")
+    for title, group in OPTION_GROUPS:
+        arguments = parser.add_argument_group(title)
+        for option in group:
+            extra = {"nargs": "?", "const": "true"} if option.kind is bool else {}
+            choices = f" {{{','.join(option.choices)}}}" if option.choices else ""
+            arguments.add_argument(
+                option.flag, dest=option.name, default=argparse.SUPPRESS,
+                metavar=option.kind.__name__.upper(), **extra,
+                help=f"{option.help}{choices} (default: {show(option.default)})")
+    return parser
+
+
+def parse_command_line(argv):
+    """(config, list_configs) from command-line arguments; ConfigError for bad ones."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        first = extras[0]
+        if first.startswith("--"):
+            raise unknown_key_error(first.split("=")[0], "", flag=True)
+        raise ConfigError(f"unexpected argument '{first}' (options are --name value)")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("list_configs", "config")}
+    if args.list_configs:
+        return None, True
+    return resolve_config(getattr(args, "config", DEFAULT_CONFIG), overrides), False
+
+
+def describe_configs(configs=None):
+    """One line per config: name, model, norm, data, global batch."""
+    configs = load_configs() if configs is None else configs
+    lines = []
+    for name in config_names(configs):
+        config = {**defaults(), **configs[name]}
+        batch = config["micro_batch_size"] * config["gradient_accumulation"] * config["replicas"]
+        lines.append(f"{name:<32} {config['model']:<18} {config['norm']:<10} {config['data']:<9} "
+                     f"global batch {batch} ({config['micro_batch_size']} x "
+                     f"{config['gradient_accumulation']} x {config['replicas']}), "
+                     f"{config['engine']}")
+    return lines

@@ -1,0 +1,50 @@
+"""What a run records: metrics.jsonl (one JSON object per line) and Weights & Biases.
+
+Every record is a dict with "kind" ("train": one per log_every steps; "val": one per
+validation) and the optimiser "step". wandb runs offline unless asked otherwise: it writes
+into the run folder's wandb/ and needs no account (`wandb sync` uploads it later).
+"""
+import json
+import os
+
+from train.config import ConfigError
+
+
+class RunLog:
+    def __init__(self, run_dir, config):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.file = open(self.path, "a")  # a resumed run appends
+        self.wandb = None
+        if config["wandb_mode"] != "disabled":
+            self.wandb = start_wandb(run_dir, config)
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            values = {f"{record['kind']}/{k}": v for k, v in record.items()
+                      if k not in ("kind", "step") and isinstance(v, (int, float))}
+            self.wandb.log(values, step=record["step"])
+
+    def close(self, summary=None):
+        self.file.close()
+        if self.wandb is not None:
+            if summary is not None:
+                self.wandb.summary.update(
+                    {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+            self.wandb = None
+
+
+def start_wandb(run_dir, config):
+    os.environ["WANDB_DIR"] = os.path.abspath(run_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    try:
+        return wandb.init(project=config["wandb_project"], name=os.path.basename(run_dir),
+                          dir=os.path.abspath(run_dir), mode=config["wandb_mode"], config=config)
+    except Exception as error:  # e.g. online without `wandb login`
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"wandb_mode {config['wandb_mode']}: wandb could not start ({first}); "
+                          f"use --wandb-mode offline or disabled") from None
