@@ -14,19 +14,25 @@ VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
-def load(image_size=IMAGE_SIZE):
+def split():
+    """(images (1797, 1, 8, 8) in [0, 1], labels, train_index, val_index): the fixed
+    stratified split every digits-based dataset uses."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # 0..16 -> 0..1
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                           align_corners=False)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     train_index, val_index = train_test_split(
         torch.arange(len(labels)).numpy(), test_size=VAL_FRACTION, stratify=digits.target,
         random_state=SPLIT_SEED)
-    train_index, val_index = torch.from_numpy(train_index), torch.from_numpy(val_index)
+    return images, labels, torch.from_numpy(train_index), torch.from_numpy(val_index)
+
+
+def load(image_size=IMAGE_SIZE):
+    images, labels, train_index, val_index = split()
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                           align_corners=False)
     mean, std = images[train_index].mean().item(), images[train_index].std().item()
     normalise = transforms.Normalize((mean,), (std,))
     # light augmentation: shifts of up to 2 pixels (1/16 of the side) with blank padding
