@@ -8,6 +8,7 @@ the library is newer than its sources and the installed torch.
 """
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,14 @@ def is_x86():
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def cxx_standard(torch):
+    """The C++ standard torch was built with (2.11: C++17, 2.14: C++20), as cpp_extension
+    picks it: torch's headers are only tested under their own standard."""
+    match = re.search(r"C\+\+ Version: (\d{4})", torch.__config__.show())
+    year = int(match.group(1)) if match else 2017
+    return "c++20" if year >= 2020 else "c++17"
+
+
 def torch_flags():
     """Compile and link flags for the installed torch (what cpp_extension would pass)."""
     import torch
@@ -40,7 +49,7 @@ def torch_flags():
     compile_flags = [
         f"-I{os.path.join(root, 'include')}",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        "-std=c++20", "-O3", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+        f"-std={cxx_standard(torch)}", "-O3", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     if is_x86():
         compile_flags.append("-DPROXYNORM_X86")
     link_flags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
