@@ -86,12 +86,15 @@ void with_act(Act act, const F& f) {
   }
 }
 
-// Loads and stores a vector of the accumulation type from/to the tensor's type.
+// Loads and stores a vector of the accumulation type from/to the tensor's type; the
+// partial forms move the first `count` lanes, and a partial load zeroes the others.
 template <typename T>
 struct Io {
   using V = Vectorized<at::opmath_type<T>>;
   static V load(const T* p) { return V::loadu(p); }
+  static V load(const T* p, int64_t count) { return V::loadu(p, count); }
   static void store(T* p, const V& v) { v.store(p); }
+  static void store(T* p, const V& v, int64_t count) { v.store(p, count); }
 };
 
 template <>
@@ -102,15 +105,21 @@ struct Io<c10::BFloat16> {
     at::vec::load_to_float(p, v);
     return v;
   }
-  static void store(c10::BFloat16* p, const V& v) {
-    at::vec::convert_float_bfloat16(v, v).store(p, V::size());
+  static V load(const c10::BFloat16* p, int64_t count) {
+    c10::BFloat16 padded[V::size()] = {};
+    std::copy(p, p + count, padded);
+    return load(padded);
+  }
+  static void store(c10::BFloat16* p, const V& v) { store(p, v, V::size()); }
+  static void store(c10::BFloat16* p, const V& v, int64_t count) {
+    at::vec::convert_float_bfloat16(v, v).store(p, count);
   }
 };
 
 // Runs f on each full vector of a row of n values of x (and of g, with kWithGrad), storing
-// its result to out with kWrites; then once on zero-padded copies of the tail. Rows are
-// a channel's spatial positions, often short (7x7), so the tail goes through the same
-// vector code rather than a scalar twin.
+// its result to out with kWrites; then once on the zero-padded tail. Rows are a channel's
+// spatial positions, often short (7x7), so the tail goes through the same vector code
+// rather than a scalar twin, with partial (masked) loads and stores.
 template <bool kWithGrad, bool kWrites, typename T, typename F>
 inline void row_loop(int64_t n, const T* x, const T* g, T* out, const F& f) {
   using V = typename Io<T>::V;
@@ -121,16 +130,9 @@ inline void row_loop(int64_t n, const T* x, const T* g, T* out, const F& f) {
     if constexpr (kWrites) Io<T>::store(out + i, r);
   }
   if (i == n) return;
-  T xb[kSize], gb[kSize], ob[kSize];
-  std::fill(xb, xb + kSize, T(0));
-  std::fill(gb, gb + kSize, T(0));
-  std::copy(x + i, x + n, xb);
-  if constexpr (kWithGrad) std::copy(g + i, g + n, gb);
-  const V r = f(Io<T>::load(xb), Io<T>::load(gb));
-  if constexpr (kWrites) {
-    Io<T>::store(ob, r);
-    std::copy(ob, ob + (n - i), out + i);
-  }
+  const int64_t rest = n - i;
+  const V r = f(Io<T>::load(x + i, rest), kWithGrad ? Io<T>::load(g + i, rest) : V(0));
+  if constexpr (kWrites) Io<T>::store(out + i, r, rest);
 }
 
 // Rows per task: enough work per thread that tiny inputs are not split (ATen's grain).
