@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/cpu/moments_utils.h>  // the Welford cascade that F.group_norm uses
 
 #include <algorithm>
 #include <cmath>
@@ -166,11 +165,29 @@ void forward_kernel(const at::Tensor& x_t, const at::Tensor& weight, const at::T
   acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
   acc_t* rstd = rstd_t.mutable_data_ptr<acc_t>();
 
-  // 1. Moments of every (sample, channel) row.
+  // 1. Moments of every (sample, channel) row, in two passes over the row while it sits
+  //    in cache: its mean, then the centred sum of squares (as exact as a Welford
+  //    cascade, and much cheaper for the short rows of late stages). The lane mask keeps
+  //    the zero-padded tail out of the second sum.
+  const auto plus = [](const V& a, const V& b) { return a + b; };
+  const std::vector<T> ones(s.S, T(1));
   std::vector<acc_t> row_mean(s.N * s.C), row_var(s.N * s.C);
   at::parallel_for(0, s.N * s.C, grain(s.S), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      std::tie(row_mean[r], row_var[r]) = at::native::RowwiseMoments(x + r * s.S, s.S);
+      const T* row = x + r * s.S;
+      V sum(0), sum_sq(0);
+      row_loop<false, false>(s.S, row, row, out, [&](const V& xv, const V&) {
+        sum = sum + xv;
+        return sum;
+      });
+      const acc_t m = at::vec::vec_reduce_all<acc_t>(plus, sum) / acc_t(s.S);
+      row_loop<true, false>(s.S, row, ones.data(), out, [&](const V& xv, const V& mask) {
+        const V d = (xv - V(m)) * mask;
+        sum_sq = at::vec::fmadd(d, d, sum_sq);
+        return sum_sq;
+      });
+      row_mean[r] = m;
+      row_var[r] = at::vec::vec_reduce_all<acc_t>(plus, sum_sq) / acc_t(s.S);
     }
   });
   // 2. Group moments from D rows of equal count: the mean of the row variances plus the
