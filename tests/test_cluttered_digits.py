@@ -1,9 +1,16 @@
-"""The cluttered-digits construction: geometry, determinism, disjoint splits, labels."""
+"""Cluttered digits: the construction (geometry, determinism, disjoint splits, labels),
+its registration as a dataset with its knobs as options, and `python -m train` on it."""
+import json
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from datasets import DataError, cluttered_digits, digits
+from datasets import DataError, cluttered_digits, digits, get_dataset
 from datasets.cluttered_digits import DEFAULTS, build, make_canvases, paste
+from train.__main__ import main
+from train.config import config_names, global_batch_size, load_configs, resolve_config
 
 SMALL = DEFAULTS._replace(train_samples=64, val_samples=32)
 
@@ -28,12 +35,29 @@ def test_paste_scales_and_places_a_patch():
     assert canvas[outer].abs().max() == 0
 
 
+def test_paste_is_bilinear_grid_sampling():
+    """The separable form gives what grid_sample gives for the same scale and placement."""
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.rand(50, 1, 3, 5, generator=generator)
+    scale = 0.7 + 3 * torch.rand(50, generator=generator)
+    corner = 30 * torch.rand(50, 2, generator=generator) - 5  # partly off the canvas too
+    theta = torch.zeros(50, 2, 3)
+    theta[:, 0, 0] = 32 / (5 * scale)
+    theta[:, 1, 1] = 32 / (3 * scale)
+    theta[:, 0, 2] = (16 - corner[:, 0] - 5 * scale / 2) * 2 / (5 * scale)
+    theta[:, 1, 2] = (16 - corner[:, 1] - 3 * scale / 2) * 2 / (3 * scale)
+    grid = F.affine_grid(theta, (50, 1, 32, 32), align_corners=False)
+    expected = F.grid_sample(patches, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+    torch.testing.assert_close(paste(patches, 32, scale, corner), expected, rtol=0, atol=1e-5)
+
+
 def test_same_seed_same_canvases_other_seed_others():
     first, again = build(SMALL), build(SMALL)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     other = build(SMALL._replace(seed=1))
-    assert not torch.equal(first[0], other[0])
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[2], other[2])
     assert first[0].shape == (64, 1, 32, 32) and first[2].shape == (32, 1, 32, 32)
     assert first[0].min() >= 0 and first[0].max() <= 1
 
@@ -50,6 +74,13 @@ def test_splits_come_from_disjoint_source_digits(monkeypatch, poisoned):
     clean, dirty = (val, train) if poisoned == "train" else (train, val)
     assert torch.isfinite(clean).all()
     assert torch.isnan(dirty).any()  # the poison does show where it is used
+
+
+def test_validation_canvases_do_not_depend_on_the_training_count():
+    train, _, val, val_labels = build(SMALL)
+    more = build(SMALL._replace(train_samples=100))
+    assert torch.equal(more[2], val) and torch.equal(more[3], val_labels)
+    assert torch.equal(build(SMALL._replace(val_samples=8))[0], train)
 
 
 def test_label_is_the_class_of_the_placed_digit():
@@ -87,3 +118,93 @@ def test_impossible_knobs_raise_one_line(change, message):
     with pytest.raises(DataError, match=message) as error:
         cluttered_digits.check(SMALL._replace(**change))
     assert "\n" not in str(error.value)
+
+
+def test_registered_with_its_knobs_as_options():
+    options = {"clutter": 2, "clutter_size": 2, "clutter_scale_min": 1.0,
+               "clutter_scale_max": 2.0, "clutter_noise": 0.0, "clutter_train_samples": 48,
+               "clutter_val_samples": 16, "clutter_seed": 3}
+    data = get_dataset("cluttered_digits", image_size=24, clutter_options=options)
+    assert (len(data.train), len(data.val)) == (48, 16)
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 24)
+    image, label, _ = data.train[(0, 5)]
+    assert image.shape == (1, 24, 24) and label in range(10)
+    canvases = build(cluttered_digits.knobs(24, **options))
+    assert torch.equal(data.train.source.images, canvases[0])
+    # normalised by the training canvases' statistics, the same for validation
+    mean, std = canvases[0].mean(), canvases[0].std()
+    torch.testing.assert_close(data.val[(0, 3)][0], (canvases[2][3] - mean) / std)
+    default = get_dataset("cluttered_digits", clutter_options={"clutter_train_samples": 64,
+                                                               "clutter_val_samples": 32})
+    assert default.image_size == 32 and torch.equal(default.val.source.images, build(SMALL)[2])
+    with pytest.raises(TypeError, match="unknown cluttered_digits options: clutters"):
+        cluttered_digits.knobs(clutters=2)
+
+
+def test_configs_cover_every_norm_at_global_batch_64():
+    configs = load_configs()
+    names = [name for name in config_names(configs) if name.startswith("cluttered_digits_")]
+    norms = {resolve_config(name, configs=configs)["norm"] for name in names}
+    assert norms == {"batch", "sync_batch", "group", "layer", "instance", "group_pn",
+                     "layer_pn", "none"}
+    for name in names:
+        config = resolve_config(name, configs=configs)
+        assert (config["data"], config["model"]) == ("cluttered_digits", "cifar_resnet20")
+        assert global_batch_size(config) == 64
+
+
+def train(run_dir, *flags, config="cluttered_digits_resnet20_group_pn"):
+    return main(["--config", config, "--output-dir", str(run_dir), "--wandb-mode", "disabled",
+                 *[str(flag) for flag in flags]])
+
+
+@pytest.fixture
+def keep_thread_count():
+    """The configs set cpu_threads: 1 for the process; later tests get it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_runs_on_cluttered_digits(tmp_path, capsys, keep_thread_count):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--max-steps", 2, "--clutter-train-samples", 128,
+                 "--clutter-val-samples", 64, "--clutter", 2) == 0
+    with open(run_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["steps"] == 2 and summary["status"] == "max_steps"
+    assert summary["epochs"] == 1  # 128 canvases: two global batches of 64
+    assert summary["val_accuracy"] is not None
+    config = summary["config"]
+    assert (config["clutter_train_samples"], config["clutter_val_samples"]) == (128, 64)
+    assert config["clutter"] == 2 and config["clutter_size"] == DEFAULTS.clutter_size
+    out = capsys.readouterr().out
+    assert "on cluttered_digits (128 training, 64 validation images)" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clutter-scale-max", 5],
+     "error: a digit scaled by clutter_scale_max=5.0 is 40 pixels wide, larger than the "
+     "32-pixel canvas (image_size)"),
+    (["--image-size", 16],
+     "error: a digit scaled by clutter_scale_max=3.0 is 24 pixels wide, larger than the "
+     "16-pixel canvas (image_size)"),
+    (["--clutter-scale-min", 2.5, "--clutter-scale-max", 2],
+     "error: clutter scales must satisfy 0 < clutter_scale_min <= clutter_scale_max, got 2.5 "
+     "and 2.0"),
+    (["--clutter-size", 9], "error: --clutter-size must be >= 1 and <= 8, got 9"),
+    (["--clutter-noise", -1], "error: --clutter-noise must be >= 0, got -1.0"),
+])
+def test_impossible_knobs_on_the_command_line_are_one_line(tmp_path, capsys, flags, message,
+                                                           keep_thread_count):
+    assert train(tmp_path / "run", *flags) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [message]
+    assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def test_sample_grid(tmp_path):
+    path = tmp_path / "grid.png"
+    cluttered_digits.save_grid(str(path), SMALL, rows=2, cols=3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["grid.png"]

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from datasets import get_dataset
+from datasets import cluttered_digits, get_dataset
 from datasets.pipeline import EpochOrder, make_loader
 from train.config import config_names, load_configs, resolve_config
 from train.loop import build_model
@@ -30,7 +30,8 @@ def data_for(config):
         return get_dataset("synthetic", image_size=size,
                            synthetic_samples=config["micro_batch_size"] * config["replicas"],
                            synthetic_num_classes=CLASSES[name])
-    return get_dataset(name, data_path=path, image_size=config["image_size"], seed=config["seed"])
+    return get_dataset(name, data_path=path, image_size=config["image_size"], seed=config["seed"],
+                       clutter_options={key: config[key] for key in cluttered_digits.OPTIONS})
 
 
 @pytest.mark.parametrize("name", config_names(CONFIGS))

@@ -14,6 +14,7 @@ import os
 import yaml
 
 from datasets import DATASETS
+from datasets.cluttered_digits import DEFAULTS as CLUTTER
 
 CONFIGS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs.yml")
@@ -97,6 +98,23 @@ OPTION_GROUPS = [
         Option("synthetic_samples", 1024, int, "synthetic: training samples (validation: a "
                "quarter)", at_least=1),
         Option("synthetic_num_classes", 1000, int, "synthetic: classes", at_least=2),
+        Option("clutter", CLUTTER.clutter, int, "cluttered_digits: patches of other digits per "
+               "canvas", at_least=0),
+        Option("clutter_size", CLUTTER.clutter_size, int, "cluttered_digits: side of a clutter "
+               "patch, in pixels of an 8x8 digit", at_least=1, at_most=8),
+        Option("clutter_scale_min", CLUTTER.scale_min, float, "cluttered_digits: smallest "
+               "scale of a digit, drawn per canvas (1 = 8x8 pixels; its clutter takes the same "
+               "scale)", above=0),
+        Option("clutter_scale_max", CLUTTER.scale_max, float, "cluttered_digits: largest scale "
+               "of a digit (8 x clutter_scale_max pixels must fit in image_size)", above=0),
+        Option("clutter_noise", CLUTTER.noise, float, "cluttered_digits: standard deviation of "
+               "the Gaussian noise on [0, 1] pixels", at_least=0),
+        Option("clutter_train_samples", CLUTTER.train_samples, int, "cluttered_digits: training "
+               "canvases (from the 1,437 training digits)", at_least=1),
+        Option("clutter_val_samples", CLUTTER.val_samples, int, "cluttered_digits: validation "
+               "canvases (from the 360 validation digits)", at_least=1),
+        Option("clutter_seed", CLUTTER.seed, int, "cluttered_digits: seed of the canvases, apart "
+               "from the run's seed so that every run sees the same ones", at_least=0),
     ]),
     ("execution (global batch = micro_batch_size x gradient_accumulation x replicas)", [
         Option("engine", "auto", str, "auto (cuda if available, else cpu), cpu, cuda, or ipu "
@@ -393,11 +411,16 @@ def parse_command_line(argv):
 def describe_configs(configs=None):
     """One line per config: name, model, norm, data, global batch."""
     configs = load_configs() if configs is None else configs
+    names = config_names(configs)
+    resolved = [{**defaults(), **configs[name]} for name in names]
+    width = {key: max([len(str(c[key])) for c in resolved], default=0)
+             for key in ("model", "norm", "data")}
+    width["name"] = max([len(str(name)) for name in names], default=0)
     lines = []
-    for name in config_names(configs):
-        config = {**defaults(), **configs[name]}
+    for name, config in zip(names, resolved):
         batch = config["micro_batch_size"] * config["gradient_accumulation"] * config["replicas"]
-        lines.append(f"{name:<32} {config['model']:<18} {config['norm']:<10} {config['data']:<9} "
+        lines.append(f"{name:<{width['name']}} {config['model']:<{width['model']}} "
+                     f"{config['norm']:<{width['norm']}} {config['data']:<{width['data']}} "
                      f"global batch {batch} ({config['micro_batch_size']} x "
                      f"{config['gradient_accumulation']} x {config['replicas']}), "
                      f"{config['engine']}")

@@ -15,7 +15,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from datasets import get_dataset
+from datasets import cluttered_digits, get_dataset
 from datasets.pipeline import EpochOrder, make_loader
 from train import checkpoint
 from train.config import ConfigError, closest, global_batch_size
@@ -124,7 +124,8 @@ class Run:
             seed=config["seed"], skip_corrupt_images=config["skip_corrupt_images"],
             mixup_alpha=config["mixup_alpha"], cutmix_alpha=config["cutmix_alpha"],
             synthetic_samples=config["synthetic_samples"],
-            synthetic_num_classes=config["synthetic_num_classes"])
+            synthetic_num_classes=config["synthetic_num_classes"],
+            clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
         self.engine = make_engine(config, build_model(config, self.data))
         pin = self.engine.device.type == "cuda"
         self.order = EpochOrder(len(self.data.train), self.global_batch, config["seed"])
