@@ -8,6 +8,11 @@
 #                  handwritten digits, offline, on the CPU); TRAIN_ARGS="..." adds flags
 #   make test      install, then the fast test suite (PYTEST_ARGS="..." adds pytest flags)
 #   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in README.md
+#   make bench     the model benchmark (about 15 minutes on 2 cores): training images/s and
+#                  saved bytes per image against micro-batch; JSON, README table, docs/ plot
+#   make analysis  power decomposition of the random network (six norms; Gaussian and
+#                  digits inputs; figures in docs/) and the batch-dependence probe; JSON in
+#                  analysis/results/ (about 2 minutes)
 #   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
 #                  (PopTorch's pin) + requirements-ipu.txt, in .venv-torch20
 #
@@ -30,7 +35,7 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-.PHONY: install custom_ops train test bench-layer test-torch20 clean
+.PHONY: install custom_ops train test bench-layer bench analysis test-torch20 clean
 
 install: $(INSTALLED) custom_ops
 
@@ -57,6 +62,14 @@ test: install
 
 bench-layer: install
 	$(PYTHON) -m benchmarks.layer
+
+bench: install
+	$(PYTHON) -m benchmarks.model
+
+analysis: install
+	$(PYTHON) -m analysis.power --inputs gaussian
+	$(PYTHON) -m analysis.power --inputs digits
+	$(PYTHON) -m analysis.batch_dependence
 
 .venv-torch20/.installed: requirements-ipu.txt
 	test -x .venv-torch20/bin/python || $(SYSTEM_PYTHON) -m venv .venv-torch20
