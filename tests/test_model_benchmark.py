@@ -1,0 +1,71 @@
+"""The model benchmark: its saved-bytes count and a tiny run's JSON (never its timings)."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import model as benchmark
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    """The command lines set torch's thread count: give the next tests theirs back."""
+    count = torch.get_num_threads()
+    yield
+    torch.set_num_threads(count)
+
+
+def test_saved_bytes_of_a_conv_are_its_input_and_weight():
+    conv = nn.Conv2d(3, 8, 3, bias=False)
+    x = torch.randn(2, 3, 10, 10)
+    saved = benchmark.saved_bytes(lambda: conv(x), conv.parameters())
+    assert saved == {"activations": x.numel() * 4, "parameters": conv.weight.numel() * 4}
+
+
+def test_saved_bytes_count_a_shared_storage_once():
+    conv = nn.Conv2d(3, 8, 3, bias=False)
+    x = torch.randn(4, 3, 10, 10)
+    saved = benchmark.saved_bytes(lambda: (conv(x), conv(x[:2])), conv.parameters())
+    assert saved["activations"] == x.numel() * 4
+
+
+def run(tmp_path, *flags):
+    output = tmp_path / "model.json"
+    benchmark.main(["--models", "cifar_resnet20", "--repeats", "1", "--threads", "1",
+                    "--no-readme", "--output", str(output), "--plot", str(tmp_path / "model.png"),
+                    *flags])
+    return json.loads(output.read_text())
+
+
+def test_tiny_run_writes_ratios_to_the_baseline(tmp_path, capsys):
+    report = run(tmp_path, "--resolution", "32", "--micro-batches", "2")
+    row, = report["results"]
+    assert row["micro_batch"] == 2 and list(row["variants"]) == list(benchmark.VARIANTS)
+    assert row["variants"]["batch"]["speed_ratio"] == 1.0
+    assert row["variants"]["batch"]["bytes_ratio"] == 1.0
+    for result in row["variants"].values():
+        assert result["images_per_second"] > 0 and result["activation_bytes_per_image"] > 0
+    # the eager Proxy Norm keeps its intermediates; the fused op does not
+    eager, fused = (row["variants"][name]["bytes_ratio"]
+                    for name in ("group_pn_eager", "group_pn_fused"))
+    assert eager > fused
+    assert (tmp_path / "model.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| `cifar_resnet20` | `group_pn_fused` |" in capsys.readouterr().out
+
+
+def test_impossible_case_is_null_with_its_reason(tmp_path):
+    # 4x4 images leave 1x1 positions after two stride-2 stages: BatchNorm at micro-batch 1
+    # sees one value per channel and cannot train
+    report = run(tmp_path, "--resolution", "4", "--micro-batches", "1")
+    variants = report["results"][0]["variants"]
+    assert variants["batch"]["images_per_second"] is None
+    assert "value per channel" in variants["batch"]["error"]
+    assert variants["group_pn_fused"]["images_per_second"] > 0
+    assert variants["group_pn_fused"]["speed_ratio"] is None
+
+
+@pytest.mark.parametrize("flag", ["--models", "--micro-batches"])
+def test_bad_flags_are_rejected(tmp_path, flag):
+    with pytest.raises(SystemExit):
+        benchmark.main([flag, "nope", "--no-readme"])
