@@ -11,12 +11,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 
 import torch
 
 import custom_ops
+from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes
 from benchmarks.readme import markdown_table, replace_section
 from models.norms import get_norm_act
 
@@ -47,19 +47,10 @@ def step(layer, x, grad_out):
     return torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
 
 
-def saved_bytes(layer, x, grad_out):
+def saved_bytes(layer, x):
     """Bytes of the distinct storages autograd keeps for backward (x counted once)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = layer(x)
-    torch.autograd.grad(out, [x], grad_out)
-    return sum(storages.values())
+    split = saved_storage_bytes(lambda: layer(x), layer.parameters())
+    return split["activations"] + split["parameters"]
 
 
 def fastest_ms(layers, x, grad_out, repeats, warmup=3):
@@ -90,7 +81,7 @@ def measure(repeats):
         row = {"shape": list(shape), "variants": {}}
         for name, layer in layers.items():
             row["variants"][name] = {"ms": ms[name],
-                                     "saved_bytes": saved_bytes(layer, x, grad_out)}
+                                     "saved_bytes": saved_bytes(layer, x)}
             print(f"{str(shape):18} {name:24} {ms[name]:8.2f} ms "
                   f"{row['variants'][name]['saved_bytes'] / 2**20:7.1f} MiB", flush=True)
         base = row["variants"][BASELINE]
@@ -130,17 +121,6 @@ def table(report):
             f"{env['cpu_capability']}, torch {env['torch']}; fastest of {env['repeats']} "
             f"repeats. `python -m benchmarks.layer` (`make bench-layer`).")
     return markdown_table(header, rows) + "\n\n" + note
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_ops
-from benchmarks.layer import cpu_name
+from benchmarks.measure import cpu_name, saved_bytes
 from benchmarks.models import write_json
 from benchmarks.readme import markdown_table, replace_section
 from models import get_model, list_models
@@ -42,26 +42,6 @@ VARIANTS = {  # name: (norm, norm_kwargs)
     "layer_pn_fused": ("layer_pn", {}),
 }
 NUM_CLASSES = 1000
-
-
-def saved_bytes(forward, parameters):
-    """Bytes of the distinct storages autograd saves while `forward()` runs, split into
-    {"activations": ..., "parameters": ...} (storages of `parameters`); the graph is freed
-    when forward's result is dropped."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
-    split = {"activations": 0, "parameters": 0}
-    for pointer, size in storages.items():
-        split["parameters" if pointer in parameter_storages else "activations"] += size
-    return split
 
 
 class Trainer:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from benchmarks import model as benchmark
+from benchmarks.measure import saved_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +20,14 @@ def threads():
 def test_saved_bytes_of_a_conv_are_its_input_and_weight():
     conv = nn.Conv2d(3, 8, 3, bias=False)
     x = torch.randn(2, 3, 10, 10)
-    saved = benchmark.saved_bytes(lambda: conv(x), conv.parameters())
+    saved = saved_bytes(lambda: conv(x), conv.parameters())
     assert saved == {"activations": x.numel() * 4, "parameters": conv.weight.numel() * 4}
 
 
 def test_saved_bytes_count_a_shared_storage_once():
     conv = nn.Conv2d(3, 8, 3, bias=False)
     x = torch.randn(4, 3, 10, 10)
-    saved = benchmark.saved_bytes(lambda: (conv(x), conv(x[:2])), conv.parameters())
+    saved = saved_bytes(lambda: (conv(x), conv(x[:2])), conv.parameters())
     assert saved["activations"] == x.numel() * 4
 
 
