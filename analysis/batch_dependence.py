@@ -20,7 +20,7 @@ from torch import nn
 
 from analysis import checkpoint
 from analysis.power import RESULTS
-from benchmarks.models import write_json
+from benchmarks.measure import write_json
 from models import get_model
 from models.layers import DropPath
 from models.norms import BATCH_INDEPENDENT, NORMS

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from analysis import checkpoint
-from benchmarks.models import write_json
+from benchmarks.measure import write_json
 from models.norms import get_norm_act
 
 NORMS = ("batch", "instance", "layer", "group", "layer_pn", "group_pn")

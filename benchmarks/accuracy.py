@@ -40,6 +40,7 @@ import shlex
 import sys
 import tempfile
 
+from benchmarks.measure import write_json
 from benchmarks.readme import markdown_table, replace_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,16 +62,6 @@ class StudyError(Exception):
 
 class RunFailed(Exception):
     """A training run raised: the study stops with what finished kept, exit status 1."""
-
-
-def write_json(report, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
-    os.replace(tmp, path)
 
 
 def load_report(path):

@@ -8,7 +8,6 @@ also given as a ratio to BatchNorm+ReLU measured in the same run. Writes
 benchmarks/results/layer.json and the README table between the `layer` markers.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -16,7 +15,7 @@ import time
 import torch
 
 import custom_ops
-from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes
+from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes, write_json
 from benchmarks.readme import markdown_table, replace_section
 from models.norms import get_norm_act
 
@@ -138,10 +137,7 @@ def main(argv=None):
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results, "summary": summarise(results)}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(RESULTS + ".tmp", RESULTS)
+    write_json(report, RESULTS)
     print(table(report))
     if not args.no_readme:
         replace_section("layer", table(report))

@@ -1,5 +1,8 @@
-"""What every benchmark measures the same way: the bytes autograd keeps, and the machine."""
+"""What the benchmarks share: the bytes autograd keeps, the machine, writing results."""
+import json
+import os
 import platform
+import tempfile
 
 import torch
 
@@ -33,3 +36,15 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_json(report, path):
+    """Write to a temporary file, then rename: a result file is never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
+    os.replace(tmp, path)

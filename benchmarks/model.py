@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_ops
-from benchmarks.measure import cpu_name, saved_bytes
-from benchmarks.models import write_json
+from benchmarks.measure import cpu_name, saved_bytes, write_json
 from benchmarks.readme import markdown_table, replace_section
 from models import get_model, list_models
 

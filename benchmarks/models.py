@@ -10,13 +10,12 @@ the norm. Reported in GMACs, the number papers call "FLOPs" (ResNet-50: 4.1). Wr
 benchmarks/results/models.json and the README table between the `models` markers.
 """
 import argparse
-import json
 import os
-import tempfile
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.measure import write_json
 from benchmarks.readme import markdown_table, replace_section
 from models import get_model
 
@@ -65,15 +64,6 @@ def table(rows):
     return markdown_table(header, lines) + "\n\n" + note
 
 
-def write_json(report, path=RESULTS):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
@@ -88,7 +78,8 @@ def main(argv=None):
         print(f"{name:16} {variant:15} {resolution:4} {macs / 1e9:7.3f} GMACs "
               + " ".join(f"{n}={r['params']:,}" for n, r in row["norms"].items()), flush=True)
         rows.append(row)
-    write_json({"torch": torch.__version__, "macs": "FlopCounterMode FLOPs / 2", "rows": rows})
+    write_json({"torch": torch.__version__, "macs": "FlopCounterMode FLOPs / 2", "rows": rows},
+               RESULTS)
     print(table(rows))
     if not args.no_readme:
         replace_section("models", table(rows))
