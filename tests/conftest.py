@@ -16,7 +16,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def seeded():
-    """Every test draws the same numbers whatever runs before it."""
+    """Every test draws the same numbers whatever runs before it, and a test that sets
+    torch's thread count (command lines do) gives the next tests theirs back."""
     import torch
 
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -11,14 +11,6 @@ from models import get_model
 from models.norms import get_norm_act
 
 
-@pytest.fixture(autouse=True)
-def threads():
-    """The command lines set torch's thread count: give the next tests theirs back."""
-    count = torch.get_num_threads()
-    yield
-    torch.set_num_threads(count)
-
-
 def test_terms_add_up_to_the_power_and_match_an_independent_computation():
     scale = torch.tensor([1.0, 2.0, 0.5])[:, None, None]
     y = torch.randn(5, 3, 4, 6, dtype=torch.float64) * scale + 0.7

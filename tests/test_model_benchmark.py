@@ -9,14 +9,6 @@ from benchmarks import model as benchmark
 from benchmarks.measure import saved_bytes
 
 
-@pytest.fixture(autouse=True)
-def threads():
-    """The command lines set torch's thread count: give the next tests theirs back."""
-    count = torch.get_num_threads()
-    yield
-    torch.set_num_threads(count)
-
-
 def test_saved_bytes_of_a_conv_are_its_input_and_weight():
     conv = nn.Conv2d(3, 8, 3, bias=False)
     x = torch.randn(2, 3, 10, 10)
