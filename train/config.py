@@ -139,6 +139,18 @@ OPTION_GROUPS = [
         Option("stochastic_rounding", False, bool, "IPU: stochastic rounding of float16"),
         Option("loss_scaling", 1.0, float, "IPU: static loss scaling for float16", above=0),
         Option("ipu_model", False, bool, "IPU: run on the IPU Model simulator"),
+        Option("recompute_checkpoints", [], list, "IPU: modules whose outputs are kept; the "
+               "activations between them are recomputed in the backward pass (checked against "
+               "the model everywhere)"),
+        Option("available_memory_proportion", None, float, "IPU: share of each tile's memory "
+               "that convolutions and matmuls may use for temporaries (null: Poplar's 0.6)",
+               null_ok=True, above=0, at_most=1),
+        Option("executable_cache_dir", None, str, "IPU: folder that caches compiled executables "
+               "(null: none)", null_ok=True),
+        Option("compile_only", False, bool, "IPU: compile for an offline IPU target (no IPU "
+               "needed), fill executable_cache_dir and exit"),
+        Option("device_memory_mb", 900, int, "python -m train.plan: memory per device in MB "
+               "(900: an IPU Mk2's In-Processor Memory)", at_least=1),
     ]),
     ("optimisation", [
         Option("optimizer", "sgd", str, "sgd, rmsprop (TensorFlow's: eps inside the square root) "

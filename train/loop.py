@@ -6,6 +6,7 @@ optimiser step, for `max_steps` (final checkpoint; status 0), SIGINT/SIGTERM (ch
 status 128 + signal) or a NaN/infinite loss (no new checkpoint, so the last one stays the
 last good one; status 1).
 """
+import difflib
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from datasets import cluttered_digits, get_dataset
 from datasets.pipeline import EpochOrder, make_loader
 from train import checkpoint
-from train.config import ConfigError, closest, global_batch_size
+from train.config import ConfigError, global_batch_size
 from train.engine import NonFiniteLoss, make_engine
 from train.metrics import RunLog
 from train.optim import LRSchedule, WeightAverage
@@ -42,17 +43,21 @@ def build_model(config, data):
                           in_channels=data.in_channels, norm_kwargs=norm_kwargs, **model_kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model {config['model']} with norm {config['norm']}: {error}") from None
-    check_pipeline_splits(config, model)
+    check_module_names(config, model)
     return model
 
 
-def check_pipeline_splits(config, model):
+def check_module_names(config, model):
+    """pipeline_splits and recompute_checkpoints must name distinct modules of the model."""
     names = [name for name, _ in model.named_modules() if name]
-    for split in config["pipeline_splits"]:
-        if split not in names:
-            hint = closest(split, names)
-            hint = f" (did you mean '{hint}'?)" if hint else ""
-            raise ConfigError(f"pipeline_splits: {config['model']} has no module '{split}'{hint}")
+    for key in ("pipeline_splits", "recompute_checkpoints"):
+        for name in config[key]:
+            if name not in names:
+                near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+                near = f"; nearby: {', '.join(near)}" if near else ""
+                raise ConfigError(f"{key}: {config['model']} has no module '{name}'{near}")
+            if config[key].count(name) > 1:
+                raise ConfigError(f"{key}: '{name}' is given twice")
 
 
 class StopSignals:
