@@ -117,14 +117,22 @@ class EpochOrder(Sampler):
 
     Each epoch yields steps_per_epoch x global_batch keys (the rest of the permutation is
     left for that epoch), starting after `start_step` batches when a run resumes mid-epoch.
+    steps_per_epoch is a multiple of `steps_per_call` (an IPU's device iterations).
+
+    Under torchrun a process yields only its own replica's share: a global batch is laid
+    out [accumulation step, replica, micro-batch], and process `rank` of `world_size` takes
+    the `rank`-th replica slice of every accumulation step.
     """
 
-    def __init__(self, num_samples, global_batch, seed):
+    def __init__(self, num_samples, global_batch, seed, steps_per_call=1, accumulation=1,
+                 rank=0, world_size=1):
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
-        self.steps_per_epoch = num_samples // global_batch
+        self.accumulation, self.rank, self.world_size = accumulation, rank, world_size
+        self.steps_per_epoch = num_samples // global_batch // steps_per_call * steps_per_call
         if self.steps_per_epoch == 0:
-            raise DataError(f"the global batch of {global_batch} samples is larger than the "
-                            f"training set ({num_samples} samples)")
+            calls = f" x {steps_per_call} device iterations" if steps_per_call > 1 else ""
+            raise DataError(f"the global batch of {global_batch} samples{calls} is larger than "
+                            f"the training set ({num_samples} samples)")
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch, start_step=0):
@@ -134,10 +142,15 @@ class EpochOrder(Sampler):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
         order = torch.randperm(self.num_samples, generator=generator)
         start, end = self.start_step * self.global_batch, self.steps_per_epoch * self.global_batch
-        return ((self.epoch, int(i)) for i in order[start:end])
+        order = order[start:end]
+        if self.world_size > 1:
+            order = order.view(-1, self.accumulation, self.world_size,
+                               self.global_batch // (self.accumulation * self.world_size))
+            order = order[:, :, self.rank].flatten()
+        return ((self.epoch, int(i)) for i in order)
 
     def __len__(self):
-        return (self.steps_per_epoch - self.start_step) * self.global_batch
+        return (self.steps_per_epoch - self.start_step) * self.global_batch // self.world_size
 
 
 def collate(samples):

@@ -158,15 +158,7 @@ def train(run_dir, *flags, config="cluttered_digits_resnet20_group_pn"):
                  *[str(flag) for flag in flags]])
 
 
-@pytest.fixture
-def keep_thread_count():
-    """The configs set cpu_threads: 1 for the process; later tests get it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_train_runs_on_cluttered_digits(tmp_path, capsys, keep_thread_count):
+def test_train_runs_on_cluttered_digits(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train(run_dir, "--max-steps", 2, "--clutter-train-samples", 128,
                  "--clutter-val-samples", 64, "--clutter", 2) == 0
@@ -195,8 +187,7 @@ def test_train_runs_on_cluttered_digits(tmp_path, capsys, keep_thread_count):
     (["--clutter-size", 9], "error: --clutter-size must be >= 1 and <= 8, got 9"),
     (["--clutter-noise", -1], "error: --clutter-noise must be >= 0, got -1.0"),
 ])
-def test_impossible_knobs_on_the_command_line_are_one_line(tmp_path, capsys, flags, message,
-                                                           keep_thread_count):
+def test_impossible_knobs_on_the_command_line_are_one_line(tmp_path, capsys, flags, message):
     assert train(tmp_path / "run", *flags) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [message]

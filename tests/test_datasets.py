@@ -88,6 +88,27 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert list(EpochOrder(100, 16, seed=1)) != keys
 
 
+def test_epoch_order_gives_each_torchrun_process_its_replica_slices():
+    """A global batch is laid out [accumulation step, replica, micro-batch]: with 2 steps of
+    2 replicas x 4 samples, process r takes samples 4r..4r+3 and 8+4r..8+4r+3 of each batch."""
+    keys = list(EpochOrder(100, 16, seed=0))
+    shards = [list(EpochOrder(100, 16, seed=0, accumulation=2, rank=rank, world_size=2))
+              for rank in (0, 1)]
+    assert [len(shard) for shard in shards] == [48, 48]
+    for step in range(6):
+        batch = keys[16 * step:16 * step + 16]
+        assert shards[0][8 * step:8 * step + 8] == batch[0:4] + batch[8:12]
+        assert shards[1][8 * step:8 * step + 8] == batch[4:8] + batch[12:16]
+
+
+def test_epoch_order_keeps_whole_host_calls():
+    """An IPU running 4 steps per host call gets epochs of whole calls: 6 batches -> 4."""
+    order = EpochOrder(100, 16, seed=0, steps_per_call=4)
+    assert order.steps_per_epoch == 4 and list(order) == list(EpochOrder(100, 16, seed=0))[:64]
+    with pytest.raises(DataError, match="16 samples x 8 device iterations is larger than"):
+        EpochOrder(100, 16, seed=0, steps_per_call=8)
+
+
 def test_loader_yields_global_batches():
     data = get_dataset("synthetic", synthetic_samples=40, synthetic_num_classes=5, image_size=8)
     order = EpochOrder(len(data.train), 16, seed=0)

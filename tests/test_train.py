@@ -23,14 +23,6 @@ SYNTHETIC = ["--data", "synthetic", "--synthetic-samples", "64", "--synthetic-nu
              "--image-size", "16", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """The digits configs set cpu_threads: 1 for the process; later tests get it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(run_dir, *flags, config="digits_resnet_group_pn"):
     return main(["--config", config, "--output-dir", str(run_dir), "--wandb-mode", "disabled",
                  *[str(flag) for flag in flags]])

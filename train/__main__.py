@@ -33,6 +33,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C: the first asks for a checkpoint first
         print("interrupted", file=sys.stderr)
         return 130
+    if summary is None:  # a torchrun process other than rank 0
+        return status
     accuracy = summary["val_accuracy"]
     best = summary["best_val_accuracy"]
     speed = summary["train_images_per_second"]

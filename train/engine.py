@@ -2,21 +2,27 @@
 step per global batch, evaluate batches, and hold the state a checkpoint saves.
 
 The loop talks to an engine only through `train_step`, `eval_step`, `set_lr`,
-`state_dict`/`load_state_dict`, `model` and `device`, so a PopTorch engine and
-DistributedDataParallel can slot in beside PyTorchEngine without touching the loop.
+`state_dict`/`load_state_dict`, `make_loader`, `model`, `device` and `steps_per_call`, so
+the PopTorch engine (train/ipu_engine.py) and PyTorchEngine are interchangeable.
 
 Batch semantics, the same for every engine: per optimiser step the global batch is
 micro_batch_size x gradient_accumulation x replicas samples and the loss is the mean over
-all of them (PopTorch's Mean reduction over accumulation and replication). BatchNorm
+all of them (PopTorch's Mean reduction over accumulation and replication). A host batch is
+laid out [accumulation step, replica, micro-batch], as PopART lays out its input. BatchNorm
 statistics cover one replica's micro-batch (or bn_group_size replicas for sync_batch).
 """
+import contextlib
+import inspect
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from datasets.pipeline import make_loader
 from train.config import ConfigError, global_batch_size
+from train.distributed import Context
 from train.optim import build_optimizer
 
 
@@ -29,15 +35,10 @@ class NonFiniteLoss(Exception):
 
 
 def resolve_device(engine):
-    """The torch device for an engine name; `ipu` without a PopTorch engine runs on the CPU."""
+    """The torch device for a PyTorch engine name; `ipu` (no PopTorch here) runs on the CPU."""
     if engine == "ipu":
-        try:
-            import poptorch  # noqa: F401
-            reason = "the PopTorch engine is not part of this version yet"
-        except ImportError:
-            reason = "PopTorch is not installed"
-        print(f"warning: engine ipu: {reason}; running the PyTorch engine on the CPU "
-              f"(IPU-only settings are ignored)", file=sys.stderr)
+        print("warning: engine ipu: PopTorch is not installed; running the PyTorch engine on "
+              "the CPU (IPU-only settings are ignored)", file=sys.stderr)
         return torch.device("cpu")
     if engine == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,8 +47,30 @@ def resolve_device(engine):
     return torch.device(engine)
 
 
-def make_engine(config, model):
-    return PyTorchEngine(model, config, resolve_device(config["engine"]))
+def make_engine(config, model, context=None, device=None):
+    """The engine for config["engine"]: PopTorch where it is installed, else PyTorch."""
+    if config["engine"] == "ipu" and poptorch_available():
+        from train.ipu_engine import PopTorchEngine
+
+        return PopTorchEngine(model, config)
+    device = resolve_device(config["engine"]) if device is None else device
+    return PyTorchEngine(model, config, device, context or Context())
+
+
+def no_buffer_sync():
+    """DDP keeps each replica's buffers (BatchNorm running statistics) its own, as on an IPU
+    pod; average_running_stats merges them after each step. The keyword changed in torch 2.14."""
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in parameters
+            else "broadcast_buffers": False}
+
+
+def poptorch_available():
+    try:
+        import poptorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def classification_loss(logits, targets, label_smoothing, reduction="sum"):
@@ -62,25 +85,41 @@ def count_correct(logits, targets):
 
 
 class PyTorchEngine:
-    """One process on the CPU or one GPU.
+    """One process on the CPU or one GPU, alone or as one replica under torchrun.
 
-    Replicas are emulated exactly: each accumulation step is one forward pass over
-    replicas x micro_batch_size samples, and the model's BatchNorm layers were built with
-    stats_chunks=replicas so each replica's micro-batch keeps its own statistics.
-    Precision 16.x runs the forward pass under bfloat16 autocast with float32 weights.
+    Replicas in one process are emulated exactly: each accumulation step is one forward
+    pass over replicas x micro_batch_size samples, and the model's BatchNorm layers were
+    built with stats_chunks=replicas so each replica's micro-batch keeps its own statistics.
+    Under torchrun each process is one replica of a DistributedDataParallel model and gets
+    its own slice of the global batch. Precision 16.x runs the forward pass under bfloat16
+    autocast with float32 weights.
     """
 
-    def __init__(self, model, config, device):
+    steps_per_call = 1  # device_iterations is an IPU setting
+
+    def __init__(self, model, config, device, context):
         if config["cpu_threads"]:
             torch.set_num_threads(config["cpu_threads"])
-        self.device = device
+        self.device, self.context = device, context
         self.model = model.to(device)
+        self.network = self.model
+        if context.distributed:
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                **no_buffer_sync())
         self.optimizer = build_optimizer(config, self.model)
         self.accumulation = config["gradient_accumulation"]
         self.global_batch = global_batch_size(config)
+        self.local_batch = self.global_batch // context.world_size
         self.label_smoothing = config["label_smoothing"]
         self.grad_clip_norm = config["grad_clip_norm"]
         self.autocast = config["precision"] != "32.32"
+        self.running_stats = [buffer for name, buffer in self.model.named_buffers()
+                              if name.endswith(("running_mean", "running_var"))]
+
+    def make_loader(self, view, batch_size, sampler, num_workers=0, pin_memory=False, seed=0):
+        return make_loader(view, batch_size, sampler, num_workers,
+                           pin_memory and self.device.type == "cuda", seed)
 
     def set_lr(self, lr):
         for group in self.optimizer.param_groups:
@@ -91,25 +130,33 @@ class PyTorchEngine:
             return model(images)
 
     def train_step(self, images, targets):
-        """One optimiser step on one global batch: (mean loss, number correct).
+        """One optimiser step on one global batch (this process's slice of it under torchrun):
+        (mean loss over the global batch, number correct in it).
 
         Raises NonFiniteLoss, without touching the weights, if the loss is NaN or infinite.
         """
-        if len(images) != self.global_batch:
-            raise ValueError(f"expected a global batch of {self.global_batch}, got {len(images)}")
+        if len(images) != self.local_batch:
+            raise ValueError(f"expected {self.local_batch} samples of the global batch of "
+                             f"{self.global_batch}, got {len(images)}")
         self.model.train()
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for chunk, chunk_targets in zip(images.chunk(self.accumulation),
-                                        targets.chunk(self.accumulation)):
-            logits = self.forward(self.model, chunk)
-            loss = classification_loss(logits, chunk_targets, self.label_smoothing)
-            (loss / self.global_batch).backward()  # gradients sum to the global-batch mean's
+        chunks = list(zip(images.chunk(self.accumulation), targets.chunk(self.accumulation)))
+        for i, (chunk, chunk_targets) in enumerate(chunks):
+            # DDP averages gradients over processes once, after the last micro-batch
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last or not self.context.distributed \
+                    else self.network.no_sync():
+                logits = self.forward(self.network, chunk)
+                loss = classification_loss(logits, chunk_targets, self.label_smoothing)
+                # gradients add up (over chunks, averaged over processes) to the global mean's
+                (loss / self.local_batch).backward()
             loss_sum += loss.detach()
             correct += count_correct(logits.detach(), chunk_targets)
-        mean_loss = loss_sum.item() / self.global_batch
+        loss_sum, correct = self.context.sum(loss_sum.item(), correct.item())
+        mean_loss = loss_sum / self.global_batch
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(mean_loss)
@@ -117,7 +164,20 @@ class PyTorchEngine:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.average_running_stats()
         return mean_loss, int(correct)
+
+    @torch.no_grad()
+    def average_running_stats(self):
+        """BatchNorm running statistics: the mean over replicas, as one process emulating
+        them keeps (the update is linear, so averaging after it is the same)."""
+        if self.context.distributed and self.running_stats:
+            flat = torch.cat([buffer.flatten() for buffer in self.running_stats])
+            torch.distributed.all_reduce(flat)
+            flat /= self.context.world_size
+            for buffer, value in zip(self.running_stats, flat.split(
+                    [buffer.numel() for buffer in self.running_stats])):
+                buffer.copy_(value.view_as(buffer))
 
     @torch.no_grad()
     def eval_step(self, images, targets, model=None):

@@ -17,24 +17,31 @@ import yaml
 from tqdm import tqdm
 
 from datasets import cluttered_digits, get_dataset
-from datasets.pipeline import EpochOrder, make_loader
-from train import checkpoint
+from datasets.pipeline import EpochOrder, sample_seed
+from train import checkpoint, distributed
 from train.config import ConfigError, global_batch_size
-from train.engine import NonFiniteLoss, make_engine
-from train.metrics import RunLog
+from train.engine import NonFiniteLoss, make_engine, poptorch_available, resolve_device
+from train.metrics import NoLog, RunLog
 from train.optim import LRSchedule, WeightAverage
 
 
-def build_model(config, data):
+def build_model(config, data, context=None):
     """The config's model for this dataset; only BatchNorms get replica options (the
-    batch-independent norms have no statistics to split and reject unknown options)."""
+    batch-independent norms have no statistics to split and reject unknown options).
+
+    In one process BatchNorm emulates the replicas (stats_chunks); under torchrun each
+    process is one replica and sync_batch all-reduces within the context's process group.
+    """
     from models import get_model
 
     norm_kwargs = None
+    distributed = context is not None and context.distributed
+    chunks = 1 if distributed else config["replicas"]
     if config["norm"] == "batch":
-        norm_kwargs = {"stats_chunks": config["replicas"]}
+        norm_kwargs = {"stats_chunks": chunks}
     elif config["norm"] == "sync_batch":
-        norm_kwargs = {"stats_chunks": config["replicas"], "bn_group_size": config["bn_group_size"]}
+        norm_kwargs = {"stats_chunks": chunks, "bn_group_size": config["bn_group_size"],
+                       "process_group": context.bn_process_group if distributed else None}
     model_kwargs = {key: config[key] for key in ("group_dim", "expand_ratio", "drop_rate",
                                                  "drop_path_rate") if config[key] is not None}
     try:
@@ -115,7 +122,11 @@ class Run:
         self.started = time.time()
         resume_path = checkpoint.find_resume(config)
         saved = checkpoint.load(resume_path) if resume_path else None
-        self.run_dir = choose_run_dir(config, resume_path)
+        on_ipu = config["engine"] == "ipu" and poptorch_available()
+        device = None if on_ipu else distributed.local_device(resolve_device(config["engine"]))
+        self.context = context = (distributed.Context() if on_ipu
+                                  else distributed.setup(config, device))
+        self.run_dir = context.from_main(choose_run_dir(config, resume_path))
         if saved is None and os.path.exists(os.path.join(self.run_dir, checkpoint.LAST)):
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume auto "
                               f"or choose another --output-dir")
@@ -131,16 +142,24 @@ class Run:
             synthetic_samples=config["synthetic_samples"],
             synthetic_num_classes=config["synthetic_num_classes"],
             clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
-        self.engine = make_engine(config, build_model(config, self.data))
-        pin = self.engine.device.type == "cuda"
-        self.order = EpochOrder(len(self.data.train), self.global_batch, config["seed"])
+        self.engine = engine = make_engine(config, build_model(config, self.data, context),
+                                           context, device)
+        self.steps_per_call = engine.steps_per_call
+        if config["max_steps"] % self.steps_per_call:
+            raise ConfigError(f"max_steps {config['max_steps']} must be a multiple of "
+                              f"device_iterations {self.steps_per_call}")
+        self.order = EpochOrder(len(self.data.train), self.global_batch, config["seed"],
+                                self.steps_per_call, config["gradient_accumulation"],
+                                context.rank, context.world_size)
         self.steps_per_epoch = self.order.steps_per_epoch
-        self.train_loader = make_loader(self.data.train, self.global_batch, self.order,
-                                        config["num_workers"], pin, config["seed"])
-        val_batch = config["micro_batch_size"] * config["replicas"]
-        self.val_loader = make_loader(self.data.val, val_batch,
-                                      [(0, i) for i in range(len(self.data.val))],
-                                      config["num_workers"], pin, config["seed"])
+        # one host call: steps_per_call global batches (this process's share of them)
+        self.train_loader = engine.make_loader(
+            self.data.train, self.global_batch * self.steps_per_call // context.world_size,
+            self.order, config["num_workers"], True, config["seed"])
+        val_batch = config["micro_batch_size"] * config["replicas"] // context.world_size
+        val_keys = [(0, i) for i in range(context.rank, len(self.data.val), context.world_size)]
+        self.val_loader = engine.make_loader(self.data.val, val_batch, val_keys,
+                                             config["num_workers"], True, config["seed"])
         self.schedule = LRSchedule(config, self.steps_per_epoch)
         self.average = (WeightAverage(self.engine.model, config["weight_avg_decay"])
                         if config["weight_avg_decay"] > 0 else None)
@@ -150,19 +169,29 @@ class Run:
         self.step, self.val_accuracy, self.best_val_accuracy = 0, None, None
         self.skipped_images, self.last_checkpoint_step = 0, None
         self.train_seconds, self.train_images = 0.0, 0
-        print(f"{config['config']}: {config['model']} with {config['norm']} on {config['data']} "
-              f"({len(self.data.train)} training, {len(self.data.val)} validation images), global "
-              f"batch {self.global_batch} = {config['micro_batch_size']} x "
-              f"{config['gradient_accumulation']} x {config['replicas']}, {self.engine.device}; "
-              f"run folder {self.run_dir}", flush=True)
+        processes = f" in {context.world_size} processes" if context.distributed else ""
+        self.say(f"{config['config']}: {config['model']} with {config['norm']} on "
+                 f"{config['data']} ({len(self.data.train)} training, {len(self.data.val)} "
+                 f"validation images), global batch {self.global_batch} = "
+                 f"{config['micro_batch_size']} x {config['gradient_accumulation']} x "
+                 f"{config['replicas']}, {engine.device}{processes}; run folder {self.run_dir}")
         if saved is not None:
             self.restore(saved, resume_path, changed)
         elif config["resume"] == "auto":
-            print("resume auto: no checkpoint of this config yet; starting afresh", flush=True)
+            self.say("resume auto: no checkpoint of this config yet; starting afresh")
+        if context.distributed:  # each replica's own dropout and stochastic depth
+            torch.manual_seed(sample_seed(config["seed"], self.step, -2 - context.rank))
 
-        os.makedirs(self.run_dir, exist_ok=True)
-        write_yaml(os.path.join(self.run_dir, "config.yml"), config)
-        self.log = RunLog(self.run_dir, config)
+        self.log = NoLog()
+        if context.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            write_yaml(os.path.join(self.run_dir, "config.yml"), config)
+            self.log = RunLog(self.run_dir, config)
+
+    def say(self, line, file=None):
+        """Prints a line once: from rank 0 under torchrun."""
+        if self.context.is_main:
+            print(line, file=file or sys.stdout, flush=True)
 
     def restore(self, saved, path, changed):
         checkpoint.load_state(self.engine, saved["engine"], path)
@@ -173,10 +202,11 @@ class Run:
         self.val_accuracy = saved["val_accuracy"]
         self.best_val_accuracy = saved["best_val_accuracy"]
         self.skipped_images = saved["skipped_images"]
-        print(f"resuming {path} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
+        self.say(f"resuming {path} at step {self.step} "
+                 f"(epoch {self.step / self.steps_per_epoch:.2f})")
         if changed:
-            print(f"warning: resuming with changed settings ({', '.join(changed)}): the run is no "
-                  f"longer an exact continuation", file=sys.stderr)
+            self.say(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
+                     f"is no longer an exact continuation", file=sys.stderr)
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint(self):
@@ -189,9 +219,11 @@ class Run:
         }
 
     def save_checkpoints(self, improved=False, epoch_end=False):
+        self.last_checkpoint_step = self.step
+        if not self.context.is_main:
+            return
         state = self.checkpoint()
         checkpoint.save(os.path.join(self.run_dir, checkpoint.LAST), state)
-        self.last_checkpoint_step = self.step
         if improved:
             checkpoint.save(os.path.join(self.run_dir, checkpoint.BEST), state)
         epoch = self.step // self.steps_per_epoch
@@ -228,22 +260,24 @@ class Run:
         window_loss, window_correct, window_seen, window_start = 0.0, 0, 0, time.time()
         started = time.time()
         progress = tqdm(total=end_step, initial=start_step, desc=f"epoch {epoch + 1}",
-                        unit="step", leave=False, disable=None, dynamic_ncols=True)
+                        unit="step", leave=False, dynamic_ncols=True,
+                        disable=None if self.context.is_main else True)
+        images_per_call = self.global_batch * self.steps_per_call
         for images, targets, skipped in self.train_loader:
             for path in skipped:
                 self.skipped_images += 1
                 print(f"warning: skipped corrupt image {path} ({self.skipped_images} so far)",
                       file=sys.stderr)
-            lr = self.schedule(self.step)
+            lr = self.schedule(self.step)  # once per host call: IPUs run several steps per call
             self.engine.set_lr(lr)
             loss, n_correct = self.engine.train_step(images, targets)
-            self.step += 1
-            loss_sum += loss * len(images)
-            correct, seen = correct + n_correct, seen + len(images)
-            window_loss += loss * len(images)
-            window_correct, window_seen = window_correct + n_correct, window_seen + len(images)
-            progress.update(1)
-            if self.step % self.config["log_every"] == 0:
+            self.step += self.steps_per_call
+            loss_sum += loss * images_per_call
+            correct, seen = correct + n_correct, seen + images_per_call
+            window_loss += loss * images_per_call
+            window_correct, window_seen = window_correct + n_correct, window_seen + images_per_call
+            progress.update(self.steps_per_call)
+            if self.step % self.config["log_every"] < self.steps_per_call:
                 elapsed = time.time() - window_start
                 self.log.write({"kind": "train", "step": self.step,
                                 "epoch": self.step / self.steps_per_epoch,
@@ -253,7 +287,11 @@ class Run:
                 progress.set_postfix(loss=f"{window_loss / window_seen:.3f}",
                                      images_per_s=f"{window_seen / max(elapsed, 1e-9):.0f}")
                 window_loss, window_correct, window_seen, window_start = 0.0, 0, 0, time.time()
-            if self.step - epoch * self.steps_per_epoch >= end_step or stop.signal is not None:
+            # every process must stop at the same step: a signal may reach only some
+            if self.context.any(stop.signal is not None):
+                stop.signal = stop.signal or signal.SIGTERM
+                break
+            if self.step - epoch * self.steps_per_epoch >= end_step:
                 break
         progress.close()
         seconds = time.time() - started
@@ -265,7 +303,7 @@ class Run:
         if self.step % self.steps_per_epoch and self.step < self.total_steps:
             return  # stopped by a signal mid-epoch
         if not self.config["validation"]:
-            print(self.epoch_line, flush=True)
+            self.say(self.epoch_line)
 
     def validate(self, stop):
         """Validates (the weight average when there is one); returns whether it is the best."""
@@ -275,8 +313,10 @@ class Run:
             batch_loss, batch_correct = self.engine.eval_step(images, targets, model)
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
             seen += len(images)
-            if stop.signal is not None:
+            if self.context.any(stop.signal is not None):
+                stop.signal = stop.signal or signal.SIGTERM
                 return False
+        loss_sum, correct, seen = self.context.sum(loss_sum, correct, seen)
         self.val_accuracy = correct / seen
         improved = self.best_val_accuracy is None or self.val_accuracy > self.best_val_accuracy
         if improved:
@@ -284,8 +324,8 @@ class Run:
         self.log.write({"kind": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch,
                         "val_loss": loss_sum / seen, "val_accuracy": self.val_accuracy,
                         "best_val_accuracy": self.best_val_accuracy})
-        print(f"{self.epoch_line}; val loss {loss_sum / seen:.4f}, accuracy "
-              f"{self.val_accuracy:.2%} (best {self.best_val_accuracy:.2%})", flush=True)
+        self.say(f"{self.epoch_line}; val loss {loss_sum / seen:.4f}, accuracy "
+                 f"{self.val_accuracy:.2%} (best {self.best_val_accuracy:.2%})")
         return improved
 
     def summary(self, status):
@@ -304,7 +344,8 @@ class Run:
 
 
 def run(config):
-    """Trains the resolved config; returns (summary, exit status)."""
+    """Trains the resolved config; returns (summary, exit status); the summary is None in
+    every process but rank 0 under torchrun."""
     run = Run(config)
     status, message = "finished", None
     try:
@@ -324,8 +365,11 @@ def run(config):
         elif config["max_steps"] and run.step == config["max_steps"]:
             status = "max_steps"
     summary = run.summary(status)
-    write_json(os.path.join(run.run_dir, "summary.json"), summary)
     run.log.close(summary)
+    run.context.close()
+    if not run.context.is_main:
+        return None, exit_status  # rank 0 reports for every process
+    write_json(os.path.join(run.run_dir, "summary.json"), summary)
     if message:
         print(message, file=sys.stderr, flush=True)
     return summary, exit_status

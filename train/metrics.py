@@ -10,6 +10,16 @@ import os
 from train.config import ConfigError
 
 
+class NoLog:
+    """What processes other than rank 0 log under torchrun: nothing."""
+
+    def write(self, record):
+        pass
+
+    def close(self, summary=None):
+        pass
+
+
 class RunLog:
     def __init__(self, run_dir, config):
         self.path = os.path.join(run_dir, "metrics.jsonl")
