@@ -61,3 +61,15 @@ def test_model_on_cuda_equals_cpu(name, norm):
     model.train(not name.startswith("efficientnet"))
     size = 32 if name in ("digits_resnet", "cifar_resnet20") else 64
     assert_same_on_cuda(model, torch.randn(2, 3, size, size), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["group_pn", "layer_pn"])
+def test_execution_plans_train_the_same_weights_on_cuda(norm):
+    """(micro 2, accumulation 4, replicas 2) == (16, 1, 1) on the GPU, and both == the CPU."""
+    from test_execution_plans import PLANS, assert_same_weights, one_step
+
+    before, cpu = one_step(norm, PLANS["16x1x1"])
+    _, whole = one_step(norm, PLANS["16x1x1"], initial=before, device="cuda")
+    _, split = one_step(norm, PLANS["2x4x2"], initial=before, device="cuda")
+    assert_same_weights(split, whole)
+    assert_same_weights(whole, cpu)

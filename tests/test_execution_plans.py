@@ -32,19 +32,19 @@ def execution(micro_batch, accumulation, replicas):
             "replicas": replicas}
 
 
-def one_step(norm, plan, initial=None, **overrides):
+def one_step(norm, plan, initial=None, device="cpu", **overrides):
     """(weights before, weights after) one step of `plan` on a fixed global batch of 16."""
     config = resolve_config(f"digits_resnet_{norm}", {**execution(*plan), **overrides})
     model = build_model(config, DIGITS)
     if initial is not None:
         model.load_state_dict(initial)
     before = copy.deepcopy(model.state_dict())
-    engine = PyTorchEngine(model, config, torch.device("cpu"), Context())
+    engine = PyTorchEngine(model, config, torch.device(device), Context())
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(16, 1, 16, 16, generator=generator)
     targets = torch.randint(10, (16,), generator=generator)
     engine.train_step(images, targets)
-    return before, engine.model.state_dict()
+    return before, {k: v.cpu() for k, v in engine.model.state_dict().items()}
 
 
 def trained_parameters(state):
