@@ -259,3 +259,14 @@ def test_checkpoint_every(tmp_path):
                  "--checkpoint-every", 1, "--validation", "false") == 0
     files = sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("checkpoint"))
     assert files == ["checkpoint_epoch1.pt", "checkpoint_epoch2.pt", "checkpoint_last.pt"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--pipeline-splits", "layer9",
+     "pipeline_splits: digits_resnet has no module 'layer9'; nearby: layer3, layer2, layer1"),
+    ("--recompute-checkpoints", "layer1,layer1", "recompute_checkpoints: 'layer1' is given twice"),
+])
+def test_module_names_are_checked_against_the_model(tmp_path, capsys, flag, value, message):
+    assert train(tmp_path / "run", flag, value, "--max-steps", 1) == 2
+    assert error_line(capsys) == f"error: {message}"
+    assert not os.path.exists(tmp_path / "run")
