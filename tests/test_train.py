@@ -270,3 +270,9 @@ def test_module_names_are_checked_against_the_model(tmp_path, capsys, flag, valu
     assert train(tmp_path / "run", flag, value, "--max-steps", 1) == 2
     assert error_line(capsys) == f"error: {message}"
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_compile_only_needs_poptorch(tmp_path, capsys):
+    assert train(tmp_path / "run", "--engine", "ipu", "--compile-only", "true") == 2
+    assert error_line(capsys) == ("error: compile_only compiles IPU executables: it needs "
+                                  "engine ipu and PopTorch (a Poplar SDK host)")

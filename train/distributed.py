@@ -1,5 +1,8 @@
 """Data parallelism across processes: `torchrun` starts one process per replica.
 
+Under poprun (IPU pods) the PopTorch engine gives the instance's place, without host
+collectives: each instance loads its own replicas' share and reports its own numbers.
+
 Under torchrun (WORLD_SIZE > 1 in the environment) each process is one replica: it loads
 its own slice of every global batch (datasets.pipeline.EpochOrder), DistributedDataParallel
 averages the gradients, and `sync_batch` all-reduces its statistics inside process groups of
@@ -20,14 +23,22 @@ from train.config import ConfigError
 class Context:
     """Where this process stands among the replicas, and the collectives the loop needs."""
 
-    def __init__(self, rank=0, world_size=1, bn_process_group=None, device=None):
+    def __init__(self, rank=0, world_size=1, bn_process_group=None, device=None,
+                 host_collectives=True):
         self.rank, self.world_size = rank, world_size
         self.bn_process_group = bn_process_group
         self.device = device or torch.device("cpu")  # where collectives' tensors live (NCCL: GPU)
+        # poprun instances share no host process group: each reports its own numbers
+        self.host_collectives = host_collectives
 
     @property
     def distributed(self):
         return self.world_size > 1
+
+    @property
+    def collective(self):
+        """Whether the processes can sum numbers on the host (torchrun; not poprun)."""
+        return self.distributed and self.host_collectives
 
     @property
     def is_main(self):
@@ -35,7 +46,7 @@ class Context:
 
     def sum(self, *values):
         """The sums over all processes of these numbers (as floats)."""
-        if not self.distributed:
+        if not self.collective:
             return values
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
@@ -43,18 +54,18 @@ class Context:
 
     def any(self, flag):
         """Whether `flag` is true in any process: every process takes the same decision."""
-        return bool(self.sum(float(flag))[0]) if self.distributed else flag
+        return bool(self.sum(float(flag))[0]) if self.collective else flag
 
     def from_main(self, value):
         """Rank 0's value of a picklable object, in every process."""
-        if not self.distributed:
+        if not self.collective:
             return value
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def close(self):
-        if self.distributed:
+        if self.collective:
             dist.barrier()  # a rank tearing gloo down while a peer still talks aborts both
             dist.destroy_process_group()
 

@@ -27,11 +27,12 @@ from train.optim import build_optimizer
 
 
 class NonFiniteLoss(Exception):
-    """The loss of a step was NaN or infinite; the step was not applied."""
+    """The loss of a step was NaN or infinite; `applied` says whether the engine had
+    already applied that step (an IPU has, by the time the loss reaches the host)."""
 
-    def __init__(self, loss):
+    def __init__(self, loss, applied=False):
         super().__init__(f"loss is {loss}")
-        self.loss = loss
+        self.loss, self.applied = loss, applied
 
 
 def resolve_device(engine):
@@ -111,6 +112,7 @@ class PyTorchEngine:
         self.accumulation = config["gradient_accumulation"]
         self.global_batch = global_batch_size(config)
         self.local_batch = self.global_batch // context.world_size
+        self.eval_batch = config["micro_batch_size"] * config["replicas"] // context.world_size
         self.label_smoothing = config["label_smoothing"]
         self.grad_clip_norm = config["grad_clip_norm"]
         self.autocast = config["precision"] != "32.32"
@@ -189,6 +191,9 @@ class PyTorchEngine:
         logits = self.forward(model, images)
         loss = classification_loss(logits, targets, 0.0)
         return loss.item(), int(count_correct(logits, targets))
+
+    def close(self):
+        """Nothing to release (the PopTorch engine releases its IPUs here)."""
 
     def state_dict(self):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -122,15 +122,6 @@ class Run:
         self.started = time.time()
         resume_path = checkpoint.find_resume(config)
         saved = checkpoint.load(resume_path) if resume_path else None
-        on_ipu = config["engine"] == "ipu" and poptorch_available()
-        device = None if on_ipu else distributed.local_device(resolve_device(config["engine"]))
-        self.context = context = (distributed.Context() if on_ipu
-                                  else distributed.setup(config, device))
-        self.run_dir = context.from_main(choose_run_dir(config, resume_path))
-        if saved is None and os.path.exists(os.path.join(self.run_dir, checkpoint.LAST)):
-            raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume auto "
-                              f"or choose another --output-dir")
-        self.config = config = {**config, "output_dir": self.run_dir}
         changed = checkpoint.check_compatible(saved, config, resume_path) if saved else []
 
         torch.manual_seed(config["seed"])
@@ -142,8 +133,16 @@ class Run:
             synthetic_samples=config["synthetic_samples"],
             synthetic_num_classes=config["synthetic_num_classes"],
             clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
-        self.engine = engine = make_engine(config, build_model(config, self.data, context),
-                                           context, device)
+        self.engine, self.context = engine, context = self.start_engine(config)
+        if context.distributed and not context.collective and config["output_dir"] is None \
+                and resume_path is None:
+            raise ConfigError("under poprun, give --output-dir: the instances cannot agree on "
+                              "a time-stamped run folder")
+        self.run_dir = context.from_main(choose_run_dir(config, resume_path))
+        if saved is None and os.path.exists(os.path.join(self.run_dir, checkpoint.LAST)):
+            raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume auto "
+                              f"or choose another --output-dir")
+        self.config = config = {**config, "output_dir": self.run_dir}
         self.steps_per_call = engine.steps_per_call
         if config["max_steps"] % self.steps_per_call:
             raise ConfigError(f"max_steps {config['max_steps']} must be a multiple of "
@@ -153,12 +152,16 @@ class Run:
                                 context.rank, context.world_size)
         self.steps_per_epoch = self.order.steps_per_epoch
         # one host call: steps_per_call global batches (this process's share of them)
+        call_batch = self.global_batch * self.steps_per_call
         self.train_loader = engine.make_loader(
-            self.data.train, self.global_batch * self.steps_per_call // context.world_size,
-            self.order, config["num_workers"], True, config["seed"])
-        val_batch = config["micro_batch_size"] * config["replicas"] // context.world_size
-        val_keys = [(0, i) for i in range(context.rank, len(self.data.val), context.world_size)]
-        self.val_loader = engine.make_loader(self.data.val, val_batch, val_keys,
+            self.data.train, call_batch // context.world_size, self.order,
+            config["num_workers"], True, config["seed"])
+        # the images the training metrics cover: all, unless poprun instances report alone
+        self.images_per_call = call_batch // (context.world_size if not context.collective else 1)
+        # validation is split over torchrun processes and summed; poprun instances see it all
+        shards = context.world_size if context.collective else 1
+        val_keys = [(0, i) for i in range(context.rank % shards, len(self.data.val), shards)]
+        self.val_loader = engine.make_loader(self.data.val, engine.eval_batch, val_keys,
                                              config["num_workers"], True, config["seed"])
         self.schedule = LRSchedule(config, self.steps_per_epoch)
         self.average = (WeightAverage(self.engine.model, config["weight_avg_decay"])
@@ -187,6 +190,21 @@ class Run:
             os.makedirs(self.run_dir, exist_ok=True)
             write_yaml(os.path.join(self.run_dir, "config.yml"), config)
             self.log = RunLog(self.run_dir, config)
+
+    def start_engine(self, config):
+        """(engine, process context): PopTorch where it is installed (its poprun instance,
+        if any, is the context), else the PyTorch engine, alone or under torchrun."""
+        if config["engine"] == "ipu" and poptorch_available():
+            engine = make_engine(config, build_model(config, self.data))
+            return engine, distributed.Context(engine.instance, engine.instances,
+                                               host_collectives=False)
+        if config["compile_only"]:
+            raise ConfigError("compile_only compiles IPU executables: it needs engine ipu and "
+                              "PopTorch (a Poplar SDK host)")
+        device = distributed.local_device(resolve_device(config["engine"]))
+        context = distributed.setup(config, device)
+        engine = make_engine(config, build_model(config, self.data, context), context, device)
+        return engine, context
 
     def say(self, line, file=None):
         """Prints a line once: from rank 0 under torchrun."""
@@ -262,7 +280,7 @@ class Run:
         progress = tqdm(total=end_step, initial=start_step, desc=f"epoch {epoch + 1}",
                         unit="step", leave=False, dynamic_ncols=True,
                         disable=None if self.context.is_main else True)
-        images_per_call = self.global_batch * self.steps_per_call
+        images_per_call = self.images_per_call
         for images, targets, skipped in self.train_loader:
             for path in skipped:
                 self.skipped_images += 1
@@ -328,6 +346,15 @@ class Run:
                  f"{self.val_accuracy:.2%} (best {self.best_val_accuracy:.2%})")
         return improved
 
+    def compile(self):
+        """compile_only: build the executables for one host call's batch, train nothing."""
+        images, targets, _ = next(iter(self.train_loader))
+        self.engine.compile(images, targets)
+        cache = self.config["executable_cache_dir"]
+        self.say(f"compiled the training and validation executables"
+                 f"{f' into {cache}' if cache else ' (no executable_cache_dir: not kept)'}")
+        return 0
+
     def summary(self, status):
         config = self.config
         return {
@@ -349,14 +376,19 @@ def run(config):
     run = Run(config)
     status, message = "finished", None
     try:
-        exit_status = run.train()
+        if config["compile_only"]:
+            exit_status, status = run.compile(), "compiled"
+        else:
+            exit_status = run.train()
     except NonFiniteLoss as error:
         exit_status, status = 1, "diverged"
         kept = (f"the last good checkpoint is {os.path.join(run.run_dir, checkpoint.LAST)} "
                 f"(step {run.last_checkpoint_step})" if run.last_checkpoint_step is not None
                 else "no checkpoint had been written")
+        applied = "applied on the IPU, then stopped" if error.applied else \
+            "stopped before applying it"
         message = (f"error: {error} at step {run.step + 1} (epoch "
-                   f"{run.step // run.steps_per_epoch + 1}); stopped before applying it; {kept}")
+                   f"{run.step // run.steps_per_epoch + 1}); {applied}; {kept}")
     else:
         if exit_status:
             status = "interrupted"
@@ -365,6 +397,7 @@ def run(config):
         elif config["max_steps"] and run.step == config["max_steps"]:
             status = "max_steps"
     summary = run.summary(status)
+    run.engine.close()
     run.log.close(summary)
     run.context.close()
     if not run.context.is_main:

@@ -1,0 +1,505 @@
+"""The PopTorch engine (train/ipu_engine.py).
+
+Anywhere: a recording stand-in for poptorch (and popdist) checks which poptorch.Options
+methods the configs call with which values, the optimisers, the refused combinations, and
+the engine's host side (batch checks, output reduction, padding, loaders, checkpoints).
+Marked ipu (PopTorch and the IPU Model; conftest skips them elsewhere): one training step
+on the IPU Model against other execution plans and against the PyTorch engine. The IPU
+custom op itself is tested in tests/test_ipu_op.py.
+"""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets.pipeline import EpochOrder
+from train.config import ConfigError, resolve_config
+from train.engine import NonFiniteLoss, classification_loss, count_correct, make_engine
+from train.ipu_engine import PopTorchEngine, cross_entropy, ipu_optimizer, ipu_options
+from train.loop import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = SimpleNamespace(num_classes=4, in_channels=3)  # what build_model reads of a dataset
+
+
+class Recorder:
+    """Stands in for poptorch or popdist: every attribute is a Recorder named by its path, and
+    every call is logged as (path, args, kwargs) and returns fakes[path](*args, **kwargs) when
+    there is one, else a Recorder named path + "()"."""
+
+    def __init__(self, path="", log=None, fakes=None):
+        self._path, self.log, self.fakes = path, [] if log is None else log, fakes or {}
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Recorder(f"{self._path}.{name}" if self._path else name, self.log, self.fakes)
+
+    def __call__(self, *args, **kwargs):
+        self.log.append((self._path, args, kwargs))
+        if self._path in self.fakes:
+            return self.fakes[self._path](*args, **kwargs)
+        return Recorder(self._path + "()", self.log, self.fakes)
+
+    def __repr__(self):
+        return self._path
+
+
+def option_calls(log):
+    """{method: [arguments of each call]} of the calls on Options objects; recorded objects
+    (enums, strategies) appear as their paths."""
+    calls = {}
+    for path, args, kwargs in log:
+        if "Options()." in path:
+            arguments = tuple(repr(a) if isinstance(a, Recorder) else a for a in args)
+            calls.setdefault(path.split("Options().", 1)[1], []).append(
+                (arguments, kwargs) if kwargs else arguments)
+    return calls
+
+
+class FakeIpuOptimizer(torch.optim.SGD):
+    """poptorch.optim's optimisers as the engine uses them: parameter groups, and a state dict
+    that carries PopART's optimiser state under ipu_state/ipu_param."""
+
+    def __init__(self, params, lr, **kwargs):
+        super().__init__(params, lr=lr)
+        self.ipu_state = {"ipu_state": None, "ipu_param": None}
+
+    def state_dict(self):
+        return {**self.ipu_state, **super().state_dict()}
+
+    def set_state_dict(self, state):
+        self.ipu_state = state
+
+
+class FakeExecutable:
+    """A PopTorch model wrapper whose call returns outputs(*inputs); always attached."""
+
+    def __init__(self, outputs):
+        self.outputs, self.inputs, self.optimizers = outputs, [], []
+
+    def __call__(self, *inputs):
+        self.inputs.append(inputs)
+        return self.outputs(*inputs)
+
+    def isAttachedToDevice(self):
+        return True
+
+    def detachFromDevice(self):
+        pass
+
+    def copyWeightsToDevice(self):
+        pass
+
+    def setOptimizer(self, optimizer):
+        self.optimizers.append(optimizer)
+
+
+@pytest.fixture
+def poptorch(monkeypatch):
+    """A recording poptorch in sys.modules (and no popdist: not under poprun)."""
+    fakes = {"isRunningOnIpu": lambda: False,
+             **{f"optim.{name}": FakeIpuOptimizer for name in ("SGD", "RMSprop", "AdamW")}}
+    recorder = Recorder(fakes=fakes)
+    monkeypatch.setitem(sys.modules, "poptorch", recorder)
+    monkeypatch.setitem(sys.modules, "popdist", None)  # `import popdist` raises ImportError
+    return recorder
+
+
+def small_config(**overrides):
+    """digits_resnet_group_pn on the IPU engine: 4 replicas x micro-batches of 8."""
+    return resolve_config("digits_resnet_group_pn", {"engine": "ipu", **overrides})
+
+
+def small_engine(config):
+    return PopTorchEngine(build_model(config, DATA), config)
+
+
+# --- options ----------------------------------------------------------------------------
+
+def test_resnet50_options():
+    config = resolve_config("resnet50_group_pn")
+    poptorch = Recorder()
+    ipu_options(config, poptorch)
+    assert option_calls(poptorch.log) == {
+        "replicationFactor": [(16,)], "randomSeed": [(0,)], "deviceIterations": [(1,)],
+        "Training.gradientAccumulation": [(4,)],
+        "Training.accumulationAndReplicationReductionType": [("ReductionType.Mean",)],
+        "outputMode": [("OutputMode.Sum",)], "Precision.enableStochasticRounding": [(True,)],
+        "Precision.setPartialsType": [(torch.float16,)]}
+    evaluation = Recorder()
+    ipu_options(config, evaluation, training=False)
+    assert option_calls(evaluation.log) == {
+        "replicationFactor": [(16,)], "randomSeed": [(0,)], "deviceIterations": [(1,)],
+        "Precision.setPartialsType": [(torch.float16,)]}
+
+
+def test_pipelined_efficientnet_options():
+    config = resolve_config("efficientnet_b0_g16_layer_pn")  # 16.32, pipeline_splits [blocks.3]
+    poptorch = Recorder()
+    ipu_options(config, poptorch)
+    calls = option_calls(poptorch.log)
+    assert calls["setExecutionStrategy"] == [("PipelinedExecution()",)]
+    assert ("PipelinedExecution", ("AutoStage.SameAsIpu",), {}) in [
+        (path, tuple(map(repr, args)), kwargs) for path, args, kwargs in poptorch.log]
+    assert calls["Precision.setPartialsType"] == [(torch.float16,)]
+    assert calls["Training.gradientAccumulation"] == [(12,)]
+    assert calls["replicationFactor"] == [(8,)] and "_Popart.set" not in calls
+    evaluation = Recorder()
+    ipu_options(config, evaluation, training=False)
+    assert option_calls(evaluation.log)["deviceIterations"] == [(2,)]  # one batch per stage
+
+
+def test_ipu_only_options():
+    config = small_config(precision="32.32", ipu_model=True, executable_cache_dir="cache",
+                          available_memory_proportion=0.3, recompute_checkpoints=["layer2"],
+                          stochastic_rounding=False)
+    poptorch = Recorder()
+    ipu_options(config, poptorch)
+    calls = option_calls(poptorch.log)
+    assert calls["Precision.setPartialsType"] == [(torch.float32,)]
+    assert calls["useIpuModel"] == [(True,)]
+    assert calls["enableExecutableCaching"] == [("cache",)]
+    assert calls["setAvailableMemoryProportion"] == [({"IPU0": 0.3},)]
+    assert calls["_Popart.set"] == [("explicitRecomputation", True), ("autoRecomputation", 4)]
+    assert "useOfflineIpuTarget" not in calls
+    offline = Recorder()
+    ipu_options(small_config(compile_only=True), offline)
+    assert option_calls(offline.log)["useOfflineIpuTarget"] == [()]
+
+
+@pytest.mark.parametrize("precision, partials, weights, inputs", [
+    ("32.32", torch.float32, torch.float32, torch.float32),
+    ("16.32", torch.float16, torch.float32, torch.float16),
+    ("16.16", torch.float16, torch.float16, torch.float16),
+])
+def test_precision(poptorch, precision, partials, weights, inputs):
+    engine = small_engine(small_config(precision=precision))
+    assert option_calls(poptorch.log)["Precision.setPartialsType"] == [(partials,)] * 2
+    assert {p.dtype for p in engine.model.parameters()} == {weights}
+    assert engine.input_dtype == inputs
+
+
+def test_pipelining_needs_accumulation(poptorch):
+    with pytest.raises(ConfigError) as error:
+        small_engine(small_config(pipeline_splits=["layer2"], gradient_accumulation=2))
+    assert str(error.value) == ("pipeline_splits: 2 pipeline stages train as 3, so "
+                                "gradient_accumulation must be >= 3, got 2")
+    small_engine(small_config(pipeline_splits=["layer2"], gradient_accumulation=3))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"norm": "sync_batch", "bn_group_size": 0}, "no gradient"),
+    ({"norm": "sync_batch", "bn_group_size": 2}, "no gradient"),
+    ({"compile_only": True, "ipu_model": True}, "cannot be combined with ipu_model"),
+    ({"optimizer": "rmsprop", "grad_clip_norm": 1.0}, "no gradient clipping"),
+])
+def test_refused_combinations_are_one_line(poptorch, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        small_engine(small_config(**overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_sync_batch_of_one_replica_runs(poptorch):
+    small_engine(small_config(norm="sync_batch", bn_group_size=1))
+    small_engine(small_config(norm="sync_batch", replicas=1))
+
+
+def test_engine_marks_stages_checkpoints_and_replica_batchnorm(poptorch):
+    config = small_config(norm="batch", pipeline_splits=["layer2", "layer3"],
+                          gradient_accumulation=5, recompute_checkpoints=["layer1"])
+    engine = small_engine(config)
+    modules = dict(engine.model.named_modules())
+    blocks = [(args[0], kwargs) for path, args, kwargs in poptorch.log if path == "BeginBlock"]
+    assert blocks == [(modules["layer2"], {"ipu_id": 1}), (modules["layer3"], {"ipu_id": 2})]
+    assert len(modules["layer1"]._forward_hooks) == 1
+    assert {m.stats_chunks for m in engine.model.modules() if hasattr(m, "stats_chunks")} == {1}
+    assert engine.eval_batch == 8 * 4 * 3  # micro-batch x replicas x stages
+
+
+def test_poprun_takes_replicas_from_popdist(poptorch, monkeypatch):
+    values = {"isPopdistEnvSet": True, "getNumTotalReplicas": 4, "getNumLocalReplicas": 2,
+              "getInstanceIndex": 1, "getNumInstances": 2, "getNumIpusPerReplica": 1}
+    popdist = Recorder(fakes={name: (lambda value=value: value) for name, value in values.items()})
+    monkeypatch.setitem(sys.modules, "popdist", popdist)
+    monkeypatch.setitem(sys.modules, "popdist.poptorch", popdist.poptorch)
+    engine = small_engine(small_config(device_iterations=2))
+    created = [kwargs for path, _, kwargs in popdist.log if path == "poptorch.Options"]
+    assert created == [{"ipus_per_replica": 1}] * 2
+    assert "replicationFactor" not in option_calls(popdist.log + poptorch.log)
+    assert (engine.instance, engine.instances, engine.local_replicas) == (1, 2, 2)
+    assert engine.call_batch == 2 * 32 // 2 and engine.eval_batch == 8 * 2
+    with pytest.raises(ConfigError, match="poprun --num-replicas 4 but replicas is 8"):
+        small_engine(small_config(replicas=8))
+
+
+# --- optimisers -------------------------------------------------------------------------
+
+def test_optimizers_map_to_poptorch_optim():
+    config = small_config(weight_decay=1e-4, loss_scaling=128.0, grad_clip_norm=2.0)
+    model = build_model(config, DATA)
+    poptorch = Recorder()
+    ipu_optimizer(config, model, poptorch)
+    (path, (groups,), kwargs), = poptorch.log
+    assert path == "optim.SGD" and [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert kwargs == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "loss_scaling": 128.0,
+                      "accum_type": torch.float32, "velocity_accum_type": torch.float32,
+                      "max_grad_norm": 2.0}
+
+    rmsprop = Recorder()
+    ipu_optimizer(small_config(optimizer="rmsprop", rmsprop_decay=0.95, optimizer_eps=1e-3),
+                  model, rmsprop)
+    (path, _, kwargs), = rmsprop.log
+    assert path == "optim.RMSprop" and kwargs["use_tf_variant"] is True
+    assert (kwargs["alpha"], kwargs["eps"], kwargs["momentum"]) == (0.95, 1e-3, 0.9)
+
+    adamw = Recorder()
+    ipu_optimizer(small_config(optimizer="adamw", adam_betas=[0.8, 0.99]), model, adamw)
+    (path, _, kwargs), = adamw.log
+    assert path == "optim.AdamW" and kwargs["betas"] == (0.8, 0.99)
+    assert "max_grad_norm" not in kwargs
+    assert kwargs["second_order_momentum_accum_type"] == torch.float32
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_is_torchs(smoothing):
+    logits, labels = torch.randn(6, 5), torch.randint(5, (6,))
+    probabilities = torch.softmax(torch.randn(6, 5), dim=1)
+    for targets in (labels, labels.int(), probabilities):
+        expected = F.cross_entropy(logits, targets.long() if targets.dim() == 1 else targets,
+                                   label_smoothing=smoothing, reduction="none")
+        torch.testing.assert_close(cross_entropy(logits, targets, smoothing), expected)
+
+
+def test_graphs_compute_the_pytorch_engines_loss(poptorch, monkeypatch):
+    monkeypatch.setitem(poptorch.fakes, "identity_loss", lambda loss, reduction: loss)
+    engine = small_engine(small_config(label_smoothing=0.1))
+    images, labels = torch.randn(6, 3, 8, 8), torch.randint(4, (6,))
+    logits = engine.model(images)
+    loss, correct = engine.train_net(images, labels.int())
+    torch.testing.assert_close(loss, classification_loss(logits, labels, 0.1) / 6)
+    assert correct == count_correct(logits, labels)
+    losses, corrects = engine.eval_net(images, labels.int())
+    torch.testing.assert_close(losses.sum(), classification_loss(logits, labels, 0.0))
+    assert corrects.sum() == count_correct(logits, labels)
+
+
+# --- the host side of the engine ---------------------------------------------------------
+
+def test_train_step_reduces_the_summed_outputs(poptorch):
+    engine = small_engine(small_config(device_iterations=2, gradient_accumulation=2,
+                                       replicas=2, micro_batch_size=2))
+    assert engine.steps_per_call == 2 and engine.call_batch == 16
+    outputs = [(torch.tensor([4.0, 4.0]), torch.tensor([3.0, 5.0]))]
+    executable = FakeExecutable(lambda images, targets: outputs[0])
+    engine.training_model = executable
+    images, targets = torch.randn(16, 3, 8, 8), torch.randint(4, (16,))
+    # per replica, the micro-batch means summed over 2 steps x 2 micro-batches
+    assert engine.train_step(images, targets) == (8.0 / 8, 8)
+    sent_images, sent_targets = executable.inputs[0]
+    assert sent_images.dtype == torch.float32 and sent_targets.dtype == torch.int32
+    with pytest.raises(ValueError, match="expected 16 samples"):
+        engine.train_step(images[:8], targets[:8])
+    outputs[0] = (torch.tensor([float("nan"), 1.0]), torch.tensor([0.0, 0.0]))
+    with pytest.raises(NonFiniteLoss):
+        engine.train_step(images, targets)
+
+    engine.set_lr(0.1)  # unchanged: nothing sent
+    engine.set_lr(0.05)
+    assert executable.optimizers == [engine.optimizer]
+    assert {g["lr"] for g in engine.optimizer.param_groups + engine.host_optimizer.param_groups} \
+        == {0.05}
+
+
+def test_eval_step_pads_and_masks(poptorch):
+    engine = small_engine(small_config(replicas=2, micro_batch_size=2))
+    assert engine.eval_batch == 4
+    executable = FakeExecutable(lambda images, targets: (images.flatten(1).sum(1),
+                                                         torch.ones(len(images))))
+    engine.inference_model = executable
+    images, targets = torch.ones(3, 3, 8, 8), torch.randint(4, (3,))
+    assert engine.eval_step(images, targets) == (3 * 3 * 8 * 8, 3)
+    assert len(executable.inputs[0][0]) == 4
+    with pytest.raises(ValueError, match="at most 4 samples"):
+        engine.eval_step(torch.ones(5, 3, 8, 8), torch.zeros(5, dtype=torch.int64))
+
+    average = build_model(small_config(), DATA)  # another model: its weights are evaluated
+    engine.eval_step(images, targets, average)
+    for name, value in average.state_dict().items():
+        torch.testing.assert_close(engine.eval_net.model.state_dict()[name], value)
+
+
+def test_loaders(poptorch):
+    engine = small_engine(small_config(device_iterations=2))
+    order = EpochOrder(128, 32, seed=0)
+    engine.make_loader(object(), 64, order, num_workers=2, seed=3)
+    (path, (options, dataset), kwargs), = [c for c in poptorch.log if c[0] == "DataLoader"]
+    assert options is engine.options and kwargs["sampler"] is order
+    assert kwargs["batch_size"] == 8  # the micro-batch: PopTorch multiplies it by 2 x 1 x 4
+    assert repr(kwargs["mode"]) == "DataLoaderMode.Sync" and kwargs["drop_last"]
+    assert kwargs["auto_distributed_partitioning"] is False
+    with pytest.raises(ValueError, match="takes 64 samples"):
+        engine.make_loader(object(), 32, order)
+    evaluation = engine.make_loader([0] * 10, 7, [(0, i) for i in range(10)])
+    assert isinstance(evaluation, torch.utils.data.DataLoader) and evaluation.batch_size == 7
+
+
+def test_checkpoints_move_between_engines(poptorch, capsys):
+    config = small_config(engine="cpu")
+    ipu = small_engine(small_config())
+    cpu = make_engine(config, build_model(config, DATA))
+    cpu.load_state_dict(ipu.state_dict())  # the PyTorch engine reads the IPU's checkpoint
+    for name, value in ipu.model.state_dict().items():
+        torch.testing.assert_close(cpu.model.state_dict()[name], value)
+
+    cpu.train_step(torch.randn(32, 3, 8, 8), torch.randint(4, (32,)))  # momentum to carry
+    ipu.load_state_dict(cpu.state_dict())
+    for name, value in cpu.model.state_dict().items():
+        torch.testing.assert_close(ipu.model.state_dict()[name], value)
+    assert "does not move to the IPU" in capsys.readouterr().err
+    assert ipu.optimizer.ipu_state["ipu_state"] is None
+
+    saved = ipu.state_dict()
+    saved["optimizer"]["ipu_state"] = {"Accl___conv1.weight": torch.ones(1)}
+    saved["optimizer"]["ipu_param"] = {}
+    ipu.load_state_dict(saved)  # IPU to IPU: PopART's optimiser state goes back
+    assert ipu.optimizer.ipu_state == {"ipu_state": saved["optimizer"]["ipu_state"],
+                                       "ipu_param": {}}
+
+
+def test_imports_without_poptorch():
+    code = "import sys, train.ipu_engine; assert 'poptorch' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --- on the IPU Model ---------------------------------------------------------------------
+
+def ipu_step(images, targets, **overrides):
+    """(loss, weights) after one step of the seeded small model on the IPU Model."""
+    config = small_config(ipu_model=True, **overrides)
+    torch.manual_seed(0)
+    engine = PopTorchEngine(build_model(config, DATA), config)
+    try:
+        loss, _ = engine.train_step(images, targets)
+        return loss, {name: value.float().clone()
+                      for name, value in engine.state_dict()["model"].items()}
+    finally:
+        engine.close()
+
+
+def assert_same_step(a, b):
+    (loss_a, weights_a), (loss_b, weights_b) = a, b
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.ipu
+def test_replicas_do_not_change_a_step():
+    images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
+    assert_same_step(ipu_step(images, targets, micro_batch_size=8, gradient_accumulation=2,
+                              replicas=1),
+                     ipu_step(images, targets, micro_batch_size=8, gradient_accumulation=1,
+                              replicas=2))
+
+
+@pytest.mark.ipu
+def test_pipelining_does_not_change_a_step():
+    images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
+    plan = {"micro_batch_size": 4, "gradient_accumulation": 4, "replicas": 1}
+    assert_same_step(ipu_step(images, targets, **plan),
+                     ipu_step(images, targets, pipeline_splits=["layer2"], **plan))
+
+
+@pytest.mark.ipu
+def test_ipu_step_matches_the_pytorch_engine():
+    images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
+    plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2}
+    config = small_config(engine="cpu", **plan)
+    torch.manual_seed(0)
+    cpu = make_engine(config, build_model(config, DATA))
+    loss, _ = cpu.train_step(images, targets)
+    weights = {name: value.float() for name, value in cpu.model.state_dict().items()}
+    assert_same_step(ipu_step(images, targets, **plan), (loss, weights))
+
+
+# --- the loop on the engine --------------------------------------------------------------
+
+class HostExecutable(FakeExecutable):
+    """A PopTorch executable emulated on the host without training: the network runs per
+    micro-batch and, as OutputMode.Sum returns them, outputs are summed per replica."""
+
+    def __init__(self, net, micro_batch, replicas):
+        super().__init__(self.run)
+        self.net, self.micro_batch, self.replicas = net, micro_batch, replicas
+        self.compiled = []
+
+    @torch.no_grad()
+    def run(self, images, targets):
+        outputs = [self.net(x, y) for x, y in zip(images.split(self.micro_batch),
+                                                 targets.split(self.micro_batch))]
+        # host batch [call, accumulation, replica, micro-batch]: micro-batch i is replica i % R
+        return tuple(torch.stack([o[k] for o in outputs]).view(-1, self.replicas).sum(0)
+                     for k in range(2))
+
+    def compile(self, images, targets):
+        self.compiled.append(len(images))
+
+    def destroy(self):
+        pass
+
+
+def test_the_loop_runs_the_ipu_engine(poptorch, monkeypatch, tmp_path, capsys):
+    """python -m train on the PopTorch engine: host calls of 2 steps, the loader's batches,
+    validation batches, checkpoints the PyTorch engine reads, compile_only."""
+    from train.__main__ import main
+
+    executables = []
+
+    def data_loader(options, dataset, batch_size, sampler, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k not in ("auto_distributed_partitioning", "mode")}
+        # device iterations 2 x replicas 4 x accumulation 1, as PopTorch combines them
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size * 8, sampler=sampler,
+                                           **kwargs)
+
+    def executable(net, options, optimizer=None):
+        executables.append(HostExecutable(net, 8, 4))
+        return executables[-1]
+
+    for name, fake in (("identity_loss", lambda loss, reduction: loss),
+                       ("DataLoader", data_loader), ("trainingModel", executable),
+                       ("inferenceModel", executable)):
+        monkeypatch.setitem(poptorch.fakes, name, fake)
+    flags = ["--config", "digits_resnet_group_pn", "--engine", "ipu", "--wandb-mode",
+             "disabled", "--device-iterations", "2", "--log-every", "2"]
+    assert main([*flags, "--output-dir", str(tmp_path / "run"), "--max-steps", "4"]) == 0
+    training, evaluation = executables
+    assert [len(images) for images, _ in training.inputs] == [64, 64]  # 2 calls of 2 x 32
+    assert {len(images) for images, _ in evaluation.inputs} == {32}  # 8 x 4 replicas, padded
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]
+    validation, = [r for r in records if r["kind"] == "val"]
+    assert 0 <= validation["val_accuracy"] <= 1
+    saved = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    assert saved["step"] == 4
+    config = small_config(engine="cpu")
+    make_engine(config, build_model(config, SimpleNamespace(num_classes=10, in_channels=1))) \
+        .load_state_dict(saved["engine"])
+
+    executables.clear()
+    assert main([*flags, "--output-dir", str(tmp_path / "compiled"), "--compile-only",
+                 "true"]) == 0
+    assert executables[0].compiled == [64] and executables[1].compiled == [32]
+    assert not executables[0].inputs and not (tmp_path / "compiled" / "checkpoint_last.pt").exists()
+    assert "compiled the training and validation executables" in capsys.readouterr().out
