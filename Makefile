@@ -10,6 +10,8 @@
 #   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in README.md
 #   make bench     the model benchmark (about 15 minutes on 2 cores): training images/s and
 #                  saved bytes per image against micro-batch; JSON, README table, docs/ plot
+#   make plan      memory per IPU of ResNet-50 and EfficientNet-B0 with BatchNorm and Proxy
+#                  Norm (python -m train.plan; about 2 minutes): JSON, README table
 #   make analysis  power decomposition of the random network (six norms; Gaussian and
 #                  digits inputs; figures in docs/) and the batch-dependence probe; JSON in
 #                  analysis/results/ (about 2 minutes)
@@ -35,7 +37,7 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-.PHONY: install custom_ops train test bench-layer bench analysis test-torch20 clean
+.PHONY: install custom_ops train test bench-layer bench plan analysis test-torch20 clean
 
 install: $(INSTALLED) custom_ops
 
@@ -65,6 +67,9 @@ bench-layer: install
 
 bench: install
 	$(PYTHON) -m benchmarks.model
+
+plan: install
+	$(PYTHON) -m benchmarks.plan
 
 analysis: install
 	$(PYTHON) -m analysis.power --inputs gaussian

@@ -1,10 +1,11 @@
-"""What the benchmarks share: the bytes autograd keeps, the machine, writing results."""
+"""What the benchmarks share: the bytes autograd keeps (counted by train.plan, which plans
+memory per device with the same count), the machine, writing results."""
 import json
 import os
 import platform
 import tempfile
 
-import torch
+from train.plan import saved_storages
 
 
 def saved_bytes(forward, parameters):
@@ -12,17 +13,8 @@ def saved_bytes(forward, parameters):
     {"activations": ..., "parameters": ...} (storages of `parameters`); the graph is freed
     when forward's result is dropped."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
     split = {"activations": 0, "parameters": 0}
-    for pointer, size in storages.items():
+    for pointer, (_, size) in saved_storages(forward).items():
         split["parameters" if pointer in parameter_storages else "activations"] += size
     return split
 
