@@ -70,7 +70,7 @@ def test_batch_independent_norms_train_the_same_weights_under_every_plan(norm):
     for name in ("2x4x2", "4x2x2"):
         _, after = one_step(norm, PLANS[name], initial=before)
         assert_same_weights(after, reference)
-        assert relative_differences(after, reference, before) < 1e-3, name
+        assert relative_differences(after, reference, before) < 1e-4, name
 
 
 def test_batch_norm_trains_different_weights_under_different_plans():
@@ -85,7 +85,7 @@ def test_sync_batch_over_all_replicas_is_batch_norm_over_the_global_batch():
     before, whole = one_step("batch", PLANS["16x1x1"])
     _, synced = one_step("sync_batch", (8, 1, 2), initial=before, bn_group_size=0)
     assert_same_weights(synced, whole)
-    assert relative_differences(synced, whole, before) < 1e-3
+    assert relative_differences(synced, whole, before) < 1e-4
     for key in ("running_mean", "running_var"):
         for name in (k for k in whole if k.endswith(key)):
             torch.testing.assert_close(synced[name], whole[name], rtol=1e-5, atol=1e-6)
