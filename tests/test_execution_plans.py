@@ -8,6 +8,7 @@ In one process replicas are emulated; under torchrun (2 gloo processes on 127.0.
 these tests launch) each process is one replica, and the two must agree as well.
 """
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -162,3 +163,21 @@ def test_torchrun_needs_one_process_per_replica(monkeypatch):
     with pytest.raises(ConfigError, match="torchrun started 2 processes, one replica each, but "
                                           "replicas is 4: set --replicas 2"):
         distributed.setup(config, torch.device("cpu"))
+
+
+def val_record(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [record for record in records if record["kind"] == "val"][-1]
+
+
+def test_torchrun_validates_the_whole_set_once(tmp_path):
+    """17 validation images over 2 processes (9 + 8, in batches of 2: 5 and 4 batches):
+    the summed loss and accuracy are one process's."""
+    synthetic = ["--data", "synthetic", "--synthetic-samples", "68", "--synthetic-num-classes",
+                 "4", "--image-size", "16", "--validation", "true", "--max-steps", "2"]
+    train_run(tmp_path / "whole", "group_pn", PLANS["16x1x1"], extra=synthetic)
+    train_run(tmp_path / "torchrun", "group_pn", PLANS["2x4x2"], processes=2, extra=synthetic)
+    whole, distributed = val_record(tmp_path / "whole"), val_record(tmp_path / "torchrun")
+    assert distributed["val_accuracy"] == whole["val_accuracy"]
+    assert distributed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)

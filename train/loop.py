@@ -257,7 +257,7 @@ class Run:
                 epoch = self.step // self.steps_per_epoch
                 self.train_epoch(epoch, stop)  # raises NonFiniteLoss
                 epoch_end = self.step % self.steps_per_epoch == 0
-                if stop.signal is not None and not epoch_end:
+                if self.stopping(stop) and not epoch_end:
                     self.save_checkpoints()
                     return 128 + stop.signal
                 if epoch_end and self.average is not None:
@@ -266,9 +266,17 @@ class Run:
                 if self.config["validation"] and (epoch_end or self.step == self.total_steps):
                     improved = self.validate(stop)
                 self.save_checkpoints(improved, epoch_end)
-                if stop.signal is not None:
+                if self.stopping(stop):
                     return 128 + stop.signal
         return 0
+
+    def stopping(self, stop):
+        """Whether a stop was asked for, in any process: under torchrun a signal may reach
+        only some, and every process must stop after the same step."""
+        if self.context.any(stop.signal is not None):
+            stop.signal = stop.signal or signal.SIGTERM
+            return True
+        return False
 
     def train_epoch(self, epoch, stop):
         start_step = self.step - epoch * self.steps_per_epoch
@@ -305,9 +313,7 @@ class Run:
                 progress.set_postfix(loss=f"{window_loss / window_seen:.3f}",
                                      images_per_s=f"{window_seen / max(elapsed, 1e-9):.0f}")
                 window_loss, window_correct, window_seen, window_start = 0.0, 0, 0, time.time()
-            # every process must stop at the same step: a signal may reach only some
-            if self.context.any(stop.signal is not None):
-                stop.signal = stop.signal or signal.SIGTERM
+            if self.stopping(stop):
                 break
             if self.step - epoch * self.steps_per_epoch >= end_step:
                 break
@@ -331,8 +337,8 @@ class Run:
             batch_loss, batch_correct = self.engine.eval_step(images, targets, model)
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
             seen += len(images)
-            if self.context.any(stop.signal is not None):
-                stop.signal = stop.signal or signal.SIGTERM
+            # torchrun processes may hold a batch more or less: they finish, then agree
+            if stop.signal is not None and not self.context.collective:
                 return False
         loss_sum, correct, seen = self.context.sum(loss_sum, correct, seen)
         self.val_accuracy = correct / seen
