@@ -1,8 +1,5 @@
 """Data parallelism across processes: `torchrun` starts one process per replica.
 
-Under poprun (IPU pods) the PopTorch engine gives the instance's place, without host
-collectives: each instance loads its own replicas' share and reports its own numbers.
-
 Under torchrun (WORLD_SIZE > 1 in the environment) each process is one replica: it loads
 its own slice of every global batch (datasets.pipeline.EpochOrder), DistributedDataParallel
 averages the gradients, and `sync_batch` all-reduces its statistics inside process groups of
@@ -10,6 +7,9 @@ averages the gradients, and `sync_batch` all-reduces its statistics inside proce
 context is a single process and every collective below is the identity.
 
 gloo on the CPU, NCCL on GPUs (one per process, by LOCAL_RANK).
+
+Under poprun (IPU pods) the PopTorch engine gives the instance's place, without host
+collectives: each instance loads its own replicas' share and reports its own numbers.
 """
 import os
 from datetime import timedelta
