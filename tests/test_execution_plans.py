@@ -181,3 +181,13 @@ def test_torchrun_validates_the_whole_set_once(tmp_path):
     whole, distributed = val_record(tmp_path / "whole"), val_record(tmp_path / "torchrun")
     assert distributed["val_accuracy"] == whole["val_accuracy"]
     assert distributed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+
+
+def test_torchrun_resumes_like_one_process(tmp_path):
+    """2 steps under torchrun, then 2 more resumed from its checkpoint == 4 in one process."""
+    run_dir = tmp_path / "torchrun"
+    train_run(run_dir, "group_pn", PLANS["2x4x2"], processes=2, extra=["--max-steps", "2"])
+    resumed = train_run(run_dir, "group_pn", PLANS["2x4x2"], processes=2,
+                        extra=["--max-steps", "4", "--resume", "auto"])
+    whole = train_run(tmp_path / "whole", "group_pn", PLANS["16x1x1"], extra=["--max-steps", "4"])
+    assert_same_weights(resumed, whole)
