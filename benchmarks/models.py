@@ -26,12 +26,14 @@ G16 = {"group_dim": 16, "expand_ratio": 4}  # Masters et al. 2021's G16 recipe
 
 def variants():
     """(model, variant label, get_model options, input resolution)."""
-    for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50v2",
-                 "resnext50_32x4d"):
+    for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                 "resnet50v2", "resnet101v2", "resnext50v2_32x4d"):
         yield name, "", {}, 224
-    for name in ("cifar_resnet20", "cifar_resnet56"):
+    for name in ("cifar_resnet20", "cifar_resnet56", "cifar_preact_resnet20",
+                 "cifar_preact_resnet56"):
         yield name, "", {"num_classes": 10}, 32
-    yield "digits_resnet", "", {"num_classes": 10, "in_channels": 1}, 32
+    for name in ("digits_resnet", "digits_preact_resnet"):
+        yield name, "", {"num_classes": 10, "in_channels": 1}, 32
     for i, resolution in enumerate((224, 240, 260, 300, 380, 456)):
         name = f"efficientnet_b{i}"
         yield name, "G1", {"group_dim": 1}, resolution

@@ -3,7 +3,7 @@
     python -m benchmarks.plan [--no-readme]
 
 Runs the planner (`python -m train.plan`) on two ImageNet recipes of configs.yml, each
-with BatchNorm and GroupNorm + Proxy Norm: ResNet-50 (resnet50_group_pn: micro-batch 16,
+with BatchNorm and GroupNorm + Proxy Norm: ResNet-50 (resnet50_batch: micro-batch 16,
 precision 16.16, one stage) and EfficientNet-B0 G16 (efficientnet_b0_g16_layer_pn:
 micro-batch 8, precision 16.32, two stages split at blocks.3; also with its own LayerNorm
 + Proxy Norm). Activations are measured in a CPU training step, so this takes a minute or
@@ -21,7 +21,7 @@ from train.plan import MB, NOT_MODELLED, bytes_per_sample, plan
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "plan.json")
 CASES = [  # model label, config, the options the table states (pinned), norms
-    ("`resnet50`", "resnet50_group_pn", {"precision": "16.16", "pipeline_splits": []},
+    ("`resnet50`", "resnet50_batch", {"precision": "16.16", "pipeline_splits": []},
      ("batch", "group_pn")),
     ("`efficientnet_b0` G16", "efficientnet_b0_g16_layer_pn",
      {"precision": "16.32", "pipeline_splits": ["blocks.3"]}, ("batch", "group_pn", "layer_pn")),
@@ -66,7 +66,7 @@ def table(rows):
             f"stage's activations in the backward pass (PopART's RecomputationType::Pipeline, "
             f"PopTorch's default); per sample includes it, and + N is the stash. Largest "
             f"micro-batch: where every stage's total still fits {budget} MB. Not modelled: "
-            f"{NOT_MODELLED}. Configs `resnet50_group_pn` and `efficientnet_b0_g16_layer_pn` "
+            f"{NOT_MODELLED}. Configs `resnet50_batch` and `efficientnet_b0_g16_layer_pn` "
             f"with `--norm`; `python -m benchmarks.plan` (`make plan`).")
     return markdown_table(header, lines) + "\n\n" + note
 

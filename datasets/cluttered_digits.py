@@ -8,7 +8,9 @@ two sides of the digits dataset's fixed stratified split, so no validation digit
 patch of one) is ever seen in training. The construction is seeded by `clutter_seed` alone,
 so every run, whatever its own seed, trains and validates on the same canvases, and each
 side has its own stream, so the validation canvases do not change with the number of
-training canvases. It is vectorised (two batched matmuls per layer of the canvas) and kept
+training canvases. `clutter_holdout` is for tuning a recipe without looking at the
+validation digits: it splits the training digits again (a fixed stratified fifth) and
+validates on canvases of that fifth, training on canvases of the rest. It is vectorised (two batched matmuls per layer of the canvas) and kept
 in memory, never on disk.
 
 `python -m datasets.cluttered_digits --grid docs/cluttered_digits.png` draws samples.
@@ -24,15 +26,16 @@ from datasets import DataError, Source, TensorSource
 DIGIT_SIZE = 8  # scikit-learn's digits are 8x8
 
 Knobs = namedtuple("Knobs", "canvas_size scale_min scale_max clutter clutter_size noise "
-                            "train_samples val_samples seed")
+                            "train_samples val_samples seed holdout")
 DEFAULTS = Knobs(canvas_size=32, scale_min=1.5, scale_max=3.0, clutter=4, clutter_size=3,
-                 noise=0.1, train_samples=10000, val_samples=2000, seed=0)
+                 noise=0.1, train_samples=10000, val_samples=2000, seed=0, holdout=False)
 # The knobs as training options (configs.yml keys and flags): option name -> Knobs field.
 # The canvas size is the option image_size.
 OPTIONS = {"clutter": "clutter", "clutter_size": "clutter_size",
            "clutter_scale_min": "scale_min", "clutter_scale_max": "scale_max",
            "clutter_noise": "noise", "clutter_train_samples": "train_samples",
-           "clutter_val_samples": "val_samples", "clutter_seed": "seed"}
+           "clutter_val_samples": "val_samples", "clutter_seed": "seed",
+           "clutter_holdout": "holdout"}
 
 
 def knobs(image_size=None, **options):
@@ -121,11 +124,14 @@ def make_canvases(images, labels, count, knobs, generator):
 
 def build(knobs=DEFAULTS):
     """(train_images, train_labels, val_images, val_labels): canvases from the two sides of
-    the digits split, each side under its own generator stream."""
+    the digits split (with `knobs.holdout`, of the training side's own split), each side
+    under its own generator stream."""
     from datasets import digits  # here: it imports torchvision, which `--help` can do without
 
     check(knobs)
     images, labels, train_index, val_index = digits.split()
+    if knobs.holdout:
+        train_index, val_index = digits.stratified_split(train_index, labels)
     sides = []
     for side, (index, count) in enumerate([(train_index, knobs.train_samples),
                                            (val_index, knobs.val_samples)]):

@@ -18,15 +18,21 @@ def split():
     """(images (1797, 1, 8, 8) in [0, 1], labels, train_index, val_index): the fixed
     stratified split every digits-based dataset uses."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # 0..16 -> 0..1
     labels = torch.tensor(digits.target, dtype=torch.int64)
-    train_index, val_index = train_test_split(
-        torch.arange(len(labels)).numpy(), test_size=VAL_FRACTION, stratify=digits.target,
-        random_state=SPLIT_SEED)
-    return images, labels, torch.from_numpy(train_index), torch.from_numpy(val_index)
+    train_index, val_index = stratified_split(torch.arange(len(labels)), labels)
+    return images, labels, train_index, val_index
+
+
+def stratified_split(index, labels):
+    """`index` split into (rest, a stratified VAL_FRACTION of it), fixed by SPLIT_SEED."""
+    from sklearn.model_selection import train_test_split
+
+    rest, held_out = train_test_split(index.numpy(), test_size=VAL_FRACTION,
+                                      stratify=labels[index].numpy(), random_state=SPLIT_SEED)
+    return torch.from_numpy(rest), torch.from_numpy(held_out)
 
 
 def load(image_size=IMAGE_SIZE):

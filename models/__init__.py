@@ -3,15 +3,22 @@
 Every family takes every normalisation in `models.norms.NORMS` by name; models build their
 norm layers through `get_norm_act` only (via `models.layers.NormAct`) and never import a
 norm class. Families:
-  resnet18/34/50/101/152, resnext50_32x4d   torchvision's ResNet v1.5 / ResNeXt (resnet.py)
-  cifar_resnet20/56, digits_resnet           small ResNets for 32x32 inputs (resnet.py)
-  resnet50v2                                 pre-activation ResNet v2 (preact_resnet.py)
-  efficientnet_b0..b5                        EfficientNet with group_dim, expand_ratio
-                                             (efficientnet.py)
+  resnet18/34/50/101/152, resnext50_32x4d     torchvision's ResNet v1.5 / ResNeXt (resnet.py)
+  cifar_resnet20/56, digits_resnet             small ResNets for 32x32 inputs (resnet.py)
+  resnet50v2, resnet101v2, resnext50v2_32x4d   pre-activation ResNets v2 (preact_resnet.py)
+  cifar_preact_resnet20/56, digits_preact_resnet  small pre-activation ResNets
+                                               (preact_resnet.py)
+  efficientnet_b0..b5                          EfficientNet with group_dim, expand_ratio
+                                               (efficientnet.py)
+
+Which activations Proxy Norm covers: in the pre-activation ResNets and EfficientNet every
+one (each follows its own norm); in the v1 ResNets all but the ReLU after each residual add,
+which has no norm before it. Proxy Norm configs therefore use the pre-activation models.
 
 Family defaults, used when `act` / `groups` are None: ResNets relu and 32 GroupNorm groups
-(DEFAULT_GROUPS); the small ResNets relu and 8 groups, since they have 16-channel layers
-(8 divides 16, 32 and 64; 2 channels per group at the narrowest, as ResNet-50's 64/32);
+(DEFAULT_GROUPS); the small ResNets (v1 and pre-activation) relu and 8 groups, since they
+have 16-channel layers (8 divides 16, 32 and 64; 2 channels per group at the narrowest, as
+ResNet-50's 64/32);
 EfficientNet silu, 4 groups (Graphcore's G16 GroupNorm recipe; every EfficientNet width
 is a multiple of 8) and eps 1e-3 for every norm.
 """
@@ -31,7 +38,10 @@ _MODELS = {
        for name in resnet.IMAGENET_ARCHS},
     **{name: Family(partial(resnet.small_resnet, name), "relu", 8, None)
        for name in resnet.SMALL_ARCHS},
-    "resnet50v2": Family(preact_resnet.resnet50v2, "relu", DEFAULT_GROUPS, None),
+    **{name: Family(partial(preact_resnet.preact_resnet, name), "relu", DEFAULT_GROUPS, None)
+       for name in preact_resnet.IMAGENET_ARCHS},
+    **{name: Family(partial(preact_resnet.small_preact_resnet, name), "relu", 8, None)
+       for name in preact_resnet.SMALL_ARCHS},
     **{name: Family(partial(efficientnet.efficientnet, name), "silu", 4, 1e-3)
        for name in efficientnet.ARCHS},
 }

@@ -10,6 +10,12 @@ downsample norm have no activation (apply_act=False: for the Proxy Norm names th
 scale-only group/layer norm); the activation after the add is a plain one.
 `zero_init_residual=True` (our default; torchvision's is False) starts every branch at zero.
 
+Proxy Norm covers every activation of these models but the ReLU after each residual add:
+no norm precedes it, so the residual stream stays non-negative and uncentred per channel,
+which Proxy Norm exists to prevent. Use them for BatchNorm and torchvision compatibility;
+Proxy Norm configs use the pre-activation models (preact_resnet.py), where every
+activation follows its own norm.
+
 Small models (stem: one 3x3 conv at stride 1, no max-pool; three stages of basic blocks,
 16/32/64 channels):
 - cifar_resnet20/56 (He et al. 2016, 3n+2 layers). Shortcuts that change shape use a 1x1

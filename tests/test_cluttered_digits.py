@@ -120,6 +120,27 @@ def test_impossible_knobs_raise_one_line(change, message):
     assert "\n" not in str(error.value)
 
 
+def test_holdout_splits_the_training_digits_and_never_shows_a_validation_digit(monkeypatch):
+    images, labels, train_index, val_index = digits.split()
+    rest, held_out = digits.stratified_split(train_index, labels)
+    assert (len(rest), len(held_out)) == (1149, 288)
+    assert sorted(torch.cat([rest, held_out]).tolist()) == sorted(train_index.tolist())
+    assert torch.bincount(labels[held_out]).min() >= 28  # every class, about a fifth of each
+    drawn = []
+
+    def record(side_images, side_labels, count, knobs, generator):
+        drawn.append(side_images)
+        return make_canvases(side_images, side_labels, count, knobs, generator)
+
+    monkeypatch.setattr(cluttered_digits, "make_canvases", record)
+    canvases = build(SMALL._replace(holdout=True))
+    assert torch.equal(drawn[0], images[rest]) and torch.equal(drawn[1], images[held_out])
+    assert canvases[2].shape == (SMALL.val_samples, 1, 32, 32)
+    assert not torch.equal(canvases[2], build(SMALL)[2])
+    config = resolve_config("cluttered_digits_preact_resnet20_batch", {"clutter_holdout": True})
+    assert cluttered_digits.knobs(**{k: config[k] for k in cluttered_digits.OPTIONS}).holdout
+
+
 def test_registered_with_its_knobs_as_options():
     options = {"clutter": 2, "clutter_size": 2, "clutter_scale_min": 1.0,
                "clutter_scale_max": 2.0, "clutter_noise": 0.0, "clutter_train_samples": 48,
@@ -149,11 +170,11 @@ def test_configs_cover_every_norm_at_global_batch_64():
                      "layer_pn", "none"}
     for name in names:
         config = resolve_config(name, configs=configs)
-        assert (config["data"], config["model"]) == ("cluttered_digits", "cifar_resnet20")
+        assert (config["data"], config["model"]) == ("cluttered_digits", "cifar_preact_resnet20")
         assert global_batch_size(config) == 64
 
 
-def train(run_dir, *flags, config="cluttered_digits_resnet20_group_pn"):
+def train(run_dir, *flags, config="cluttered_digits_preact_resnet20_group_pn"):
     return main(["--config", config, "--output-dir", str(run_dir), "--wandb-mode", "disabled",
                  *[str(flag) for flag in flags]])
 

@@ -25,14 +25,25 @@ def test_required_configs_exist():
     norms = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
     assert {f"digits_resnet_{norm}" for norm in norms} <= names
     for depth in (20, 56):
-        assert {f"cifar10_resnet{depth}_{n}"
+        assert {f"cifar10_preact_resnet{depth}_{n}"
                 for n in ("batch", "group", "group_pn", "layer_pn")} <= names
-    assert {f"resnet50_{n}"
-            for n in ("batch", "sync_batch", "group", "group_pn", "layer_pn")} <= names
-    assert any(name.startswith("resnext50") for name in names)
+    assert {f"resnet50_{n}" for n in ("batch", "sync_batch", "group")} <= names
+    assert {f"resnet50v2_{n}" for n in ("group_pn", "layer_pn")} <= names
+    assert {f"resnext50v2_32x4d_{n}" for n in ("group_pn", "layer_pn")} <= names
     for b in (0, 1, 2):
         for g in (1, 16):
             assert {f"efficientnet_b{b}_g{g}_{n}" for n in ("group", "layer_pn")} <= names
+
+
+def test_proxy_norm_configs_train_models_where_it_covers_every_activation():
+    """A v1 ResNet's ReLU after each add has no norm before it; Proxy Norm configs use the
+    pre-activation ResNets (or EfficientNet, whose every activation follows a norm)."""
+    from models import efficientnet, preact_resnet
+    covered = {*preact_resnet.IMAGENET_ARCHS, *preact_resnet.SMALL_ARCHS, *efficientnet.ARCHS}
+    configs = load_configs()
+    proxy = [resolve_config(name, configs=configs) for name in config_names(configs)]
+    proxy = [config for config in proxy if config["norm"] in ("group_pn", "layer_pn")]
+    assert len(proxy) > 10 and all(config["model"] in covered for config in proxy)
 
 
 def test_efficientnet_recipe():

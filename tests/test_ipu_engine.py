@@ -123,7 +123,7 @@ def small_engine(config):
 # --- options ----------------------------------------------------------------------------
 
 def test_resnet50_options():
-    config = resolve_config("resnet50_group_pn")
+    config = resolve_config("resnet50v2_group_pn")
     poptorch = Recorder()
     ipu_options(config, poptorch)
     assert option_calls(poptorch.log) == {

@@ -89,7 +89,7 @@ def test_cifar_folder_run(tmp_path):
     write_cifar10(tmp_path / "cifar")
     assert train(tmp_path / "run", "--data-path", tmp_path / "cifar", "--epochs", 1,
                  *plan(4, 1, 2), "--num-workers", 0, "--mixup-alpha", 0.2, "--cutmix-alpha", 1.0,
-                 config="cifar10_resnet20_group_pn") == 0
+                 config="cifar10_preact_resnet20_group_pn") == 0
     assert summary(tmp_path / "run")["steps"] == 2  # 20 images: two global batches of 8
 
 
@@ -157,7 +157,7 @@ def error_line(capsys):
 
 def test_missing_data_path_is_one_line(tmp_path, capsys):
     assert train(tmp_path / "run", "--data-path", tmp_path / "nowhere",
-                 config="cifar10_resnet20_group_pn") == 2
+                 config="cifar10_preact_resnet20_group_pn") == 2
     line = error_line(capsys)
     assert str(tmp_path / "nowhere") in line and "cifar-10-python.tar.gz" in line
 
@@ -263,7 +263,8 @@ def test_checkpoint_every(tmp_path):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--pipeline-splits", "layer9",
-     "pipeline_splits: digits_resnet has no module 'layer9'; nearby: layer3, layer2, layer1"),
+     "pipeline_splits: digits_preact_resnet has no module 'layer9'; nearby: layer3, layer2, "
+     "layer1"),
     ("--recompute-checkpoints", "layer1,layer1", "recompute_checkpoints: 'layer1' is given twice"),
 ])
 def test_module_names_are_checked_against_the_model(tmp_path, capsys, flag, value, message):

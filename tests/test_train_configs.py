@@ -19,7 +19,8 @@ from train.optim import build_optimizer
 
 CONFIGS = load_configs()
 CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
-SMALL_MODELS = ("digits_resnet", "cifar_resnet20", "cifar_resnet56")
+SMALL_MODELS = ("digits_resnet", "cifar_resnet20", "cifar_resnet56", "cifar_preact_resnet20",
+                "cifar_preact_resnet56", "digits_preact_resnet")
 
 
 def data_for(config):

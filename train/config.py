@@ -70,7 +70,7 @@ OPTION_GROUPS = [
         Option("wandb_project", "proxy-norm", str, "Weights & Biases project"),
     ]),
     ("model", [
-        Option("model", "digits_resnet", str, "model name (models.list_models())"),
+        Option("model", "digits_preact_resnet", str, "model name (models.list_models())"),
         Option("norm", "group_pn", str, "normalisation: batch, sync_batch, group, layer, instance, "
                "group_pn, layer_pn, none"),
         Option("groups", None, int, "GroupNorm groups for group/group_pn (null: the model's)",
@@ -115,6 +115,9 @@ OPTION_GROUPS = [
                "canvases (from the 360 validation digits)", at_least=1),
         Option("clutter_seed", CLUTTER.seed, int, "cluttered_digits: seed of the canvases, apart "
                "from the run's seed so that every run sees the same ones", at_least=0),
+        Option("clutter_holdout", CLUTTER.holdout, bool, "cluttered_digits: for tuning a recipe; "
+               "train on canvases of four fifths of the training digits and validate on "
+               "canvases of the other fifth (the validation digits stay unseen)"),
     ]),
     ("execution (global batch = micro_batch_size x gradient_accumulation x replicas)", [
         Option("engine", "auto", str, "auto (cuda if available, else cpu), cpu, cuda, or ipu "
