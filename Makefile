@@ -12,6 +12,9 @@
 #                  saved bytes per image against micro-batch; JSON, README table, docs/ plot
 #   make plan      memory per IPU of ResNet-50 and EfficientNet-B0 with BatchNorm and Proxy
 #                  Norm (python -m train.plan; about 2 minutes): JSON, README table
+#   make accuracy  the accuracy study on cluttered digits (every norm x micro-batch 2/8/64 x
+#                  3 seeds; about 5 hours on 2 cores, resumable): JSON, README table,
+#                  docs/ figures
 #   make analysis  power decomposition of the random network (six norms; Gaussian and
 #                  digits inputs; figures in docs/) and the batch-dependence probe; JSON in
 #                  analysis/results/ (about 2 minutes)
@@ -37,7 +40,7 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-.PHONY: install custom_ops train test bench-layer bench plan analysis test-torch20 clean
+.PHONY: install custom_ops train test bench-layer bench plan accuracy analysis test-torch20 clean
 
 install: $(INSTALLED) custom_ops
 
@@ -70,6 +73,9 @@ bench: install
 
 plan: install
 	$(PYTHON) -m benchmarks.plan
+
+accuracy: install
+	$(PYTHON) -m benchmarks.accuracy --data cluttered_digits --figures docs
 
 analysis: install
 	$(PYTHON) -m analysis.power --inputs gaussian

@@ -1,36 +1,49 @@
 """Accuracy study: final validation accuracy of every norm against the micro-batch, over seeds.
 
-    python -m benchmarks.accuracy [--data digits | --configs NAME ...] [--norms ...]
-        [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2] [--jobs 2]
-        [--epochs N] [--max-steps N] [--lr LR] [--data-path DIR] [--no-resume] [--no-readme]
+    python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
+        [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
+        [--jobs 2] [--epochs N] [--max-steps N] [--lr LR ...] [--holdout] [--every-split]
+        [--data-path DIR] [--figures DIR] [--output JSON] [--markdown FILE --section NAME]
+        [--no-resume] [--no-readme]
 
-Each cell (config, micro-batch, seed) is one training run of a named config from
+Each cell (config, lr, micro-batch, seed) is one training run of a named config from
 configs.yml, through the training application's own API (`train.config.resolve_config`,
 `train.loop.run`), with its recipe as written (optimiser, lr, schedule, epochs) except:
 the global batch is `--global-batch`, split as `micro_batch_size` x `replicas` with
 `gradient_accumulation` 1 (so BatchNorm's statistics cover one micro-batch and sync_batch's,
 with `bn_group_size` 0, all replicas: the whole global batch), `cpu_threads` 1, wandb
-disabled and the run folder a temporary one, deleted afterwards. `lr` stays the config's
-(it is not rescaled for the global batch; `--lr` sets another). The sample order depends
-only on the seed and the global batch, so at one seed every micro-batch sees the same
-batches: only the normalisation's statistics domain differs.
+disabled and the run folder a temporary one, deleted afterwards (its validation curve is
+kept in the JSON). `lr` stays the config's (it is not rescaled for the global batch;
+`--lr` sets another, several make a search). The sample order depends only on the seed and
+the global batch, so at one seed every micro-batch sees the same batches: only the
+normalisation's statistics domain differs.
+
+Split-invariant norms (the batch-independent ones, and sync_batch over all replicas) give
+the same maths for every split (tests/test_execution_plans.py), so they run once per seed,
+at their config's micro-batch where the grid has it (else the largest), and the table
+shows that value in every column, marked; `--every-split` runs them at every micro-batch.
+`--holdout` (cluttered digits) validates on held-out training digits instead of the
+validation digits: for choosing a recipe without looking at the data it is reported on.
 
 `--data digits` (the default) takes `digits_resnet_NORM`, `--data cluttered_digits`
-`cluttered_digits_resnet20_NORM`, `--data cifar10` `cifar10_resnet20_NORM` (with
+`cluttered_digits_preact_resnet20_NORM`, `--data cifar10` `cifar10_preact_resnet20_NORM` (with
 `--data-path`); a norm without its own config there takes the family's first config with
 `norm` overridden. `--configs` names configs directly (their norms come from them).
 
 Runs go `--jobs` at a time in separate processes (each uses one thread). Every finished
-run is added to benchmarks/results/accuracy.json at once (written to a temporary file,
-then renamed), so an interrupted study keeps what it finished; by default a cell already
-in the JSON with the same settings is skipped (`--no-resume` runs it again and replaces
-it), so running the same command again finishes a partial grid. The README table between
-the `accuracy` markers is rebuilt from the whole JSON: final validation accuracy, mean +-
-standard deviation (n - 1) over the seeds, per (config family, norm) and micro-batch.
+run is added to `--output` (benchmarks/results/accuracy.json) at once (written to a
+temporary file, then renamed), so an interrupted study keeps what it finished; by default
+a cell already in the JSON with the same settings is skipped (`--no-resume` runs it again
+and replaces it), so running the same command again finishes a partial grid. The table
+between the `--section` markers of `--markdown` (README.md, `accuracy`) is rebuilt from the
+whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the seeds,
+per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's runs:
+accuracy_vs_microbatch.png and training_curves.png.
 """
 import argparse
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -41,19 +54,22 @@ import sys
 import tempfile
 
 from benchmarks.measure import write_json
-from benchmarks.readme import markdown_table, replace_section
+from benchmarks.readme import README, markdown_table, replace_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "accuracy.json")
-NORMS = ["batch", "sync_batch", "group", "layer", "group_pn", "layer_pn"]
+NORMS = ["batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn"]
 FAMILIES = {  # --data: the config family, `FAMILY_NORM` in configs.yml
     "digits": "digits_resnet",
-    "cluttered_digits": "cluttered_digits_resnet20",
-    "cifar10": "cifar10_resnet20",
+    "cluttered_digits": "cluttered_digits_preact_resnet20",
+    "cifar10": "cifar10_preact_resnet20",
 }
 # The settings that make two runs the same cell; a finished cell is skipped when they agree.
-KEY = ("config", "norm", "data_path", "global_batch", "micro_batch_size", "seed", "epochs",
-       "max_steps", "lr")
+# Settings added later have a default, so cells recorded before them keep their key.
+KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
+                "global_batch": None,
+                "micro_batch_size": None, "seed": None, "epochs": None, "max_steps": None,
+                "lr": None, "holdout": False}
 
 
 class StudyError(Exception):
@@ -78,7 +94,15 @@ def load_report(path):
 
 
 def cell_key(cell):
-    return tuple(json.dumps(cell.get(name)) for name in KEY)
+    return tuple(json.dumps(cell.get(name, default)) for name, default in KEY_DEFAULTS.items())
+
+
+def split_invariant(norm):
+    """Whether the norm's statistics ignore how the global batch is split into micro-batches:
+    every batch-independent norm, and sync_batch over all replicas (the study's
+    bn_group_size 0). tests/test_execution_plans.py proves both exactly."""
+    from models.norms import BATCH_INDEPENDENT
+    return norm in BATCH_INDEPENDENT or norm == "sync_batch"
 
 
 def family_configs(configs, data):
@@ -109,29 +133,40 @@ def plan(args):
                              f"{args.global_batch}")
     cells = []
     for name, norm in names:
-        for micro_batch in args.micro_batches:
-            for seed in args.seeds:
-                overrides = {
-                    "seed": seed, "micro_batch_size": micro_batch, "gradient_accumulation": 1,
-                    "replicas": args.global_batch // micro_batch, "bn_group_size": 0,
-                    "cpu_threads": args.threads, "wandb_mode": "disabled",
-                    "max_steps": args.max_steps,
-                }
-                for option in ("norm", "epochs", "lr", "data_path", "engine"):
-                    value = norm if option == "norm" else getattr(args, option)
-                    if value is not None:
-                        overrides[option] = value
-                try:
-                    config = resolve_config(name, overrides, configs=configs)
-                except ConfigError as error:
-                    raise StudyError(str(error)) from None
-                cell = {"config": name, "norm": config["norm"], "data": config["data"],
-                        "model": config["model"], "data_path": config["data_path"],
-                        "global_batch": args.global_batch, "micro_batch_size": micro_batch,
-                        "replicas": config["replicas"], "seed": seed,
-                        "epochs": config["epochs"], "max_steps": config["max_steps"],
-                        "lr": config["lr"]}
-                cells.append((cell, overrides))
+        try:
+            recipe = resolve_config(name, {"norm": norm} if norm else {}, configs=configs)
+        except ConfigError as error:
+            raise StudyError(str(error)) from None
+        once = not args.every_split and split_invariant(recipe["norm"])
+        micro_batches = args.micro_batches
+        if once:  # one run per seed, at the config's own micro-batch where the grid has it
+            own = recipe["micro_batch_size"]
+            micro_batches = [own if own in micro_batches else max(micro_batches)]
+        for lr, micro_batch, seed in itertools.product(args.lr or [None], micro_batches,
+                                                       args.seeds):
+            overrides = {
+                "seed": seed, "micro_batch_size": micro_batch, "gradient_accumulation": 1,
+                "replicas": args.global_batch // micro_batch, "bn_group_size": 0,
+                "cpu_threads": args.threads, "wandb_mode": "disabled",
+                "max_steps": args.max_steps,
+            }
+            if args.holdout:
+                overrides["clutter_holdout"] = True
+            for option, value in (("norm", norm), ("epochs", args.epochs), ("lr", lr),
+                                  ("data_path", args.data_path), ("engine", args.engine)):
+                if value is not None:
+                    overrides[option] = value
+            try:
+                config = resolve_config(name, overrides, configs=configs)
+            except ConfigError as error:
+                raise StudyError(str(error)) from None
+            cell = {"config": name, "norm": config["norm"], "data": config["data"],
+                    "model": config["model"], "data_path": config["data_path"],
+                    "global_batch": args.global_batch, "micro_batch_size": micro_batch,
+                    "replicas": config["replicas"], "seed": seed,
+                    "epochs": config["epochs"], "max_steps": config["max_steps"],
+                    "lr": config["lr"], "holdout": args.holdout, "split_invariant": once}
+            cells.append((cell, overrides))
     return cells
 
 
@@ -155,53 +190,88 @@ def train_cell(name, overrides, log_dir=None):
                 tail = log.read()[-2000:]
             raise RunFailed(f"{name} {overrides}: {type(error).__name__}: {error}; the run's "
                             f"output ended:\n{tail}") from None
+        curve = validation_curve(os.path.join(folder, "run", "metrics.jsonl"))
     keep = ("status", "val_accuracy", "best_val_accuracy", "steps", "epochs",
             "train_images_per_second", "wall_seconds", "steps_per_epoch", "device")
     result = {key: summary[key] for key in keep}
     result["completed_epochs"] = result.pop("epochs")
+    result["curve"] = curve
     result["recipe"] = {key: config[key] for key in (
         "optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule",
         "warmup_epochs", "epochs", "precision", "engine", "cpu_threads")}
     return result
 
 
-def percent(values):
+def validation_curve(path):
+    """One record per validation of a run's metrics.jsonl: step, epoch, val_accuracy,
+    val_loss, and train_loss, the mean of the training records since the previous one."""
+    curve, train_losses = [], []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["kind"] == "train":
+                train_losses.append(record["loss"])
+            elif record["kind"] == "val":
+                curve.append({key: record[key] for key in
+                              ("step", "epoch", "val_accuracy", "val_loss")})
+                curve[-1]["train_loss"] = (sum(train_losses) / len(train_losses)
+                                           if train_losses else None)
+                train_losses = []
+    return curve
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
     mean = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{100 * mean:.2f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
+        if len(values) > 1 else 0.0
+    return mean, std
+
+
+def percent(values):
+    mean, std = mean_std(values)
+    return f"{100 * mean:.2f}" if len(values) < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def table(report):
-    """The README table: one row per (config family, norm, global batch, epochs), one column
-    per micro-batch; a cell is the mean +- std of the final validation accuracy (%) and the
-    number of seeds."""
+    """The markdown table: one row per (data, model, norm, global batch, length, lr), one
+    column per micro-batch; a cell is the mean +- std of the final validation accuracy (%)
+    and the number of seeds. A split-invariant norm run at one micro-batch shows its value
+    in every column, marked with *."""
     runs = report["runs"]
     if not runs:
         return "No runs yet."
     micro_batches = sorted({run["micro_batch_size"] for run in runs})
     groups = {}
     for run in runs:
-        row = (run["data"], run["model"], run["norm"], run["global_batch"], run["epochs"],
-               run["max_steps"], run["lr"])
+        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
+               run["norm"], run["global_batch"], run["epochs"], run["max_steps"], run["lr"])
         groups.setdefault(row, {}).setdefault(run["micro_batch_size"], []).append(run)
     order = {norm: i for i, norm in enumerate(NORMS)}
-    rows = []
+    rows, once = [], set()
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[4], k[5], k[6],
                                              order.get(k[2], len(order)), k[2])):
         data, model, norm, global_batch, epochs, max_steps, lr = key
+        by_micro_batch = groups[key]
+        shared = None
+        if len(by_micro_batch) == 1 and all(r.get("split_invariant") for runs in
+                                            by_micro_batch.values() for r in runs):
+            (shared,) = by_micro_batch
+            once.add(shared)
         cells = []
         for micro_batch in micro_batches:
-            done = groups[key].get(micro_batch, [])
+            done = by_micro_batch.get(micro_batch if shared is None else shared, [])
             accuracies = [r["val_accuracy"] for r in done if r["val_accuracy"] is not None
                           and r["status"] in ("finished", "max_steps")]
             failed = len(done) - len(accuracies)
             cell = f"{percent(accuracies)} ({len(accuracies)})" if accuracies else "–"
             if failed:
                 cell += f", {failed} diverged"
+            if shared is not None:
+                cell += " *"
             cells.append(cell)
-        steps = sorted({r.get("steps") for runs in groups[key].values() for r in runs} - {None})
+        steps = sorted({r.get("steps") for runs in by_micro_batch.values() for r in runs}
+                       - {None})
         length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
         length += f" ({'/'.join(map(str, steps))} steps)" if steps else ""
         rows.append([data, f"`{model}`", f"`{norm}`", global_batch, length, lr, *cells])
@@ -217,12 +287,99 @@ def table(report):
             f"yet. The global batch is micro-batch x replicas (gradient accumulation 1): "
             f"`batch` normalises over one micro-batch, `sync_batch` over the whole global "
             f"batch, the others over one sample, and at one seed every column sees the same "
-            f"batches in the same order. Each config's recipe (optimiser, lr, schedule, "
-            f"epochs) as in configs.yml, lr not rescaled for the global batch; {threads} "
-            f"CPU thread(s) per run ({environment.get('cpu', 'CPU')}, torch "
-            f"{environment.get('torch', '?')}). "
-            + " ".join(f"`{command}`" for command in commands) + ".")
+            f"batches in the same order. ")
+    if once:
+        note += (f"*: run once per seed at micro-batch {'/'.join(map(str, sorted(once)))}; "
+                 f"this norm's statistics do not depend on how the global batch is split "
+                 f"(tests/test_execution_plans.py proves it exactly), so the value stands "
+                 f"for every column. ")
+    note += (f"Each config's recipe (optimiser, lr, schedule, epochs) as in configs.yml, lr "
+             f"not rescaled for the global batch; {threads} CPU thread(s) per run "
+             f"({environment.get('cpu', 'CPU')}, torch {environment.get('torch', '?')}). "
+             + " ".join(f"`{command}`" for command in commands) + ".")
     return markdown_table(header, rows) + "\n\n" + note
+
+
+def study_runs(report, cells):
+    """The report's finished runs of `cells` (a study's plan), in plan order."""
+    by_key = {cell_key(run): run for run in report["runs"]}
+    return [by_key[cell_key(cell)] for cell, _ in cells if cell_key(cell) in by_key
+            and by_key[cell_key(cell)]["status"] in ("finished", "max_steps")]
+
+
+def save_figure(figure, path):
+    temporary = f"{path}.tmp"
+    figure.savefig(temporary, dpi=110, format="png")
+    os.replace(temporary, path)
+
+
+def plot_accuracy_vs_micro_batch(runs, path):
+    """Final validation accuracy (mean +- std over seeds) against the micro-batch, a line per
+    norm; a split-invariant norm run once is a dashed line across every micro-batch."""
+    from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
+
+    micro_batches = sorted({run["micro_batch_size"] for run in runs})
+    by_norm = {}
+    for run in runs:
+        by_norm.setdefault(run["norm"], {}).setdefault(run["micro_batch_size"], []).append(
+            100 * run["val_accuracy"])
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
+    order = {norm: i for i, norm in enumerate(NORMS)}
+    for norm in sorted(by_norm, key=lambda n: order.get(n, len(order))):
+        points = by_norm[norm]
+        once = len(points) == 1 and all(r.get("split_invariant") for r in runs
+                                        if r["norm"] == norm)
+        xs = micro_batches if once else sorted(points)
+        stats = [mean_std(points[next(iter(points))] if once else points[x]) for x in xs]
+        axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
+                      marker="o", linestyle="--" if once else "-",
+                      label=norm + (" (any split)" if once else ""))
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(micro_batches, [str(mb) for mb in micro_batches])
+    axis.set_xlabel(f"micro-batch (global batch {runs[0]['global_batch']})")
+    axis.set_ylabel("final validation accuracy (%)")
+    axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}, {runs[0]['epochs']} epochs: "
+                   f"mean ± std over seeds")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_training_curves(runs, path):
+    """Validation accuracy and training loss against the step, mean over seeds, a line per
+    (norm, micro-batch) of the runs."""
+    from matplotlib.figure import Figure
+
+    groups = {}
+    for run in runs:
+        label = run["norm"] if run.get("split_invariant") else \
+            f"{run['norm']}, micro-batch {run['micro_batch_size']}"
+        groups.setdefault(label, []).append(run["curve"])
+    figure = Figure(figsize=(11, 4.5))
+    accuracy_axis, loss_axis = figure.subplots(1, 2)
+    for label, curves in groups.items():
+        length = min(len(curve) for curve in curves)
+        steps = [curves[0][i]["step"] for i in range(length)]
+        accuracy = [mean_std([100 * c[i]["val_accuracy"] for c in curves])[0]
+                    for i in range(length)]
+        loss = [mean_std([c[i]["train_loss"] for c in curves])[0]
+                if all(c[i]["train_loss"] is not None for c in curves) else math.nan
+                for i in range(length)]  # None: no training record before that validation
+        accuracy_axis.plot(steps, accuracy, marker=".", label=label)
+        loss_axis.plot(steps, loss, marker=".", label=label)
+    accuracy_axis.set_ylabel("validation accuracy (%)")
+    loss_axis.set_ylabel("training loss (mean since the last validation)")
+    loss_axis.set_yscale("log")
+    for axis in (accuracy_axis, loss_axis):
+        axis.set_xlabel("optimiser step")
+        axis.grid(alpha=0.3)
+    accuracy_axis.legend(fontsize=7, loc="lower right")
+    figure.suptitle(f"{runs[0]['data']}, {runs[0]['model']}: mean over seeds "
+                    f"({', '.join(map(str, sorted({r['seed'] for r in runs})))})")
+    figure.tight_layout()
+    save_figure(figure, path)
 
 
 def command_line(argv):
@@ -234,10 +391,10 @@ def command_line(argv):
             continue
         if arg in ("--no-readme", "--no-resume", "--resume"):
             continue
-        if arg in ("--output", "--jobs"):
+        if arg in ("--output", "--jobs", "--markdown", "--section", "--figures"):
             skip = True
             continue
-        if arg.startswith(("--output=", "--jobs=")):
+        if arg.startswith(("--output=", "--jobs=", "--markdown=", "--section=", "--figures=")):
             continue
         shown.append(arg)
     return " ".join(["python -m benchmarks.accuracy", *map(shlex.quote, shown)])
@@ -255,7 +412,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="digits", choices=list(FAMILIES),
                         help="config family: digits_resnet_NORM, cluttered_digits_resnet20_NORM, "
-                             "cifar10_resnet20_NORM")
+                             "cifar10_preact_resnet20_NORM")
     parser.add_argument("--configs", nargs="+", help="config names (instead of --data/--norms)")
     parser.add_argument("--norms", nargs="+", default=NORMS)
     parser.add_argument("--global-batch", type=int, default=64)
@@ -264,15 +421,30 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, help="override the configs' epochs")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="stop every run after this many steps (0 = the whole recipe)")
-    parser.add_argument("--lr", type=float, help="override the configs' lr")
+    parser.add_argument("--lr", nargs="+", type=float,
+                        help="override the configs' lr (several: a search, each lr a cell)")
     parser.add_argument("--data-path", help="dataset folder (CIFAR-10: data/cifar10)")
     parser.add_argument("--engine", help="override the configs' engine (cpu, cuda)")
+    parser.add_argument("--holdout", action="store_true",
+                        help="cluttered_digits: validate on held-out training digits "
+                             "(clutter_holdout), for tuning a recipe")
+    parser.add_argument("--every-split", action="store_true",
+                        help="run split-invariant norms at every micro-batch too (default: "
+                             "once per seed)")
     parser.add_argument("--threads", type=int, default=1, help="cpu_threads of each run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="skip cells already in the JSON with the same settings (default)")
     parser.add_argument("--output", default=RESULTS, help="JSON path")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    parser.add_argument("--markdown", default=README,
+                        help="the markdown file whose table to rewrite (default README.md)")
+    parser.add_argument("--section", default="accuracy",
+                        help="the table's marker name in --markdown (<!-- NAME:start -->)")
+    parser.add_argument("--figures", metavar="DIR",
+                        help="also draw this study's accuracy_vs_microbatch.png and "
+                             "training_curves.png into DIR")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not rewrite the table in --markdown")
     args = parser.parse_args(argv)
     try:
         return study(args, command_line(argv))
@@ -332,9 +504,16 @@ def study(args, command):
     write_json(report, args.output)
     text = table(report)
     print(text)
+    runs = study_runs(report, cells)
+    if args.figures and runs:
+        os.makedirs(args.figures, exist_ok=True)
+        for name, plot in (("accuracy_vs_microbatch.png", plot_accuracy_vs_micro_batch),
+                           ("training_curves.png", plot_training_curves)):
+            plot(runs, os.path.join(args.figures, name))
+            print(f"wrote {os.path.join(args.figures, name)}")
     if not args.no_readme:
         try:
-            replace_section("accuracy", text)
+            replace_section(args.section, text, args.markdown)
         except ValueError as error:
             raise StudyError(str(error)) from None
     return status

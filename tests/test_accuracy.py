@@ -19,29 +19,40 @@ def threads():
 
 def study(tmp_path, *flags):
     output = tmp_path / "accuracy.json"
-    status = accuracy.main(["--norms", "group_pn", "--global-batch", "16", "--micro-batches",
+    status = accuracy.main(["--norms", "batch", "group_pn", "--global-batch", "16", "--micro-batches",
                             "2", "8", "--seeds", "0", "--max-steps", "2", "--jobs", "1",
                             "--no-readme", "--output", str(output), *flags])
     return status, json.loads(output.read_text())
 
 
-def test_tiny_grid_writes_its_cells_and_a_table(tmp_path, capsys):
-    status, report = study(tmp_path)
+def test_tiny_grid_writes_its_cells_a_table_and_figures(tmp_path, capsys):
+    status, report = study(tmp_path, "--figures", str(tmp_path / "docs"))
     assert status == 0
+    for name in ("accuracy_vs_microbatch.png", "training_curves.png"):
+        assert (tmp_path / "docs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cells = sorted((run["norm"], run["micro_batch_size"], run["replicas"], run["seed"])
                    for run in report["runs"])
-    assert cells == [("group_pn", 2, 8, 0), ("group_pn", 8, 2, 0)]
+    # group_pn ignores the split: run once, at its config's micro-batch (8)
+    assert cells == [("batch", 2, 8, 0), ("batch", 8, 2, 0), ("group_pn", 8, 2, 0)]
     for run in report["runs"]:
-        assert run["config"] == "digits_resnet_group_pn" and run["global_batch"] == 16
+        assert run["config"] == f"digits_resnet_{run['norm']}" and run["global_batch"] == 16
         assert run["status"] == "max_steps" and run["steps"] == 2
+        assert run["split_invariant"] == (run["norm"] == "group_pn")
         assert 0 <= run["val_accuracy"] <= 1
         assert run["recipe"]["cpu_threads"] == 1
-        assert run["command"].startswith("python -m benchmarks.accuracy --norms group_pn")
+        assert run["command"].startswith("python -m benchmarks.accuracy --norms batch group_pn")
         assert "--no-readme" not in run["command"] and "--output" not in run["command"]
+        assert "--figures" not in run["command"]
+        assert [point["step"] for point in run["curve"]] == [2]  # validated once, at the end
+        assert run["curve"][0]["val_accuracy"] == run["val_accuracy"]
     text = accuracy.table(report)
     assert "| micro-batch 2 | micro-batch 8 |" in text
-    assert "| digits | `digits_resnet` | `group_pn` | 16 |" in text
-    assert "`python -m benchmarks.accuracy --norms group_pn" in text
+    assert "| digits | `digits_preact_resnet` | `batch` | 16 |" in text
+    shown = next(run for run in report["runs"] if run["norm"] == "group_pn")["val_accuracy"]
+    cell = f"{100 * shown:.2f} (1) *"
+    assert f"| `group_pn` | 16 | 15 epochs, max 2 steps (2 steps) | 0.1 | {cell} | {cell} |" in text
+    assert "*: run once per seed at micro-batch 8" in text
+    assert "`python -m benchmarks.accuracy --norms batch group_pn" in text
     assert "1 CPU thread(s) per run" in text
     assert text in capsys.readouterr().out
 
@@ -49,16 +60,23 @@ def test_tiny_grid_writes_its_cells_and_a_table(tmp_path, capsys):
 def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, capsys):
     study(tmp_path, "--micro-batches", "8")
     capsys.readouterr()
-    _, report = study(tmp_path)  # micro-batch 8 is in the JSON: only 2 runs
+    _, report = study(tmp_path)  # micro-batch 8 is in the JSON: only batch at 2 runs
     out = capsys.readouterr().out
-    assert "2 cells, 1 already in" in out and "1 to run" in out
-    assert sorted(run["micro_batch_size"] for run in report["runs"]) == [2, 8]
+    assert "3 cells, 2 already in" in out and "1 to run" in out
+    assert sorted(run["micro_batch_size"] for run in report["runs"]) == [2, 8, 8]
     _, again = study(tmp_path)
     assert "0 to run" in capsys.readouterr().out
     assert again["runs"] == report["runs"]
     _, rerun = study(tmp_path, "--no-resume", "--micro-batches", "8")
-    assert "1 to run" in capsys.readouterr().out
-    assert sorted(run["micro_batch_size"] for run in rerun["runs"]) == [2, 8]  # replaced
+    assert "2 to run" in capsys.readouterr().out
+    assert sorted(run["micro_batch_size"] for run in rerun["runs"]) == [2, 8, 8]  # replaced
+
+
+def test_cells_recorded_before_a_setting_existed_keep_their_key():
+    old = {"config": "c", "model": "m", "norm": "batch", "data_path": None, "global_batch": 64,
+           "micro_batch_size": 8, "seed": 0, "epochs": 3, "max_steps": 0, "lr": 0.1}
+    assert accuracy.cell_key(old) == accuracy.cell_key({**old, "holdout": False})
+    assert accuracy.cell_key(old) != accuracy.cell_key({**old, "holdout": True})
 
 
 def test_table_shows_mean_and_std_over_seeds():
@@ -83,18 +101,28 @@ def test_bad_micro_batch_is_one_line(tmp_path, capsys):
 def test_other_config_families_are_planned_without_training():
     parser_args = {"configs": None, "norms": ["layer", "group_pn"], "global_batch": 64,
                    "micro_batches": [8, 64], "seeds": [0], "epochs": None, "max_steps": 0,
-                   "lr": None, "data_path": "data/cifar10", "engine": None, "threads": 1}
+                   "lr": None, "data_path": "data/cifar10", "engine": None, "threads": 1,
+                   "holdout": False, "every_split": True}
     cells = accuracy.plan(argparse.Namespace(data="cifar10", **parser_args))
-    # cifar10_resnet20 has no layer config: its first config with norm overridden
+    # cifar10_preact_resnet20 has no layer config: its first config with norm overridden
     assert [(c["config"], c["norm"], c["replicas"]) for c, _ in cells] == [
-        ("cifar10_resnet20_batch", "layer", 8), ("cifar10_resnet20_batch", "layer", 1),
-        ("cifar10_resnet20_group_pn", "group_pn", 8), ("cifar10_resnet20_group_pn", "group_pn", 1)]
+        ("cifar10_preact_resnet20_batch", "layer", 8), ("cifar10_preact_resnet20_batch", "layer", 1),
+        ("cifar10_preact_resnet20_group_pn", "group_pn", 8), ("cifar10_preact_resnet20_group_pn", "group_pn", 1)]
     assert all(c["data_path"] == "data/cifar10" for c, _ in cells)
+    # once per seed: at the config's micro-batch (16) where the grid has it, else the largest
+    cells = accuracy.plan(argparse.Namespace(data="cifar10", **{**parser_args,
+                                                                "every_split": False}))
+    assert [(c["norm"], c["micro_batch_size"]) for c, _ in cells] == [("layer", 64),
+                                                                      ("group_pn", 64)]
     cells = accuracy.plan(argparse.Namespace(
-        data="digits", **{**parser_args, "configs": ["cluttered_digits_resnet20_sync_batch"],
-                          "data_path": None}))
-    assert {(c["data"], c["norm"]) for c, _ in cells} == {("cluttered_digits", "sync_batch")}
-    assert all(overrides["bn_group_size"] == 0 for _, overrides in cells)
+        data="digits", **{**parser_args, "configs": ["cluttered_digits_preact_resnet20_sync_batch"],
+                          "data_path": None, "every_split": False, "holdout": True,
+                          "lr": [0.1, 0.2], "micro_batches": [2, 8, 64]}))
+    assert [(c["data"], c["norm"], c["micro_batch_size"], c["lr"], c["holdout"])
+            for c, _ in cells] == [("cluttered_digits", "sync_batch", 8, 0.1, True),
+                                   ("cluttered_digits", "sync_batch", 8, 0.2, True)]
+    assert all(overrides["bn_group_size"] == 0 and overrides["clutter_holdout"]
+               for _, overrides in cells)
 
 
 def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):
@@ -104,5 +132,5 @@ def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):
                             "--jobs", "1", "--no-readme", "--output", str(output)])
     assert status == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: cifar10_resnet20_group_pn ") and "DataError" in err
+    assert err.startswith("error: cifar10_preact_resnet20_group_pn ") and "DataError" in err
     assert json.loads(output.read_text())["runs"] == []
