@@ -2,11 +2,11 @@
 
     python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
-        [--jobs 2] [--epochs N] [--max-steps N] [--lr LR ...] [--holdout] [--every-split]
+        [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--output JSON] [--markdown FILE --section NAME]
         [--no-resume] [--no-readme]
 
-Each cell (config, lr, micro-batch, seed) is one training run of a named config from
+Each cell (config, epochs, lr, micro-batch, seed) is one training run of a named config from
 configs.yml, through the training application's own API (`train.config.resolve_config`,
 `train.loop.run`), with its recipe as written (optimiser, lr, schedule, epochs) except:
 the global batch is `--global-batch`, split as `micro_batch_size` x `replicas` with
@@ -14,7 +14,7 @@ the global batch is `--global-batch`, split as `micro_batch_size` x `replicas` w
 with `bn_group_size` 0, all replicas: the whole global batch), `cpu_threads` 1, wandb
 disabled and the run folder a temporary one, deleted afterwards (its validation curve is
 kept in the JSON). `lr` stays the config's (it is not rescaled for the global batch;
-`--lr` sets another, several make a search). The sample order depends only on the seed and
+`--lr` sets another, several make a search, as several `--epochs` do). The sample order depends only on the seed and
 the global batch, so at one seed every micro-batch sees the same batches: only the
 normalisation's statistics domain differs.
 
@@ -142,8 +142,8 @@ def plan(args):
         if once:  # one run per seed, at the config's own micro-batch where the grid has it
             own = recipe["micro_batch_size"]
             micro_batches = [own if own in micro_batches else max(micro_batches)]
-        for lr, micro_batch, seed in itertools.product(args.lr or [None], micro_batches,
-                                                       args.seeds):
+        for epochs, lr, micro_batch, seed in itertools.product(
+                args.epochs or [None], args.lr or [None], micro_batches, args.seeds):
             overrides = {
                 "seed": seed, "micro_batch_size": micro_batch, "gradient_accumulation": 1,
                 "replicas": args.global_batch // micro_batch, "bn_group_size": 0,
@@ -152,7 +152,7 @@ def plan(args):
             }
             if args.holdout:
                 overrides["clutter_holdout"] = True
-            for option, value in (("norm", norm), ("epochs", args.epochs), ("lr", lr),
+            for option, value in (("norm", norm), ("epochs", epochs), ("lr", lr),
                                   ("data_path", args.data_path), ("engine", args.engine)):
                 if value is not None:
                     overrides[option] = value
@@ -418,7 +418,8 @@ def main(argv=None):
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[2, 8, 64])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, help="override the configs' epochs")
+    parser.add_argument("--epochs", nargs="+", type=int,
+                        help="override the configs' epochs (several: each a cell)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="stop every run after this many steps (0 = the whole recipe)")
     parser.add_argument("--lr", nargs="+", type=float,
