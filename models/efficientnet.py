@@ -15,9 +15,10 @@ reference:
 
 Normalisation placement (the authors' Proxy Norm reference): a norm-act after the stem,
 after the expand conv, after the depthwise/group conv and in the head; with
-group_pn/layer_pn these are full Proxy Norm layers. The projection conv before the
-residual add gets the norm with no activation (scale-only for the Proxy Norm names).
-Squeeze-and-excitation has a plain activation (no norm) between its two 1x1 convs. Where
+group_pn/layer_pn these are full Proxy Norm layers, so Proxy Norm covers every
+activation of the feature maps. The projection conv before the residual add gets the norm
+with no activation (scale-only for the Proxy Norm names). Squeeze-and-excitation has a
+plain activation (no norm) between its two 1x1 convs, on pooled channel descriptors. Where
 the reference folds the depthwise Proxy Norm's scale into the SE gate, we keep the Proxy
 Norm layer whole before SE and let SE gate its normalised output: the same function
 class, and one Proxy Norm implementation for every position. Every norm uses eps=1e-3
