@@ -228,6 +228,19 @@ def mean_std(values):
     return mean, std
 
 
+def end_with_parent(parent):
+    """Pool initializer: on Linux a worker gets SIGTERM when the study's process ends, even
+    by SIGKILL, so stopping a study never leaves runs training on unseen."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def percent(values):
     mean, std = mean_std(values)
     return f"{100 * mean:.2f}" if len(values) < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
@@ -488,7 +501,9 @@ def study(args, command):
                 record(cell, train_cell(cell["config"], overrides))
         elif todo:
             context = multiprocessing.get_context("spawn")  # no torch state forked into workers
-            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            with concurrent.futures.ProcessPoolExecutor(
+                    args.jobs, mp_context=context, initializer=end_with_parent,
+                    initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(train_cell, cell["config"], overrides): cell
                            for cell, overrides in todo}
                 try:

@@ -2,6 +2,11 @@
 accuracies or timings)."""
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -134,3 +139,50 @@ def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cifar10_preact_resnet20_group_pn ") and "DataError" in err
     assert json.loads(output.read_text())["runs"] == []
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_study_ends_its_runs(tmp_path):
+    """A study stopped by SIGKILL (no clean-up of its own) leaves no run training on."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    study = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.accuracy", "--norms", "batch", "--micro-batches",
+         "2", "8", "--global-batch", "16", "--epochs", "200", "--seeds", "0", "--jobs", "2",
+         "--no-readme",
+         "--output", str(tmp_path / "a.json")], cwd=root, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(children(study.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = children(study.pid)
+    assert len(workers) >= 2, "the study started no workers"
+    time.sleep(2)  # past the workers' start-up, into their runs
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # on failure, no orphan keeps a core busy after the test
+        os.kill(pid, signal.SIGKILL)
+    assert not left
