@@ -179,6 +179,7 @@ def train_cell(name, overrides, log_dir=None):
     from train.loop import run
 
     with tempfile.TemporaryDirectory(prefix="accuracy-", dir=log_dir) as folder:
+        _running["folder"] = folder
         config = resolve_config(name, {**overrides, "output_dir": os.path.join(folder, "run")})
         log_path = os.path.join(folder, "log.txt")
         try:
@@ -228,17 +229,31 @@ def mean_std(values):
     return mean, std
 
 
+_running = {}  # this worker's current run folder, for end_with_parent
+
+
 def end_with_parent(parent):
-    """Pool initializer: on Linux a worker gets SIGTERM when the study's process ends, even
-    by SIGKILL, so stopping a study never leaves runs training on unseen."""
+    """Pool initializer: on Linux a worker ends when the study's process does, even by
+    SIGKILL, removing its current run folder: a stopped study leaves no run training on
+    and takes no further cell from its queue."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
+    import shutil
     import signal
+
+    def end(signum, frame):
+        if _running.get("folder"):
+            shutil.rmtree(_running["folder"], ignore_errors=True)
+        os._exit(128 + signum)
+
+    # SIGHUP, which the training loop leaves alone (it turns SIGINT/SIGTERM into a
+    # graceful stop, after which the worker would take the next cell)
+    signal.signal(signal.SIGHUP, end)
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
     if os.getppid() != parent:  # the parent ended before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        end(signal.SIGHUP, None)
 
 
 def percent(values):

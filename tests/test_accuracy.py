@@ -163,14 +163,15 @@ def alive(pid):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_killing_the_study_ends_its_runs(tmp_path):
-    """A study stopped by SIGKILL (no clean-up of its own) leaves no run training on."""
+    """A study stopped by SIGKILL (no clean-up of its own) leaves no run training on, and
+    no worker takes the next cell (a SIGTERM would only stop the current run gracefully)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     study = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.accuracy", "--norms", "batch", "--micro-batches",
-         "2", "8", "--global-batch", "16", "--epochs", "200", "--seeds", "0", "--jobs", "2",
-         "--no-readme",
+         "2", "8", "--global-batch", "16", "--epochs", "200", "--seeds", "0", "1", "2",
+         "--jobs", "2", "--no-readme",
          "--output", str(tmp_path / "a.json")], cwd=root, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)})
     deadline = time.monotonic() + 120
     while len(children(study.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -186,3 +187,4 @@ def test_killing_the_study_ends_its_runs(tmp_path):
     for pid in left:  # on failure, no orphan keeps a core busy after the test
         os.kill(pid, signal.SIGKILL)
     assert not left
+    assert not list(tmp_path.glob("accuracy-*"))  # their run folders went with them
