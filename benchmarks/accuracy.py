@@ -4,7 +4,7 @@
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--output JSON] [--markdown FILE --section NAME]
-        [--no-resume] [--no-readme]
+        [--no-resume] [--no-readme] [--report-only]
 
 Each cell (config, epochs, lr, micro-batch, seed) is one training run of a named config from
 configs.yml, through the training application's own API (`train.config.resolve_config`,
@@ -38,7 +38,8 @@ and replaces it), so running the same command again finishes a partial grid. The
 between the `--section` markers of `--markdown` (README.md, `accuracy`) is rebuilt from the
 whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the seeds,
 per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's runs:
-accuracy_vs_microbatch.png and training_curves.png.
+accuracy_vs_microbatch.png and training_curves.png. `--report-only` runs nothing and
+rebuilds the table and figures from what the JSON holds (while a study is still running).
 """
 import argparse
 import concurrent.futures
@@ -417,7 +418,7 @@ def command_line(argv):
         if skip:
             skip = False
             continue
-        if arg in ("--no-readme", "--no-resume", "--resume"):
+        if arg in ("--no-readme", "--no-resume", "--resume", "--report-only"):
             continue
         if arg in ("--output", "--jobs", "--markdown", "--section", "--figures"):
             skip = True
@@ -464,6 +465,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="skip cells already in the JSON with the same settings (default)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the table and figures from the JSON")
     parser.add_argument("--output", default=RESULTS, help="JSON path")
     parser.add_argument("--markdown", default=README,
                         help="the markdown file whose table to rewrite (default README.md)")
@@ -496,6 +499,8 @@ def study(args, command):
         todo.append((cell, overrides))
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.output}, "
           f"{len(todo)} to run, {args.jobs} at a time", flush=True)
+    if args.report_only:
+        todo = []
 
     def record(cell, result):
         key = cell_key(cell)
