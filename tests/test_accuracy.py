@@ -72,8 +72,8 @@ def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, cap
     _, again = study(tmp_path)
     assert "0 to run" in capsys.readouterr().out
     assert again["runs"] == report["runs"]
-    _, reported = study(tmp_path, "--report-only", "--micro-batches", "2", "8", "64")
-    assert "4 cells, 3 already in" in capsys.readouterr().out  # batch at 64 not run
+    _, reported = study(tmp_path, "--report-only", "--micro-batches", "2", "8", "16")
+    assert "4 cells, 3 already in" in capsys.readouterr().out  # batch at 16 not run
     assert reported["runs"] == report["runs"]
     _, rerun = study(tmp_path, "--no-resume", "--micro-batches", "8")
     assert "2 to run" in capsys.readouterr().out
