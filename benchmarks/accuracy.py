@@ -440,8 +440,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="digits", choices=list(FAMILIES),
-                        help="config family: digits_resnet_NORM, cluttered_digits_preact_resnet20_NORM, "
-                             "cifar10_preact_resnet20_NORM")
+                        help="config family: digits_resnet_NORM, "
+                             "cluttered_digits_preact_resnet20_NORM, cifar10_preact_resnet20_NORM")
     parser.add_argument("--configs", nargs="+", help="config names (instead of --data/--norms)")
     parser.add_argument("--norms", nargs="+", default=NORMS)
     parser.add_argument("--global-batch", type=int, default=64)
