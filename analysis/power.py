@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from analysis import checkpoint
-from benchmarks.measure import write_json
+from benchmarks.measure import write_json, write_png
 from models.norms import get_norm_act
 
 NORMS = ("batch", "instance", "layer", "group", "layer_pn", "group_pn")
@@ -198,10 +198,8 @@ def plot(curves, path, title, xlabel):
     axes[0].legend(fontsize=8, loc="center right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
+    write_png(fig, path)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def summary_lines(curves):

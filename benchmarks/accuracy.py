@@ -14,9 +14,9 @@ the global batch is `--global-batch`, split as `micro_batch_size` x `replicas` w
 with `bn_group_size` 0, all replicas: the whole global batch), `cpu_threads` 1, wandb
 disabled and the run folder a temporary one, deleted afterwards (its validation curve is
 kept in the JSON). `lr` stays the config's (it is not rescaled for the global batch;
-`--lr` sets another, several make a search, as several `--epochs` do). The sample order depends only on the seed and
-the global batch, so at one seed every micro-batch sees the same batches: only the
-normalisation's statistics domain differs.
+`--lr` sets another, several make a search, as several `--epochs` do). The sample order
+depends only on the seed and the global batch, so at one seed every micro-batch sees the
+same batches: only the normalisation's statistics domain differs.
 
 Split-invariant norms (the batch-independent ones, and sync_batch over all replicas) give
 the same maths for every split (tests/test_execution_plans.py), so they run once per seed,
@@ -26,8 +26,8 @@ shows that value in every column, marked; `--every-split` runs them at every mic
 validation digits: for choosing a recipe without looking at the data it is reported on.
 
 `--data digits` (the default) takes `digits_resnet_NORM`, `--data cluttered_digits`
-`cluttered_digits_preact_resnet20_NORM`, `--data cifar10` `cifar10_preact_resnet20_NORM` (with
-`--data-path`); a norm without its own config there takes the family's first config with
+`cluttered_digits_preact_resnet20_NORM`, `--data cifar10` `cifar10_preact_resnet20_NORM`
+(with `--data-path`); a norm without its own config there takes the family's first config with
 `norm` overridden. `--configs` names configs directly (their norms come from them).
 
 Runs go `--jobs` at a time in separate processes (each uses one thread). Every finished
@@ -54,7 +54,7 @@ import shlex
 import sys
 import tempfile
 
-from benchmarks.measure import write_json
+from benchmarks.measure import write_json, write_png
 from benchmarks.readme import README, markdown_table, replace_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +68,8 @@ FAMILIES = {  # --data: the config family, `FAMILY_NORM` in configs.yml
 # The settings that make two runs the same cell; a finished cell is skipped when they agree.
 # Settings added later have a default, so cells recorded before them keep their key.
 KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
-                "global_batch": None,
-                "micro_batch_size": None, "seed": None, "epochs": None, "max_steps": None,
-                "lr": None, "holdout": False}
+                "global_batch": None, "micro_batch_size": None, "seed": None, "epochs": None,
+                "max_steps": None, "lr": None, "holdout": False}
 
 
 class StudyError(Exception):
@@ -336,12 +335,6 @@ def study_runs(report, cells):
             and by_key[cell_key(cell)]["status"] in ("finished", "max_steps")]
 
 
-def save_figure(figure, path):
-    temporary = f"{path}.tmp"
-    figure.savefig(temporary, dpi=110, format="png")
-    os.replace(temporary, path)
-
-
 def plot_accuracy_vs_micro_batch(runs, path):
     """Final validation accuracy (mean +- std over seeds) against the micro-batch, a line per
     norm; a split-invariant norm run once is a dashed line across every micro-batch."""
@@ -373,7 +366,7 @@ def plot_accuracy_vs_micro_batch(runs, path):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    save_figure(figure, path)
+    write_png(figure, path)
 
 
 def plot_training_curves(runs, path):
@@ -408,7 +401,7 @@ def plot_training_curves(runs, path):
     figure.suptitle(f"{runs[0]['data']}, {runs[0]['model']}: mean over seeds "
                     f"({', '.join(map(str, sorted({r['seed'] for r in runs})))})")
     figure.tight_layout()
-    save_figure(figure, path)
+    write_png(figure, path)
 
 
 def command_line(argv):
@@ -542,7 +535,6 @@ def study(args, command):
     print(text)
     runs = study_runs(report, cells)
     if args.figures and runs:
-        os.makedirs(args.figures, exist_ok=True)
         for name, plot in (("accuracy_vs_microbatch.png", plot_accuracy_vs_micro_batch),
                            ("training_curves.png", plot_training_curves)):
             plot(runs, os.path.join(args.figures, name))

@@ -40,3 +40,15 @@ def write_json(report, path):
         f.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
     os.replace(tmp, path)
+
+
+def write_png(figure, path, dpi=110):
+    """A matplotlib figure as a PNG, written to a temporary file, then renamed: a figure is
+    never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.png")
+    os.close(fd)
+    figure.savefig(tmp, dpi=dpi, format="png")
+    os.chmod(tmp, 0o644)  # as write_json
+    os.replace(tmp, path)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_ops
-from benchmarks.measure import cpu_name, saved_bytes, write_json
+from benchmarks.measure import cpu_name, saved_bytes, write_json, write_png
 from benchmarks.readme import markdown_table, replace_section
 from models import get_model, list_models
 
@@ -202,10 +202,8 @@ def plot(report, path):
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
+    write_png(fig, path)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def main(argv=None):

@@ -10,8 +10,8 @@ so every run, whatever its own seed, trains and validates on the same canvases, 
 side has its own stream, so the validation canvases do not change with the number of
 training canvases. `clutter_holdout` is for tuning a recipe without looking at the
 validation digits: it splits the training digits again (a fixed stratified fifth) and
-validates on canvases of that fifth, training on canvases of the rest. It is vectorised (two batched matmuls per layer of the canvas) and kept
-in memory, never on disk.
+validates on canvases of that fifth, training on canvases of the rest. It is vectorised
+(two batched matmuls per layer of the canvas) and kept in memory, never on disk.
 
 `python -m datasets.cluttered_digits --grid docs/cluttered_digits.png` draws samples.
 """
