@@ -2,21 +2,24 @@
 
     python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
-        [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--holdout] [--every-split]
+        [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
+        [--mixup ALPHA ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--output JSON] [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
 
-Each cell (config, epochs, lr, micro-batch, seed) is one training run of a named config from
-configs.yml, through the training application's own API (`train.config.resolve_config`,
-`train.loop.run`), with its recipe as written (optimiser, lr, schedule, epochs) except:
-the global batch is `--global-batch`, split as `micro_batch_size` x `replicas` with
-`gradient_accumulation` 1 (so BatchNorm's statistics cover one micro-batch and sync_batch's,
-with `bn_group_size` 0, all replicas: the whole global batch), `cpu_threads` 1, wandb
-disabled and the run folder a temporary one, deleted afterwards (its validation curve is
-kept in the JSON). `lr` stays the config's (it is not rescaled for the global batch;
-`--lr` sets another, several make a search, as several `--epochs` do). The sample order
-depends only on the seed and the global batch, so at one seed every micro-batch sees the
-same batches: only the normalisation's statistics domain differs.
+Each cell (config, epochs, lr, regularisation, micro-batch, seed) is one training run of a
+named config from configs.yml, through the training application's own API
+(`train.config.resolve_config`, `train.loop.run`), with its recipe as written (optimiser,
+lr, schedule, epochs, regularisation) except: the global batch is `--global-batch`, split as
+`micro_batch_size` x `replicas` with `gradient_accumulation` 1 (so BatchNorm's statistics
+cover one micro-batch and sync_batch's, with `bn_group_size` 0, all replicas: the whole
+global batch), `cpu_threads` 1, wandb disabled and the run folder a temporary one, deleted
+afterwards (its validation curve is kept in the JSON). `lr` stays the config's (it is not
+rescaled for the global batch; `--lr` sets another, several make a search, as several
+`--epochs` do; `--label-smoothing` and `--mixup` set the extra regularisation the same way,
+a cell for each combination). The sample order depends only on the seed and the global
+batch, so at one seed every micro-batch sees the same batches: only the normalisation's
+statistics domain differs.
 
 Split-invariant norms (the batch-independent ones, and sync_batch over all replicas) give
 the same maths for every split (tests/test_execution_plans.py), so they run once per seed,
@@ -69,7 +72,9 @@ FAMILIES = {  # --data: the config family, `FAMILY_NORM` in configs.yml
 # Settings added later have a default, so cells recorded before them keep their key.
 KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
                 "global_batch": None, "micro_batch_size": None, "seed": None, "epochs": None,
-                "max_steps": None, "lr": None, "holdout": False}
+                "max_steps": None, "lr": None, "holdout": False,
+                "label_smoothing": 0.0, "mixup_alpha": 0.0}
+REGULARISATION = {"label_smoothing": "label smoothing", "mixup_alpha": "mixup"}
 
 
 class StudyError(Exception):
@@ -142,8 +147,9 @@ def plan(args):
         if once:  # one run per seed, at the config's own micro-batch where the grid has it
             own = recipe["micro_batch_size"]
             micro_batches = [own if own in micro_batches else max(micro_batches)]
-        for epochs, lr, micro_batch, seed in itertools.product(
-                args.epochs or [None], args.lr or [None], micro_batches, args.seeds):
+        for epochs, lr, smoothing, mixup, micro_batch, seed in itertools.product(
+                args.epochs or [None], args.lr or [None], args.label_smoothing or [None],
+                args.mixup or [None], micro_batches, args.seeds):
             overrides = {
                 "seed": seed, "micro_batch_size": micro_batch, "gradient_accumulation": 1,
                 "replicas": args.global_batch // micro_batch, "bn_group_size": 0,
@@ -153,6 +159,7 @@ def plan(args):
             if args.holdout:
                 overrides["clutter_holdout"] = True
             for option, value in (("norm", norm), ("epochs", epochs), ("lr", lr),
+                                  ("label_smoothing", smoothing), ("mixup_alpha", mixup),
                                   ("data_path", args.data_path), ("engine", args.engine)):
                 if value is not None:
                     overrides[option] = value
@@ -165,7 +172,8 @@ def plan(args):
                     "global_batch": args.global_batch, "micro_batch_size": micro_batch,
                     "replicas": config["replicas"], "seed": seed,
                     "epochs": config["epochs"], "max_steps": config["max_steps"],
-                    "lr": config["lr"], "holdout": args.holdout, "split_invariant": once}
+                    "lr": config["lr"], "holdout": args.holdout, "split_invariant": once,
+                    **{option: config[option] for option in REGULARISATION}}
             cells.append((cell, overrides))
     return cells
 
@@ -199,7 +207,8 @@ def train_cell(name, overrides, log_dir=None):
     result["curve"] = curve
     result["recipe"] = {key: config[key] for key in (
         "optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule",
-        "warmup_epochs", "epochs", "precision", "engine", "cpu_threads")}
+        "warmup_epochs", "epochs", "label_smoothing", "mixup_alpha", "precision", "engine",
+        "cpu_threads")}
     return result
 
 
@@ -261,8 +270,17 @@ def percent(values):
     return f"{100 * mean:.2f}" if len(values) < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def regularisation(run):
+    """The run's extra regularisation, in words ("none" for runs recorded before it was)."""
+    parts = [f"{words} {run.get(option, KEY_DEFAULTS[option]):g}"
+             for option, words in REGULARISATION.items()
+             if run.get(option, KEY_DEFAULTS[option])]
+    return ", ".join(parts) or "none"
+
+
 def table(report):
-    """The markdown table: one row per (data, model, norm, global batch, length, lr), one
+    """The markdown table: one row per (data, model, norm, global batch, length, lr,
+    regularisation), one
     column per micro-batch; a cell is the mean +- std of the final validation accuracy (%)
     and the number of seeds. A split-invariant norm run at one micro-batch shows its value
     in every column, marked with *."""
@@ -273,13 +291,14 @@ def table(report):
     groups = {}
     for run in runs:
         row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
-               run["norm"], run["global_batch"], run["epochs"], run["max_steps"], run["lr"])
+               run["norm"], run["global_batch"], run["epochs"], run["max_steps"], run["lr"],
+               regularisation(run))
         groups.setdefault(row, {}).setdefault(run["micro_batch_size"], []).append(run)
     order = {norm: i for i, norm in enumerate(NORMS)}
     rows, once = [], set()
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[4], k[5], k[6],
-                                             order.get(k[2], len(order)), k[2])):
-        data, model, norm, global_batch, epochs, max_steps, lr = key
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[4], k[5], k[6], k[7] != "none",
+                                             k[7], order.get(k[2], len(order)), k[2])):
+        data, model, norm, global_batch, epochs, max_steps, lr, extra = key
         by_micro_batch = groups[key]
         shared = None
         if len(by_micro_batch) == 1 and all(r.get("split_invariant") for runs in
@@ -302,8 +321,8 @@ def table(report):
                        - {None})
         length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
         length += f" ({'/'.join(map(str, steps))} steps)" if steps else ""
-        rows.append([data, f"`{model}`", f"`{norm}`", global_batch, length, lr, *cells])
-    header = ["data", "model", "norm", "global batch", "length", "lr",
+        rows.append([data, f"`{model}`", f"`{norm}`", global_batch, length, lr, extra, *cells])
+    header = ["data", "model", "norm", "global batch", "length", "lr", "regularisation",
               *[f"micro-batch {mb}" for mb in micro_batches]]
     commands = sorted({run["command"] for run in runs})
     seeds = sorted({run["seed"] for run in runs})
@@ -321,7 +340,8 @@ def table(report):
                  f"this norm's statistics do not depend on how the global batch is split "
                  f"(tests/test_execution_plans.py proves it exactly), so the value stands "
                  f"for every column. ")
-    note += (f"Each config's recipe (optimiser, lr, schedule, epochs) as in configs.yml, lr "
+    note += (f"Each config's recipe (optimiser, lr, schedule, epochs, regularisation: label "
+             f"smoothing and mixup beyond the weight decay every run has) as in configs.yml, lr "
              f"not rescaled for the global batch; {threads} CPU thread(s) per run "
              f"({environment.get('cpu', 'CPU')}, torch {environment.get('torch', '?')}). "
              + " ".join(f"`{command}`" for command in commands) + ".")
@@ -446,6 +466,10 @@ def main(argv=None):
                         help="stop every run after this many steps (0 = the whole recipe)")
     parser.add_argument("--lr", nargs="+", type=float,
                         help="override the configs' lr (several: a search, each lr a cell)")
+    parser.add_argument("--label-smoothing", nargs="+", type=float,
+                        help="override the configs' label_smoothing (several: a search)")
+    parser.add_argument("--mixup", nargs="+", type=float,
+                        help="override the configs' mixup_alpha (several: a search)")
     parser.add_argument("--data-path", help="dataset folder (CIFAR-10: data/cifar10)")
     parser.add_argument("--engine", help="override the configs' engine (cpu, cuda)")
     parser.add_argument("--holdout", action="store_true",

@@ -55,7 +55,8 @@ def test_tiny_grid_writes_its_cells_a_table_and_figures(tmp_path, capsys):
     assert "| digits | `digits_preact_resnet` | `batch` | 16 |" in text
     shown = next(run for run in report["runs"] if run["norm"] == "group_pn")["val_accuracy"]
     cell = f"{100 * shown:.2f} (1) *"
-    assert f"| `group_pn` | 16 | 15 epochs, max 2 steps (2 steps) | 0.1 | {cell} | {cell} |" in text
+    assert (f"| `group_pn` | 16 | 15 epochs, max 2 steps (2 steps) | 0.1 | none | {cell} | {cell} |"
+            in text)
     assert "*: run once per seed at micro-batch 8" in text
     assert "`python -m benchmarks.accuracy --norms batch group_pn" in text
     assert "1 CPU thread(s) per run" in text
@@ -85,6 +86,9 @@ def test_cells_recorded_before_a_setting_existed_keep_their_key():
            "micro_batch_size": 8, "seed": 0, "epochs": 3, "max_steps": 0, "lr": 0.1}
     assert accuracy.cell_key(old) == accuracy.cell_key({**old, "holdout": False})
     assert accuracy.cell_key(old) != accuracy.cell_key({**old, "holdout": True})
+    # a config that gains label smoothing is a new cell, not one already done
+    assert accuracy.cell_key(old) == accuracy.cell_key({**old, "label_smoothing": 0.0})
+    assert accuracy.cell_key(old) != accuracy.cell_key({**old, "label_smoothing": 0.1})
 
 
 def test_table_shows_mean_and_std_over_seeds():
@@ -95,6 +99,13 @@ def test_table_shows_mean_and_std_over_seeds():
     runs.append({**runs[0], "seed": 3, "status": "diverged", "val_accuracy": None})
     text = accuracy.table({"runs": runs})
     assert "60.00 ± 10.00 (3), 1 diverged" in text
+    assert "| 0.1 | none | 60.00" in text
+    regularised = [{**run, "label_smoothing": 0.1, "mixup_alpha": 0.2, "val_accuracy": 0.9}
+                   for run in runs[:1]]
+    text = accuracy.table({"runs": runs + regularised})
+    # its own row, after the unregularised one
+    assert text.index("| 0.1 | none | 60.00") < text.index(
+        "| 0.1 | label smoothing 0.1, mixup 0.2 | 90.00 (1) |")
 
 
 def test_bad_micro_batch_is_one_line(tmp_path, capsys):
@@ -110,7 +121,8 @@ def test_other_config_families_are_planned_without_training():
     parser_args = {"configs": None, "norms": ["layer", "group_pn"], "global_batch": 64,
                    "micro_batches": [8, 64], "seeds": [0], "epochs": None, "max_steps": 0,
                    "lr": None, "data_path": "data/cifar10", "engine": None, "threads": 1,
-                   "holdout": False, "every_split": True}
+                   "holdout": False, "every_split": True, "label_smoothing": None,
+                   "mixup": None}
     cells = accuracy.plan(argparse.Namespace(data="cifar10", **parser_args))
     # cifar10_preact_resnet20 has no layer config: its first config with norm overridden
     assert [(c["config"], c["norm"], c["replicas"]) for c, _ in cells] == [
@@ -131,6 +143,14 @@ def test_other_config_families_are_planned_without_training():
                                    ("cluttered_digits", "sync_batch", 8, 0.2, True)]
     assert all(overrides["bn_group_size"] == 0 and overrides["clutter_holdout"]
                for _, overrides in cells)
+    # a regularisation search: a cell per combination, each carried into the run's options
+    cells = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
+                                    "every_split": False, "label_smoothing": [0, 0.1],
+                                    "mixup": [0.2], "micro_batches": [8]}))
+    assert [(c["label_smoothing"], c["mixup_alpha"]) for c, _ in cells] == [(0, 0.2), (0.1, 0.2)]
+    assert [(o["label_smoothing"], o["mixup_alpha"]) for _, o in cells] == [(0, 0.2), (0.1, 0.2)]
+    assert len({accuracy.cell_key(c) for c, _ in cells}) == 2
 
 
 def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):
