@@ -2,7 +2,9 @@
 
 CIFAR is read from the "python version" archives' pickle files (the files torchvision's
 CIFAR10/CIFAR100 read), without torchvision's md5 check of every file, which rejects any
-copy that is not byte-identical to the original archive (subsets, test fixtures).
+copy that is not byte-identical to the original archive (subsets, test fixtures). So that a
+tampered file cannot run code, they are read with an allow-list unpickler (a dict, lists,
+strings, ints and numpy arrays only), and each file's images and labels are checked.
 ImageNet is torchvision's ImageFolder over train/ and val/, one folder per class.
 """
 import os
@@ -44,18 +46,98 @@ class ArraySource(Dataset):
         return Image.fromarray(self.images[index]), int(self.labels[index])
 
 
-def read_cifar_files(folder, names, label_key):
-    images, labels = [], []
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[label_key])
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-            raise DataError(f"cannot read CIFAR file {path}: {error}") from None
-    return np.concatenate(images).transpose(0, 2, 3, 1), np.asarray(labels, dtype=np.int64)
+def _latin1_bytes(text, encoding):
+    """Python 3 writes bytes in protocol 0-2 pickles as _codecs.encode(text, "latin1"); the
+    real codecs.encode would look up whatever codec the file names, so only latin1 here."""
+    if encoding != "latin1":
+        raise ValueError(f"bytes encoded as {encoding!r}, not latin1")
+    return text.encode("latin1")
+
+
+# Every global a CIFAR file may name: what numpy's own pickles of an array or scalar call,
+# named numpy.core.* by numpy 1 (the real files) and numpy._core.* by numpy 2. The callables
+# are taken from numpy's reduce, which works under both without importing either name.
+_reconstruct = np.zeros(1).__reduce__()[0]  # an ndarray
+_frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # an ndarray in a protocol-5 pickle
+_scalar = np.int64(0).__reduce__()[0]  # a numpy scalar, e.g. an np.int64 label
+CIFAR_GLOBALS = {}
+for _module in ("numpy.core", "numpy._core"):
+    CIFAR_GLOBALS.update({(f"{_module}.multiarray", "_reconstruct"): _reconstruct,
+                          (f"{_module}.multiarray", "scalar"): _scalar,
+                          (f"{_module}.numeric", "_frombuffer"): _frombuffer})
+CIFAR_GLOBALS.update({("numpy", "ndarray"): np.ndarray,  # the class _reconstruct builds
+                      ("numpy", "dtype"): np.dtype,  # the array's element type
+                      ("_codecs", "encode"): _latin1_bytes})  # bytes, Python 3, protocol <= 2
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only CIFAR_GLOBALS: a pickle runs whatever callable it
+    names, so a tampered data file could otherwise run any code."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")  # Python 2 str (the real files) -> str
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR_GLOBALS:
+            raise DataError(f"cannot read CIFAR file {self.path}: it refers to {module}.{name}, "
+                            f"which a CIFAR file never holds (refused: a data file must not "
+                            f"run code)")
+        return CIFAR_GLOBALS[module, name]
+
+
+def read_cifar_file(path, label_key, num_classes):
+    """(N, 3072) uint8 pixels and N labels in 0..num_classes-1 from one CIFAR pickle file;
+    DataError naming the file for anything else, so that images never pair with the wrong
+    labels and a bad label is not an IndexError deep in training."""
+    def failure(problem):
+        return DataError(f"cannot read CIFAR file {path}: {problem}")
+
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as error:  # a damaged pickle can raise almost any exception type
+        raise failure(f"{type(error).__name__}: {error}") from None
+    if not isinstance(batch, dict):
+        raise failure(f"it holds a {type(batch).__name__}, not a dict")
+    # Python 2's str keys load as str; keys written as Python 3 bytes are the same keys
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    for key in ("data", label_key):
+        if key not in batch:
+            raise failure(f"it has no {key!r} entry (its keys: {', '.join(map(repr, batch))})")
+    data, labels = batch["data"], batch[label_key]
+    if not isinstance(data, np.ndarray):
+        raise failure(f"'data' is a {type(data).__name__}, not a numpy array")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise failure(f"'data' has shape {data.shape}, not (N, 3072): N images of 3x32x32 "
+                      f"pixels")
+    if data.dtype != np.uint8:  # other integer types are fine if every value is a pixel
+        if data.dtype.kind not in "iu" or (data.size and (data.min() < 0 or data.max() > 255)):
+            raise failure(f"'data' is {data.dtype} and not pixel values 0..255")
+        data = data.astype(np.uint8)
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        raise failure(f"{label_key!r} is a {type(labels).__name__}, not a list of integers")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise failure(f"{label_key!r} is not a list of integers")
+    if len(labels) != len(data):
+        raise failure(f"it holds {len(data)} images and {len(labels)} labels; each image "
+                      f"needs one")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise failure(f"image {bad[0]} has label {labels[bad[0]]}, outside 0..{num_classes - 1} "
+                      f"({num_classes} classes)")
+    return data, labels.astype(np.int64)
+
+
+def read_cifar_files(folder, names, label_key, num_classes):
+    """(N, 32, 32, 3) uint8 images and N int64 labels from the named files, in order."""
+    files = [read_cifar_file(os.path.join(folder, name), label_key, num_classes)
+             for name in names]
+    images = np.concatenate([data for data, _ in files]).reshape(-1, 3, 32, 32)
+    return images.transpose(0, 2, 3, 1), np.concatenate([labels for _, labels in files])
 
 
 def load_cifar(name, data_path, image_size=CIFAR_IMAGE_SIZE):
@@ -71,8 +153,8 @@ def load_cifar(name, data_path, image_size=CIFAR_IMAGE_SIZE):
     train_transform = transforms.Compose(resize + [
         transforms.RandomCrop(image_size, padding=image_size // 8),
         transforms.RandomHorizontalFlip()] + normalise)
-    return Source(ArraySource(*read_cifar_files(folder, train_files, label_key)),
-                  ArraySource(*read_cifar_files(folder, val_files, label_key)),
+    return Source(ArraySource(*read_cifar_files(folder, train_files, label_key, num_classes)),
+                  ArraySource(*read_cifar_files(folder, val_files, label_key, num_classes)),
                   train_transform, transforms.Compose(resize + normalise), num_classes,
                   in_channels=3, image_size=image_size)
 

@@ -2,6 +2,7 @@
 contract: order and augmentation depend only on (seed, epoch, index)."""
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 from datasets import CorruptImageError, DataError, get_dataset
 from datasets.pipeline import EpochOrder, make_loader
+from train.__main__ import main
 
 
 def write_cifar10(root, per_batch=4):
@@ -23,6 +25,38 @@ def write_cifar10(root, per_batch=4):
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return root
+
+
+def python2_pickle(data, labels):
+    """What Python 2's cPickle.dump(batch, f, 2) wrote for the real CIFAR files (Python 3
+    cannot write it): str as BINSTRING, numpy 1's global names, the pixels as one str."""
+    def text(value):
+        return pickle.BINSTRING + struct.pack("<i", len(value)) + value
+
+    def number(value):
+        return pickle.BININT + struct.pack("<i", value)
+
+    def call(module, name, *args):
+        return (pickle.GLOBAL + f"{module}\n{name}\n".encode() + pickle.MARK + b"".join(args)
+                + pickle.TUPLE + pickle.REDUCE)
+
+    def build(*state):
+        return pickle.MARK + b"".join(state) + pickle.TUPLE + pickle.BUILD
+
+    def items(values):
+        return pickle.EMPTY_LIST + pickle.MARK + b"".join(values) + pickle.APPENDS
+
+    dtype = call("numpy", "dtype", text(b"u1"), number(0), number(1)) + build(
+        number(3), text(b"|"), pickle.NONE * 3, number(-1), number(-1), number(0))
+    array = call("numpy.core.multiarray", "_reconstruct", pickle.GLOBAL + b"numpy\nndarray\n",
+                 number(0) + pickle.TUPLE1, text(b"b")) + build(
+        number(1), number(len(data)) + number(3072) + pickle.TUPLE2, dtype, pickle.NEWFALSE,
+        text(data.tobytes()))
+    entries = [text(b"batch_label"), text(b"training batch 1 of 5"), text(b"data"), array,
+               text(b"labels"), items(number(label) for label in labels),
+               text(b"filenames"), items(text(b"%d.png" % i) for i in range(len(labels)))]
+    return (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + b"".join(entries)
+            + pickle.SETITEMS + pickle.STOP)
 
 
 def write_image_folder(root, classes=("cat", "dog"), per_class=4, size=(20, 24)):
@@ -125,6 +159,117 @@ def test_cifar_folder(tmp_path):
     assert (len(data.train), len(data.val), data.num_classes, data.in_channels) == (20, 4, 10, 3)
     image, label, _ = data.train[(0, 0)]
     assert image.shape == (3, 32, 32) and 0 <= label < 10
+
+
+def test_cifar_reads_every_pickle_flavour_of_the_real_files(tmp_path):
+    """The real files (Python 2, protocol 2) and copies written by Python 3 under every
+    protocol, with bytes keys, numpy labels or int16 pixels, load to the pixels written."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    data = [rng.integers(0, 256, (3, 3072), dtype=np.uint8) for _ in range(6)]
+    labels = [[int(x) for x in rng.integers(0, 10, 3)] for _ in range(6)]
+    (folder / "data_batch_1").write_bytes(python2_pickle(data[0], labels[0]))
+    flavours = [({b"data": data[1], b"labels": labels[1]}, 0),
+                ({"data": data[2], "labels": [np.int64(x) for x in labels[2]]}, 2),
+                ({"data": data[3], "labels": np.array(labels[3])}, 5),
+                ({"data": data[4].astype(np.int16), "labels": labels[4]}, 4),
+                ({"data": data[5], "labels": tuple(labels[5])}, pickle.DEFAULT_PROTOCOL)]
+    for name, (batch, protocol) in zip(["data_batch_2", "data_batch_3", "data_batch_4",
+                                        "data_batch_5", "test_batch"], flavours):
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+    loaded = get_dataset("cifar10", data_path=str(tmp_path))
+    images = np.concatenate(data[:5]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert np.array_equal(loaded.train.source.images, images)
+    assert loaded.train.source.labels.tolist() == sum(labels[:5], [])
+    assert np.array_equal(loaded.val.source.images[2],
+                          data[5][2].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert loaded.val.source.labels.tolist() == labels[5]
+
+
+class RunsCode:
+    """What a tampered pickle can hold: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.DEFAULT_PROTOCOL, 5])
+def test_cifar_file_that_runs_code_is_refused(tmp_path, protocol):
+    write_cifar10(tmp_path)
+    path, marker = tmp_path / "cifar-10-batches-py" / "data_batch_3", tmp_path / "MARKER"
+    batch = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3],
+             "filenames": ["a.png", RunsCode(marker)]}  # hidden deep in an ordinary file
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=protocol)
+    with pytest.raises(DataError) as error:
+        get_dataset("cifar10", data_path=str(tmp_path))
+    assert str(error.value) == (
+        f"cannot read CIFAR file {path}: it refers to {os.system.__module__}.system, which a "
+        f"CIFAR file never holds (refused: a data file must not run code)")
+    assert not marker.exists()
+
+
+BAD_BATCHES = [  # (what the file holds, what the one-line error says)
+    ({"data": [[0] * 3072] * 4, "labels": [0, 1, 2, 3]}, "'data' is a list, not a numpy array"),
+    ({"data": np.zeros((20, 3072), np.uint8), "labels": list(range(10))},
+     "it holds 20 images and 10 labels; each image needs one"),
+    ({"data": np.zeros((4, 1024), np.uint8), "labels": [0, 1, 2, 3]},
+     "'data' has shape (4, 1024), not (N, 3072)"),
+    ({"data": np.full((4, 3072), 300), "labels": [0, 1, 2, 3]},
+     "'data' is int64 and not pixel values 0..255"),
+    ({"data": np.zeros((4, 3072), np.float32), "labels": [0, 1, 2, 3]},
+     "'data' is float32 and not pixel values 0..255"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 10, 3]},
+     "image 2 has label 10, outside 0..9 (10 classes)"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, -1, 2, 3]},
+     "image 1 has label -1, outside 0..9"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": ["cat", "dog", "cat", "dog"]},
+     "'labels' is not a list of integers"),
+    ({"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0, 1, 2, 3]},
+     "it has no 'labels' entry (its keys: 'data', 'fine_labels')"),
+    ([np.zeros((4, 3072), np.uint8)], "it holds a list, not a dict"),
+]
+
+
+@pytest.mark.parametrize("batch,message", BAD_BATCHES)
+def test_invalid_cifar_file_is_one_line_naming_it(tmp_path, batch, message):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(DataError) as error:
+        get_dataset("cifar10", data_path=str(tmp_path))
+    assert str(error.value).startswith(f"cannot read CIFAR file {path}: {message}")
+    assert "\n" not in str(error.value)
+
+
+def test_truncated_cifar_file_is_one_line_naming_it(tmp_path):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match=f"^cannot read CIFAR file {path}: "):
+        get_dataset("cifar10", data_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("batch", [{"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2],
+                                    "filenames": []}, RunsCode("MARKER")])
+def test_bad_cifar_file_exits_2_with_one_line(tmp_path, capsys, monkeypatch, batch):
+    monkeypatch.chdir(tmp_path)  # where RunsCode would touch MARKER
+    write_cifar10(tmp_path / "cifar")
+    path = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_5"
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+    assert main(["--config", "cifar10_preact_resnet20_group_pn", "--data-path",
+                 str(tmp_path / "cifar"), "--output-dir", str(tmp_path / "run"),
+                 "--wandb-mode", "disabled"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read CIFAR file {path}: ")
+    assert not (tmp_path / "MARKER").exists()
 
 
 def test_missing_data_paths_say_where_to_put_the_files(tmp_path):
