@@ -111,6 +111,8 @@ def test_bad_flags_raise_one_line(argv, message):
     ("c: {norm: sync_batch, replicas: 4, bn_group_size: 3}\n",
      "bn_group_size 3 does not divide replicas 4"),
     ("c: [1, 2\n", "invalid YAML"),
+    ("c: {lr: .nan}\n", "configs.yml 'c': lr expects a finite number, got 'nan'"),
+    ("c: {lr: 1.0e+308}\n", "configs.yml 'c': lr must be at most 3.402823e+38 in magnitude"),
 ])
 def test_bad_configs_raise_one_line(tmp_path, text, message):
     path = write_configs(tmp_path, text)
@@ -151,3 +153,76 @@ def test_readme_lists_every_option():
         pytest.skip("README.md has no Training section yet")
     missing = [name for name in OPTIONS if f"| `{name}` |" not in text]
     assert not missing
+
+
+def main_error(capsys, argv):
+    """The one stderr line of `python -m train ARGV`, which must exit with status 2."""
+    from train.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err[len("error: "):-1]
+
+
+def test_collective_timeout_option(capsys):
+    assert resolve_config()["collective_timeout"] == 300
+    config, _ = parse_command_line(["--collective-timeout", "5"])
+    assert config["collective_timeout"] == 5
+    assert main_error(capsys, ["--collective-timeout", "0"]) == \
+        "--collective-timeout must be >= 1 and <= 1000000000, got 0"
+    assert main_error(capsys, ["--collective-timeout", "1.5"]) == \
+        "--collective-timeout expects an integer, got '1.5'"
+
+
+def test_seeds_are_within_what_torch_accepts(capsys):
+    for flag in ("--seed", "--clutter-seed"):
+        config, _ = parse_command_line([flag, str(2 ** 63 - 1)])
+        assert config[flag[2:].replace("-", "_")] == 2 ** 63 - 1
+        assert main_error(capsys, [flag, str(2 ** 64)]) == \
+            f"{flag} must be >= 0 and <= 9223372036854775807, got 18446744073709551616"
+
+
+@pytest.mark.parametrize("name", [name for name, option in OPTIONS.items()
+                                  if float in (option.kind, option.item)])
+@pytest.mark.parametrize("value, shown", [("inf", None), ("-inf", None), ("nan", None),
+                                          ("1e308", "1e+308")])
+def test_float_options_refuse_what_float32_cannot_hold(capsys, name, value, shown):
+    """Non-finite numbers, and finite ones that overflow float32 in the optimiser (an lr of
+    1e308 stopped the first step with a traceback)."""
+    option = OPTIONS[name]
+    text = f"[{value}, {value}]" if option.kind is list else value
+    message = main_error(capsys, [f"{option.flag}={text}"])
+    if shown is None:
+        assert message == f"{option.flag} expects a finite number, got '{value}'"
+    else:
+        shown = f"[{shown}, {shown}]" if option.kind is list else shown
+        assert message == (f"{option.flag} must be at most 3.402823e+38 in magnitude (the "
+                           f"largest float32), got {shown}")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("model: null", "configs.yml 'c': model must be set (it cannot be null)"),
+    ("norm: 5", "configs.yml 'c': norm expects a string, got the number 5 (quote it in YAML)"),
+    ("replicas: two", "configs.yml 'c': replicas expects an integer, got 'two'"),
+])
+def test_list_configs_names_a_config_with_a_bad_shown_value(tmp_path, monkeypatch, capsys,
+                                                            entry, message):
+    import functools
+
+    import train.__main__
+    from train.config import describe_configs
+
+    path = write_configs(tmp_path, f"ok: {{model: resnet50}}\nc: {{{entry}}}\n")
+    monkeypatch.setattr(train.__main__, "describe_configs",
+                        functools.partial(describe_configs, path=path))
+    assert main_error(capsys, ["--list-configs"]) == message
+
+
+def test_list_configs_shows_every_config(tmp_path):
+    from train.config import describe_configs
+
+    path = write_configs(tmp_path, "a: {model: resnet50, replicas: 4}\nb: {}\n_base: {}\n")
+    lines = describe_configs(path=path)
+    assert len(lines) == 2 and lines[0].split()[:2] == ["a", "resnet50"]
+    assert "global batch 128 (32 x 1 x 4)" in lines[0]

@@ -19,6 +19,12 @@ from datasets.cluttered_digits import DEFAULTS as CLUTTER
 CONFIGS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs.yml")
 DEFAULT_CONFIG = "digits_resnet_group_pn"
+# torch.manual_seed and torch.Generator take at most 2**64 - 1, PopTorch's randomSeed a
+# signed 64-bit number, and the seeds derived from a run's (sample_seed) are below 2**63.
+SEED_MAX = 2 ** 63 - 1
+# Float options end in float32 arithmetic (weights, images, optimiser steps), where a
+# larger magnitude overflows (an lr of 1e308: "value cannot be converted to type float").
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(Exception):
@@ -54,7 +60,7 @@ OPTION_GROUPS = [
                "or --output-dir, when it has a checkpoint; else start afresh), a checkpoint file "
                "or a run folder", null_ok=True),
         Option("seed", 0, int, "seeds initialisation, sample order, augmentation and dropout",
-               at_least=0),
+               at_least=0, at_most=SEED_MAX),
         Option("epochs", 10, int, "training epochs", at_least=1),
         Option("max_steps", 0, int, "stop after this many optimiser steps in all (0 = no limit)",
                at_least=0),
@@ -114,7 +120,8 @@ OPTION_GROUPS = [
         Option("clutter_val_samples", CLUTTER.val_samples, int, "cluttered_digits: validation "
                "canvases (from the 360 validation digits)", at_least=1),
         Option("clutter_seed", CLUTTER.seed, int, "cluttered_digits: seed of the canvases, apart "
-               "from the run's seed so that every run sees the same ones", at_least=0),
+               "from the run's seed so that every run sees the same ones", at_least=0,
+               at_most=SEED_MAX),
         Option("clutter_holdout", CLUTTER.holdout, bool, "cluttered_digits: for tuning a recipe; "
                "train on canvases of four fifths of the training digits and validate on "
                "canvases of the other fifth (the validation digits stay unseen)"),
@@ -136,6 +143,11 @@ OPTION_GROUPS = [
                at_least=1),
         Option("bn_group_size", 0, int, "sync_batch: replicas that share statistics (0 = all)",
                at_least=0),
+        Option("collective_timeout", 300, int, "torchrun: seconds a process waits for the others "
+               "(to join, or in a collective) before it fails; it must cover the longest gap "
+               "between two collectives: rank 0 starting wandb or writing a checkpoint, "
+               "validation shards of unequal cost, a first step's set-up",
+               at_least=1, at_most=10 ** 9),  # (a timedelta holds up to 8.6e13 s)
         Option("device_iterations", 1, int, "IPU: optimiser steps per host call", at_least=1),
         Option("pipeline_splits", [], list, "IPU: modules that begin a pipeline stage (checked "
                "against the model everywhere)"),
@@ -292,6 +304,9 @@ def check_range(option, value, where):
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if isinstance(v, float) and abs(v) > FLOAT32_MAX:
+            raise ConfigError(f"{where} must be at most {FLOAT32_MAX:.7g} in magnitude (the "
+                              f"largest float32), got {show(value)}")
         bad = ((option.at_least is not None and v < option.at_least)
                or (option.above is not None and v <= option.above)
                or (option.at_most is not None and v > option.at_most)
@@ -423,11 +438,23 @@ def parse_command_line(argv):
     return resolve_config(getattr(args, "config", DEFAULT_CONFIG), overrides), False
 
 
-def describe_configs(configs=None):
-    """One line per config: name, model, norm, data, global batch."""
-    configs = load_configs() if configs is None else configs
+def describe_configs(configs=None, path=CONFIGS_PATH):
+    """One line per config: name, model, norm, data, global batch.
+
+    Checks only the values it shows (ConfigError naming the config for a bad one, such as
+    `model: null`): a config with another bad key is still listed.
+    """
+    configs = load_configs(path) if configs is None else configs
     names = config_names(configs)
-    resolved = [{**defaults(), **configs[name]} for name in names]
+    shown = ("model", "norm", "data", "micro_batch_size", "gradient_accumulation", "replicas",
+             "engine")
+    resolved = []
+    for name in names:
+        config = defaults()
+        for key in set(shown) & set(configs[name]):
+            config[key] = check_value(OPTIONS[key], configs[name][key],
+                                      f"{os.path.basename(path)} '{name}': {key}")
+        resolved.append(config)
     width = {key: max([len(str(c[key])) for c in resolved], default=0)
              for key in ("model", "norm", "data")}
     width["name"] = max([len(str(name)) for name in names], default=0)
