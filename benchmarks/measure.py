@@ -1,10 +1,9 @@
 """What the benchmarks share: the bytes autograd keeps (counted by train.plan, which plans
 memory per device with the same count), the machine, writing results."""
-import json
 import os
 import platform
-import tempfile
 
+from train import files
 from train.plan import saved_storages
 
 
@@ -31,24 +30,13 @@ def cpu_name():
 
 
 def write_json(report, path):
-    """Write to a temporary file, then rename: a result file is never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
-    os.replace(tmp, path)
+    """Written whole or not at all (train.files.write_atomically), into a folder it creates."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_json(path, report)
 
 
 def write_png(figure, path, dpi=110):
-    """A matplotlib figure as a PNG, written to a temporary file, then renamed: a figure is
-    never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.png")
-    os.close(fd)
-    figure.savefig(tmp, dpi=dpi, format="png")
-    os.chmod(tmp, 0o644)  # as write_json
-    os.replace(tmp, path)
+    """A matplotlib figure as a PNG, written whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_atomically(path, lambda f: figure.savefig(f, dpi=dpi, format="png"),
+                           binary=True)

@@ -4,7 +4,8 @@ A table lives between `<!-- NAME:start -->` and `<!-- NAME:end -->`; the scripts
 measure or compute it rewrite only that span, so the prose around it stays hand-written.
 """
 import os
-import tempfile
+
+from train import files
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -25,9 +26,5 @@ def replace_section(name, text, path=README):
     head, rest = readme.split(start)
     _, tail = rest.split(end)
     updated = f"{head}{start}\n{text.strip()}\n{end}{tail}"
-    # temporary file + rename: an interrupted run never leaves a half-written README
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(updated)
-    os.chmod(tmp, os.stat(path).st_mode)  # mkstemp's file is private; keep the README's mode
-    os.replace(tmp, path)
+    # an interrupted run never leaves a half-written README; the README keeps its mode
+    files.write_atomically(path, lambda f: f.write(updated), mode=os.stat(path).st_mode & 0o777)

@@ -35,6 +35,14 @@ class CorruptImageError(DataError):
         self.path = path
 
 
+def error_line(error):
+    """The one-line message of an error; a DataLoader worker's error arrives wrapped in its
+    traceback, whose last line is 'module.ErrorType: message'."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 class TensorSource(Dataset):
     """(images[i], labels[i]) from tensors in memory."""
 

@@ -11,6 +11,7 @@ import os
 import torch
 
 from train.config import MODEL_KEYS, OPTIONS, show
+from train.files import write_atomically
 
 FORMAT = "proxy-norm-train/1"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -21,34 +22,63 @@ class CheckpointError(Exception):
 
 
 def save(path, checkpoint):
-    """Write to a temporary name, then rename: a crash never leaves half a checkpoint."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """Written whole or not at all (train.files.write_atomically): a crash never leaves half
+    a checkpoint, and a full disk leaves the previous one as it was."""
+    write_atomically(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
-def load(path):
+def load(path, mmap=False):
+    """The checkpoint's dict, checked to hold what a resumed run reads; CheckpointError (one
+    line) otherwise. mmap: leave the tensors on disk (to read a few numbers of a large one)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and weights_only errors differ by torch version
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this training application")
+    problem = malformed(checkpoint)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}")
     return checkpoint
+
+
+def malformed(checkpoint):
+    """What a checkpoint of the right format lacks or holds wrongly (None if nothing)."""
+    def number(value, kind=(int, float)):
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    for key, kind in (("config", dict), ("engine", dict), ("rng", dict)):
+        if not isinstance(checkpoint.get(key), kind):
+            return f"no {key}"
+    step = checkpoint.get("step")
+    if not number(step, int) or step < 0:
+        return f"step {step!r} is not a step number"
+    if not number(checkpoint.get("skipped_images", 0), int):
+        return "skipped_images is not a count"
+    for key in ("val_accuracy", "best_val_accuracy"):
+        value = checkpoint.get(key)
+        if value is not None and not (number(value) and 0 <= value <= 1):
+            return f"{key} {value!r} is not an accuracy"
+    if checkpoint.get("weight_average") is not None and \
+            not isinstance(checkpoint["weight_average"], dict):
+        return "weight_average is not a state"
+    generator = checkpoint["rng"].get("torch")
+    expected = torch.get_rng_state()
+    if not isinstance(generator, torch.Tensor) or generator.dtype != expected.dtype \
+            or generator.shape != expected.shape:
+        return "rng holds no CPU generator state of this torch"
+    return None
 
 
 def find_resume(config):
     """The checkpoint to resume from, or None to start afresh.
 
     resume: null (start afresh), 'auto' (checkpoint_last.pt of --output-dir, or of the
-    newest runs/CONFIG-* folder that has one; None if there is none), a run folder or a
-    checkpoint file.
+    runs/CONFIG-* folder whose checkpoint was written last; None if there is none), a run
+    folder or a checkpoint file.
     """
     resume = config["resume"]
     if resume is None:
@@ -57,18 +87,29 @@ def find_resume(config):
         if config["output_dir"] is not None:
             candidates = [os.path.join(config["output_dir"], LAST)]
         else:
-            candidates = sorted(glob.glob(os.path.join("runs", f"{glob.escape(config['config'])}-*",
-                                                       LAST)), reverse=True)
-        return next((path for path in candidates if os.path.isfile(path)), None)
+            pattern = os.path.join("runs", f"{glob.escape(config['config'])}-*", LAST)
+            candidates = glob.glob(pattern)
+        candidates = [path for path in candidates if os.path.isfile(path)]
+        return max(candidates, key=os.path.getmtime) if candidates else None
     path = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {resume}: no checkpoint at {path}")
     return path
 
 
+# Options that say where a run writes, how often it reports or how it is run, but not what
+# it computes: resuming with other values is still an exact continuation. (epochs changes
+# the maths only where it changes the learning-rate schedule: train.loop checks that.)
+BOOKKEEPING = {"config", "output_dir", "resume", "epochs", "max_steps", "validation",
+               "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "data_path",
+               "num_workers", "skip_corrupt_images", "cpu_threads", "executable_cache_dir",
+               "compile_only", "device_memory_mb", "collective_timeout"}
+
+
 def check_compatible(checkpoint, config, path):
     """CheckpointError unless the checkpoint's network is this run's; returns the other
-    settings that changed (resuming with them is allowed, but is no longer exact)."""
+    settings that changed what the run computes (resuming with them is allowed, but is no
+    longer exact)."""
     saved = checkpoint["config"]
     differ = [key for key in MODEL_KEYS if saved.get(key) != config[key]
               and (key != "synthetic_num_classes" or config["data"] == "synthetic")]
@@ -76,7 +117,7 @@ def check_compatible(checkpoint, config, path):
         described = ", ".join(f"{key} {show(saved.get(key))} (this run: {show(config[key])})"
                               for key in differ)
         raise CheckpointError(f"{path} is from another model: {described}")
-    ignore = set(MODEL_KEYS) | {"resume", "output_dir", "config", "epochs", "max_steps"}
+    ignore = set(MODEL_KEYS) | BOOKKEEPING
     return [key for key in OPTIONS if key not in ignore and saved.get(key) != config[key]]
 
 

@@ -4,8 +4,14 @@
 run folder, and returns (summary, exit status). It stops early, always at a whole
 optimiser step, for `max_steps` (final checkpoint; status 0), SIGINT/SIGTERM (checkpoint;
 status 128 + signal) or a NaN/infinite loss (no new checkpoint, so the last one stays the
-last good one; status 1).
+last good one; status 1). Data that turns out unreadable during the run (a corrupt image
+without skip_corrupt_images) stops it with a checkpoint at the last whole step, and a
+resumed run does the validation it missed first; then the DataError goes on to the caller.
+
+The run folder is held by one run at a time (train.files.claim), and a run never writes
+over a newer or an unrelated run: see `take_run_dir`.
 """
+import contextlib
 import difflib
 import os
 import signal
@@ -13,14 +19,15 @@ import sys
 import time
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from datasets import cluttered_digits, get_dataset
+from datasets import DataError, cluttered_digits, error_line, get_dataset
 from datasets.pipeline import EpochOrder, sample_seed
-from train import checkpoint, distributed
+from train import checkpoint, distributed, files
+from train.checkpoint import CheckpointError
 from train.config import ConfigError, global_batch_size
 from train.engine import NonFiniteLoss, make_engine, poptorch_available, resolve_device
+from train.files import RunFolderError
 from train.metrics import NoLog, RunLog
 from train.optim import LRSchedule, WeightAverage
 
@@ -69,10 +76,12 @@ def check_module_names(config, model):
 
 class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step; a second
-    SIGINT interrupts at once."""
+    SIGINT interrupts at once, or, inside `deferred()` (a checkpoint being written), as soon
+    as the block ends."""
 
     def __init__(self):
         self.signal = None
+        self.deferring = self.interrupt = False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -82,37 +91,70 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.interrupt:
+            raise KeyboardInterrupt
+
     def handle(self, signum, frame):
         if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            if self.deferring:
+                self.interrupt = True
+                return
             raise KeyboardInterrupt
         self.signal = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint",
               file=sys.stderr, flush=True)
 
 
-def choose_run_dir(config, resume_path):
+def take_run_dir(config, resume_path, saved):
+    """(run folder, its lock): the folder this run writes, created and locked, with its
+    metrics.jsonl cut back to the resumed step. RunFolderError when that would overwrite
+    work: a fresh run into a folder holding a run, a resumed run into a folder holding
+    another run, or an older checkpoint of a run resumed over its newer checkpoint_last.pt."""
     if config["output_dir"] is not None:
-        return config["output_dir"]
-    if resume_path is not None:
-        return os.path.dirname(resume_path) or "."
-    return os.path.join("runs", f"{config['config']}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def write_yaml(path, data):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(temporary, path)
-
-
-def write_json(path, data):
-    import json
-
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(temporary, path)
+        path = config["output_dir"]
+    elif resume_path is not None:
+        path = os.path.dirname(resume_path) or "."
+    else:
+        path = files.new_run_dir(config["config"])
+    lock = files.claim(path)
+    try:
+        metrics = os.path.join(path, "metrics.jsonl")
+        if saved is None:
+            if files.holds_run(path):
+                if config["resume"] != "auto":
+                    raise RunFolderError(f"{path} already holds a run: continue it with "
+                                         f"--resume {path}, or choose another --output-dir")
+                # resume auto, no checkpoint yet: a run that crashed before its first one
+                files.keep_records_until(metrics, metrics, -1)
+            return path, lock
+        source = os.path.dirname(resume_path) or "."
+        if not os.path.samefile(source, path):
+            if files.holds_run(path):
+                raise RunFolderError(f"{path} already holds another run: give an empty "
+                                     f"--output-dir to continue {resume_path} there")
+            files.keep_records_until(os.path.join(source, "metrics.jsonl"), metrics,
+                                     saved["step"])
+            return path, lock
+        last = os.path.join(path, checkpoint.LAST)
+        if os.path.isfile(last) and not os.path.samefile(last, resume_path):
+            newer = checkpoint.load(last, mmap=True)["step"]
+            if newer > saved["step"]:
+                raise RunFolderError(
+                    f"{last} is at step {newer}, past {resume_path} (step {saved['step']}): "
+                    f"resuming here would overwrite it; continue the run with --resume {path}, "
+                    f"or resume that checkpoint into a new folder with --output-dir")
+        files.keep_records_until(metrics, metrics, saved["step"])
+        return path, lock
+    except BaseException:
+        files.release(lock)
+        raise
 
 
 class Run:
@@ -138,11 +180,6 @@ class Run:
                 and resume_path is None:
             raise ConfigError("under poprun, give --output-dir: the instances cannot agree on "
                               "a time-stamped run folder")
-        self.run_dir = context.from_main(choose_run_dir(config, resume_path))
-        if saved is None and os.path.exists(os.path.join(self.run_dir, checkpoint.LAST)):
-            raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume auto "
-                              f"or choose another --output-dir")
-        self.config = config = {**config, "output_dir": self.run_dir}
         self.steps_per_call = engine.steps_per_call
         if config["max_steps"] % self.steps_per_call:
             raise ConfigError(f"max_steps {config['max_steps']} must be a multiple of "
@@ -172,12 +209,45 @@ class Run:
         self.step, self.val_accuracy, self.best_val_accuracy = 0, None, None
         self.skipped_images, self.last_checkpoint_step = 0, None
         self.train_seconds, self.train_images = 0.0, 0
+        self.validation_due, self.signals = False, StopSignals()
+
+        self.run_dir, self.lock = self.take_run_dir(config, resume_path, saved)
+        try:
+            self.start(config, resume_path, saved, changed)
+        except BaseException:
+            files.release(self.lock)
+            raise
+
+    def take_run_dir(self, config, resume_path, saved):
+        """(run folder, lock): rank 0 takes it (take_run_dir); every process learns the
+        folder, or the one-line reason it could not be taken."""
+        context = self.context
+        if not context.is_main:
+            if not context.collective:  # poprun: --output-dir or --resume is given
+                return config["output_dir"] or os.path.dirname(resume_path) or ".", None
+            path, problem = context.from_main(None)
+            if problem:
+                raise RunFolderError(problem)
+            return path, None
+        try:
+            path, lock = take_run_dir(config, resume_path, saved)
+        except (RunFolderError, CheckpointError) as error:
+            context.from_main((None, str(error)))
+            raise
+        context.from_main((path, None))
+        return path, lock
+
+    def start(self, config, resume_path, saved, changed):
+        """The rest of the set-up, once the run folder is this run's."""
+        self.config = config = {**config, "output_dir": self.run_dir}
+        context = self.context
         processes = f" in {context.world_size} processes" if context.distributed else ""
         self.say(f"{config['config']}: {config['model']} with {config['norm']} on "
                  f"{config['data']} ({len(self.data.train)} training, {len(self.data.val)} "
                  f"validation images), global batch {self.global_batch} = "
                  f"{config['micro_batch_size']} x {config['gradient_accumulation']} x "
-                 f"{config['replicas']}, {engine.device}{processes}; run folder {self.run_dir}")
+                 f"{config['replicas']}, {self.engine.device}{processes}; run folder "
+                 f"{self.run_dir}")
         if saved is not None:
             self.restore(saved, resume_path, changed)
         elif config["resume"] == "auto":
@@ -187,8 +257,7 @@ class Run:
 
         self.log = NoLog()
         if context.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            write_yaml(os.path.join(self.run_dir, "config.yml"), config)
+            files.write_yaml(os.path.join(self.run_dir, "config.yml"), config)
             self.log = RunLog(self.run_dir, config)
 
     def start_engine(self, config):
@@ -212,6 +281,14 @@ class Run:
             print(line, file=file or sys.stdout, flush=True)
 
     def restore(self, saved, path, changed):
+        try:  # the steps of the checkpoint's own run, at its global batch
+            run_steps = saved["config"]["epochs"] * (
+                len(self.data.train) // global_batch_size(saved["config"]))
+        except (KeyError, TypeError, ZeroDivisionError):
+            run_steps = None
+        if run_steps is not None and saved["step"] > run_steps:
+            raise CheckpointError(f"{path} is damaged: step {saved['step']} is past the end of "
+                                  f"its run ({run_steps} steps)")
         checkpoint.load_state(self.engine, saved["engine"], path)
         if self.average is not None and saved["weight_average"] is not None:
             checkpoint.load_state(self.average, saved["weight_average"], path)
@@ -220,11 +297,28 @@ class Run:
         self.val_accuracy = saved["val_accuracy"]
         self.best_val_accuracy = saved["best_val_accuracy"]
         self.skipped_images = saved["skipped_images"]
+        self.validation_due = saved.get("validation_due", False) and self.config["validation"]
+        self.epoch_line = f"epoch {self.step // self.steps_per_epoch}/{self.config['epochs']}"
+        into = "" if os.path.samefile(os.path.dirname(path) or ".", self.run_dir) else \
+            f" into {self.run_dir}"
         self.say(f"resuming {path} at step {self.step} "
-                 f"(epoch {self.step / self.steps_per_epoch:.2f})")
+                 f"(epoch {self.step / self.steps_per_epoch:.2f}){into}"
+                 + ("; validating the epoch it ended first" if self.validation_due else ""))
+        if saved["config"].get("epochs") != self.config["epochs"] and self.schedule_changed(
+                saved["config"]["epochs"]):
+            changed = changed + [f"epochs {saved['config']['epochs']} -> "
+                                 f"{self.config['epochs']}, which changes the learning-rate "
+                                 f"schedule"]
         if changed:
             self.say(f"warning: resuming with changed settings ({', '.join(changed)}): the run "
                      f"is no longer an exact continuation", file=sys.stderr)
+
+    def schedule_changed(self, epochs):
+        """Whether the learning rate of a step still to come differs with `epochs`."""
+        before = LRSchedule({**self.config, "epochs": epochs}, self.steps_per_epoch)
+        stride = max(1, self.steps_per_epoch // 4)
+        steps = [*range(self.step, self.total_steps, stride), self.total_steps - 1]
+        return any(before(step) != self.schedule(step) for step in steps if step >= self.step)
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint(self):
@@ -234,28 +328,47 @@ class Run:
             "weight_average": self.average.state_dict() if self.average else None,
             "rng": checkpoint.rng_state(), "val_accuracy": self.val_accuracy,
             "best_val_accuracy": self.best_val_accuracy, "skipped_images": self.skipped_images,
+            "validation_due": self.validation_due,
         }
 
     def save_checkpoints(self, improved=False, epoch_end=False):
+        """The checkpoints of this step; a second Ctrl-C waits until they are written."""
+        if self.context.is_main:
+            state = self.checkpoint()
+            with self.signals.deferred():
+                checkpoint.save(os.path.join(self.run_dir, checkpoint.LAST), state)
+                if improved:
+                    checkpoint.save(os.path.join(self.run_dir, checkpoint.BEST), state)
+                epoch = self.step // self.steps_per_epoch
+                every = self.config["checkpoint_every"]
+                if epoch_end and every and epoch % every == 0:
+                    checkpoint.save(os.path.join(self.run_dir, f"checkpoint_epoch{epoch}.pt"),
+                                    state)
         self.last_checkpoint_step = self.step
-        if not self.context.is_main:
-            return
-        state = self.checkpoint()
-        checkpoint.save(os.path.join(self.run_dir, checkpoint.LAST), state)
-        if improved:
-            checkpoint.save(os.path.join(self.run_dir, checkpoint.BEST), state)
-        epoch = self.step // self.steps_per_epoch
-        every = self.config["checkpoint_every"]
-        if epoch_end and every and epoch % every == 0:
-            checkpoint.save(os.path.join(self.run_dir, f"checkpoint_epoch{epoch}.pt"), state)
+
+    def keep_work(self, error):
+        """A DataError after training began: a checkpoint at this whole step (unless one
+        is), then the error, saying what was kept."""
+        if not self.step:  # nothing trained: nothing to keep
+            return DataError(error_line(error))
+        if self.step != self.last_checkpoint_step:
+            self.save_checkpoints()
+        return DataError(f"{error_line(error)}; checkpoint_last.pt holds step {self.step}; fix "
+                         f"the data (or pass --skip-corrupt-images) and continue with --resume "
+                         f"{self.run_dir}")
 
     # -- the loop ----------------------------------------------------------------------
     def train(self):
         """Train to total_steps; returns the exit status."""
-        with StopSignals() as stop:
+        with self.signals as stop:
+            if self.validation_due:  # the run stopped in this step's validation
+                self.save_checkpoints(self.validate_or_keep(stop))
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
-                self.train_epoch(epoch, stop)  # raises NonFiniteLoss
+                try:
+                    self.train_epoch(epoch, stop)  # raises NonFiniteLoss
+                except DataError as error:
+                    raise self.keep_work(error) from None
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if self.stopping(stop) and not epoch_end:
                     self.save_checkpoints()
@@ -264,11 +377,25 @@ class Run:
                     self.average.update(self.engine.model)
                 improved = False
                 if self.config["validation"] and (epoch_end or self.step == self.total_steps):
-                    improved = self.validate(stop)
+                    improved = self.validate_or_keep(stop)
                 self.save_checkpoints(improved, epoch_end)
                 if self.stopping(stop):
                     return 128 + stop.signal
         return 0
+
+    def validate_or_keep(self, stop):
+        """validate(); when the validation data fails, the checkpoint says the validation is
+        still due, so that the resumed run does it first."""
+        self.validation_due = True
+        try:
+            improved = self.validate(stop)
+        except DataError as error:
+            self.last_checkpoint_step = None  # this step's checkpoint must say validation_due
+            raise self.keep_work(error) from None
+        if improved is None:  # stopped by a signal: still due
+            return False
+        self.validation_due = False
+        return improved
 
     def stopping(self, stop):
         """Whether a stop was asked for, in any process: under torchrun a signal may reach
@@ -330,7 +457,8 @@ class Run:
             self.say(self.epoch_line)
 
     def validate(self, stop):
-        """Validates (the weight average when there is one); returns whether it is the best."""
+        """Validates (the weight average when there is one); returns whether it is the best,
+        or None when a signal stopped it."""
         model = self.average.model if self.average is not None and self.average.updates else None
         loss_sum = correct = seen = 0
         for images, targets, _ in self.val_loader:
@@ -339,7 +467,7 @@ class Run:
             seen += len(images)
             # torchrun processes may hold a batch more or less: they finish, then agree
             if stop.signal is not None and not self.context.collective:
-                return False
+                return None
         loss_sum, correct, seen = self.context.sum(loss_sum, correct, seen)
         self.val_accuracy = correct / seen
         improved = self.best_val_accuracy is None or self.val_accuracy > self.best_val_accuracy
@@ -378,14 +506,22 @@ class Run:
 
 def run(config):
     """Trains the resolved config; returns (summary, exit status); the summary is None in
-    every process but rank 0 under torchrun."""
+    every process but rank 0 under torchrun. The run folder stays locked until it returns."""
     run = Run(config)
+    try:
+        return conclude(run, config)
+    finally:
+        files.release(run.lock)
+
+
+def conclude(run, config):
     status, message = "finished", None
     try:
         if config["compile_only"]:
             exit_status, status = run.compile(), "compiled"
         else:
-            exit_status = run.train()
+            with run.context.collective_failures(only_transport=True):  # a peer died or hung
+                exit_status = run.train()
     except NonFiniteLoss as error:
         exit_status, status = 1, "diverged"
         kept = (f"the last good checkpoint is {os.path.join(run.run_dir, checkpoint.LAST)} "
@@ -395,6 +531,10 @@ def run(config):
             "stopped before applying it"
         message = (f"error: {error} at step {run.step + 1} (epoch "
                    f"{run.step // run.steps_per_epoch + 1}); {applied}; {kept}")
+    except RunFolderError as error:  # a full disk: the checkpoint before stays the last
+        kept = (f"checkpoint_last.pt holds step {run.last_checkpoint_step}"
+                if run.last_checkpoint_step is not None else "no checkpoint was written")
+        raise RunFolderError(f"{error}; {kept}") from None
     else:
         if exit_status:
             status = "interrupted"
@@ -408,7 +548,7 @@ def run(config):
     run.context.close()
     if not run.context.is_main:
         return None, exit_status  # rank 0 reports for every process
-    write_json(os.path.join(run.run_dir, "summary.json"), summary)
+    files.write_json(os.path.join(run.run_dir, "summary.json"), summary)
     if message:
         print(message, file=sys.stderr, flush=True)
     return summary, exit_status

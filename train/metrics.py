@@ -8,6 +8,7 @@ import json
 import os
 
 from train.config import ConfigError
+from train.files import RunFolderError, reason
 
 
 class NoLog:
@@ -23,21 +24,31 @@ class NoLog:
 class RunLog:
     def __init__(self, run_dir, config):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.file = open(self.path, "a")  # a resumed run appends
+        try:  # a resumed run appends; O_NOFOLLOW: never through a symlink planted there
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
+        self.file = os.fdopen(fd, "a")
         self.wandb = None
         if config["wandb_mode"] != "disabled":
             self.wandb = start_wandb(run_dir, config)
 
     def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
         if self.wandb is not None:
             values = {f"{record['kind']}/{k}": v for k, v in record.items()
                       if k not in ("kind", "step") and isinstance(v, (int, float))}
             self.wandb.log(values, step=record["step"])
 
     def close(self, summary=None):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as error:
+            raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
         if self.wandb is not None:
             if summary is not None:
                 self.wandb.summary.update(

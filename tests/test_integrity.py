@@ -1,0 +1,287 @@
+"""Nothing lost, nothing overwritten, no stray file: run folders under concurrent runs,
+resumes from the wrong checkpoint or into the wrong folder, crashes, full disks, damaged
+checkpoints, bad data found mid-run, and signals at awkward moments. Every failure is one
+line with status 2 (docs/promises.md lists each case and its test)."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_datasets import write_image_folder
+from tests.test_train import REPO, SYNTHETIC, error_line, load, plan, records, summary, train
+from train import files
+from train.__main__ import main
+from train.loop import StopSignals
+
+RUN = [*SYNTHETIC, *plan(16, 1, 1)]  # 4 steps per epoch
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_a_run_folder_is_held_by_one_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    other = files.claim(str(run_dir))  # another run holds it
+    assert train(run_dir, *RUN, "--max-steps", 1) == 2
+    assert error_line(capsys) == (f"error: {run_dir} is in use by another run (process "
+                                  f"{os.getpid()}): wait for it to end or choose another "
+                                  f"--output-dir")
+    assert listing(run_dir) == [".lock"]  # nothing written
+    files.release(other)
+    # a crashed run's lock file (its process gone) does not block
+    assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
+    assert train(run_dir, *RUN, "--max-steps", 1) == 0
+
+
+def test_a_second_process_cannot_write_into_a_running_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", "--output-dir", str(run_dir), "--wandb-mode",
+         "disabled", *map(str, RUN), "--synthetic-samples", "100000", "--epochs", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists():
+            assert process.poll() is None and time.time() < deadline, process.communicate()
+            time.sleep(0.2)
+        assert train(run_dir, *RUN, "--max-steps", 1) == 2
+        assert f"{run_dir} is in use by another run (process {process.pid})" in \
+            error_line(capsys)
+        assert train(run_dir, *RUN, "--resume", "auto") == 2  # resuming it too
+        assert "is in use by another run" in error_line(capsys)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert summary(run_dir)["status"] == "interrupted"  # its files are its own
+
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda *_: "20261201-120000")  # the same second
+    flags = ["--config", "digits_resnet_group_pn", "--wandb-mode", "disabled", *map(str, RUN)]
+    for _ in range(3):
+        assert main([*flags, "--max-steps", "1"]) == 0
+    name = "digits_resnet_group_pn-20261201-120000"
+    assert listing(tmp_path / "runs") == [name, f"{name}-2", f"{name}-3"]
+    # resume auto takes the run whose checkpoint was written last, whatever its name
+    os.utime(tmp_path / "runs" / name / "checkpoint_last.pt", (time.time() + 60,) * 2)
+    capsys.readouterr()
+    assert main([*flags, "--max-steps", "2", "--resume", "auto"]) == 0
+    assert f"run folder runs/{name}\n" in capsys.readouterr().out
+    assert load(tmp_path / "runs" / name / "checkpoint_last.pt")["step"] == 2
+
+
+def test_an_older_checkpoint_never_replaces_a_newer_one(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = [*RUN, "--epochs", 3, "--checkpoint-every", 1]
+    assert train(run_dir, *flags) == 0
+    last = (run_dir / "checkpoint_last.pt").read_bytes()
+    capsys.readouterr()
+    older = run_dir / "checkpoint_epoch1.pt"
+    assert main(["--config", "digits_resnet_group_pn", "--wandb-mode", "disabled",
+                 *map(str, flags), "--resume", str(older)]) == 2
+    assert error_line(capsys) == (
+        f"error: {run_dir}/checkpoint_last.pt is at step 12, past {older} (step 4): resuming "
+        f"here would overwrite it; continue the run with --resume {run_dir}, or resume that "
+        f"checkpoint into a new folder with --output-dir")
+    assert (run_dir / "checkpoint_last.pt").read_bytes() == last
+    # into a new folder: the continuation is exact, and its metrics start with the old run's
+    assert train(tmp_path / "again", *flags, "--resume", older) == 0
+    straight, again = load(run_dir / "checkpoint_last.pt"), load(
+        tmp_path / "again" / "checkpoint_last.pt")
+    for name, tensor in straight["engine"]["model"].items():
+        assert torch.equal(tensor, again["engine"]["model"][name]), name
+    def numbers(run_dir):
+        return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records(run_dir)]
+    assert numbers(tmp_path / "again") == numbers(run_dir)
+    assert f"resuming {older} at step 4 (epoch 1.00) into {tmp_path / 'again'}" in \
+        capsys.readouterr().out
+
+
+def test_resuming_never_writes_into_another_run(tmp_path, capsys):
+    assert train(tmp_path / "a", *RUN, "--max-steps", 2) == 0
+    assert train(tmp_path / "b", *RUN, "--max-steps", 3) == 0
+    before = {name: (tmp_path / "b" / name).read_bytes() for name in listing(tmp_path / "b")
+              if os.path.isfile(tmp_path / "b" / name)}
+    capsys.readouterr()
+    assert train(tmp_path / "b", *RUN, "--resume", tmp_path / "a" / "checkpoint_last.pt") == 2
+    assert error_line(capsys) == (f"error: {tmp_path / 'b'} already holds another run: give "
+                                  f"an empty --output-dir to continue "
+                                  f"{tmp_path / 'a' / 'checkpoint_last.pt'} there")
+    assert {name: (tmp_path / "b" / name).read_bytes() for name in before} == before
+    assert train(tmp_path / "b", *RUN, "--max-steps", 4) == 2  # nor does a fresh run
+    assert error_line(capsys) == (f"error: {tmp_path / 'b'} already holds a run: continue it "
+                                  f"with --resume {tmp_path / 'b'}, or choose another "
+                                  f"--output-dir")
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, *RUN, "--epochs", 3, "--max-steps", 6) == 0
+    # a crash after step 8 was logged but before its checkpoint, mid-line
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for step in (7, 8):
+            f.write(json.dumps({"kind": "train", "step": step, "loss": 9.0}) + "\n")
+        f.write('{"kind": "train", "st')
+    assert train(run_dir, *RUN, "--epochs", 3, "--resume", "auto") == 0
+    logged = [(r["kind"], r["step"]) for r in records(run_dir)]
+    assert len(logged) == len(set(logged))
+    assert [step for kind, step in logged if kind == "train"] == list(range(1, 13))
+    assert all(r["loss"] != 9.0 for r in records(run_dir) if r["kind"] == "train")
+
+
+@pytest.mark.parametrize("flags, warning", [
+    (["--epochs", 4], "epochs 3 -> 4, which changes the learning-rate schedule"),
+    (["--log-every", 3, "--checkpoint-every", 1, "--num-workers", 1], None),
+    (["--epochs", 4, "--lr-schedule", "constant"], None),  # epochs alone: the same lr
+    (["--lr", 0.5], "lr"),
+])
+def test_a_resume_warns_for_what_changes_the_maths(tmp_path, capsys, flags, warning):
+    run_dir = tmp_path / "run"
+    schedule = flags[flags.index("--lr-schedule") + 1] if "--lr-schedule" in flags else "cosine"
+    assert train(run_dir, *RUN, "--epochs", 3, "--max-steps", 2, "--lr-schedule", schedule) == 0
+    capsys.readouterr()
+    # past the warm-up (4 steps), where cosine's lr depends on the number of epochs
+    assert train(run_dir, *RUN, "--epochs", 3, "--max-steps", 8, "--lr-schedule", schedule,
+                 "--resume", "auto", *flags) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ([] if warning is None else [
+        f"warning: resuming with changed settings ({warning}): the run is no longer an exact "
+        f"continuation"])
+
+
+def test_planted_symlinks_are_never_followed(tmp_path):
+    run_dir, outside = tmp_path / "run", tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    run_dir.mkdir()
+    for name in ("summary.json.tmp", ".summary.json.tmp", "config.yml.tmp",
+                 "checkpoint_last.pt.tmp"):
+        (run_dir / name).symlink_to(outside)
+    assert train(run_dir, *RUN, "--max-steps", 1) == 0
+    assert outside.read_text() == "keep me"
+    # a symlink at the target's own name is replaced, not written through
+    (run_dir / "summary.json").unlink()
+    (run_dir / "summary.json").symlink_to(outside)
+    files.write_json(str(run_dir / "summary.json"), {"a": 1})
+    assert outside.read_text() == "keep me" and not (run_dir / "summary.json").is_symlink()
+    # and a fresh run never appends to a metrics.jsonl planted as a symlink
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "metrics.jsonl").symlink_to(tmp_path / "nowhere.txt")
+    assert train(planted, *RUN, "--max-steps", 1) == 2
+    assert not (tmp_path / "nowhere.txt").exists()
+
+
+def test_unusable_output_dirs_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert train(a_file, *RUN, "--max-steps", 1) == 2
+    assert error_line(capsys) == f"error: cannot create run folder {a_file}: File exists"
+    assert train(a_file / "run", *RUN, "--max-steps", 1) == 2
+    assert error_line(capsys) == f"error: cannot create run folder {a_file / 'run'}: Not a " \
+                                 f"directory"
+    if os.geteuid() != 0:  # root writes into read-only folders
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o500)
+        assert train(read_only / "run", *RUN, "--max-steps", 1) == 2
+        assert error_line(capsys) == f"error: cannot create run folder {read_only / 'run'}: " \
+                                     f"Permission denied"
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(
+        tmp_path, capsys, monkeypatch, fail_at):
+    run_dir = tmp_path / "run"
+    saves, real_save = [], torch.save
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(obj["step"])
+        if len(saves) == fail_at:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert train(run_dir, *RUN, "--epochs", 2, "--validation", "false") == 2
+    kept = "no checkpoint was written" if fail_at == 1 else "checkpoint_last.pt holds step 4"
+    assert error_line(capsys) == (f"error: cannot write {run_dir}/checkpoint_last.pt: No space "
+                                  f"left on device; {kept}")
+    assert not [name for name in listing(run_dir) if name.endswith(".tmp")]
+    if fail_at == 2:
+        monkeypatch.setattr(torch, "save", real_save)
+        assert load(run_dir / "checkpoint_last.pt")["step"] == 4
+        assert train(run_dir, *RUN, "--epochs", 2, "--validation", "false", "--resume",
+                     "auto") == 0
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: c.pop("config"), "no config"),
+    (lambda c: c.pop("rng"), "no rng"),
+    (lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
+     "rng holds no CPU generator state of this torch"),
+    (lambda c: c.update(step=-5), "step -5 is not a step number"),
+    (lambda c: c.update(step=10 ** 9), "step 1000000000 is past the end of its run (8 steps)"),
+    (lambda c: c.update(best_val_accuracy=7.0), "best_val_accuracy 7.0 is not an accuracy"),
+])
+def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, damage, problem):
+    assert train(tmp_path / "run", *RUN, "--epochs", 2, "--max-steps", 1) == 0
+    checkpoint = load(tmp_path / "run" / "checkpoint_last.pt")
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "damaged.pt")
+    capsys.readouterr()
+    assert train(tmp_path / "new", *RUN, "--epochs", 2, "--resume", tmp_path / "damaged.pt") == 2
+    assert error_line(capsys) == f"error: {tmp_path / 'damaged.pt'} is damaged: {problem}"
+
+
+def test_unreadable_validation_data_keeps_the_epoch_and_validates_it_on_resume(
+        tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images")
+    bad = images / "val" / "dog" / "1.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG broken")
+    run_dir = tmp_path / "run"
+    flags = ["--data", "imagenet", "--data-path", images, "--image-size", 16, *plan(4, 1, 1),
+             "--epochs", 2, "--log-every", 1]
+    assert train(run_dir, *flags) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: cannot read image {bad}: ")
+    assert line.endswith(f"; checkpoint_last.pt holds step 2; fix the data (or pass "
+                         f"--skip-corrupt-images) and continue with --resume {run_dir}")
+    kept = load(run_dir / "checkpoint_last.pt")
+    assert kept["step"] == 2 and kept["validation_due"]
+    bad.write_bytes(good)
+    assert train(run_dir, *flags, "--resume", "auto") == 0
+    assert "validating the epoch it ended first" in capsys.readouterr().out
+    assert [(r["kind"], r["step"]) for r in records(run_dir)] == [
+        ("train", 1), ("train", 2), ("val", 2), ("train", 3), ("train", 4), ("val", 4)]
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", "--output-dir", str(tmp_path / "run"),
+         "--wandb-mode", "disabled", *map(str, RUN)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # inside the imports
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == "interrupted\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_ctrl_c_waits_for_the_checkpoint_being_written():
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step
+            assert stop.signal == signal.SIGINT
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # the second, inside torch.save
+                finished = True
+    assert finished

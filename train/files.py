@@ -1,0 +1,160 @@
+"""The run folder's files: written whole or not at all, and held by one run at a time.
+
+- `write_atomically` writes to a new temporary file beside the target and renames it over
+  the target: a crash, a full disk or a signal never leaves half a file or a stray
+  temporary, and an existing name (a planted symlink) is never followed.
+- `claim` makes a run folder this process's: an exclusive lock (fcntl.flock) on its `.lock`
+  file, held until `release`; the kernel drops it when the process dies, so a crashed
+  run's lock never blocks the next one.
+- `new_run_dir` creates a default folder name that no other run has (two runs of one config
+  started in the same second get -2, -3, ...).
+- `keep_records_until` cuts metrics.jsonl back to a checkpoint's step on resume.
+"""
+import errno
+import fcntl
+import json
+import os
+import tempfile
+import time
+
+RUN_FILES = ("config.yml", "metrics.jsonl", "summary.json", "checkpoint_last.pt")
+LOCK = ".lock"
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be created, written or held: printed as one line."""
+
+
+def reason(error):
+    """An OSError's reason in words ("No space left on device")."""
+    return error.strerror or str(error)
+
+
+def write_atomically(path, write, binary=False, mode=0o644):
+    """write(file) into a new temporary file in path's folder, flushed to disk, then renamed
+    to path. RunFolderError (one line) when the folder cannot take it; the temporary is
+    removed whatever stops the write, a KeyboardInterrupt included."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        # mkstemp opens with O_CREAT | O_EXCL: a name that exists, a symlink included, is
+        # never opened, so nothing outside the folder can be overwritten through it
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                         suffix=".tmp")
+    except OSError as error:
+        raise RunFolderError(f"cannot write {path}: {reason(error)}") from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, mode)  # mkstemp creates 0600
+        os.replace(temporary, path)
+    except BaseException as error:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise RunFolderError(f"cannot write {path}: {reason(error)}") from None
+        raise
+
+
+def write_json(path, data):
+    def write(f):
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    write_atomically(path, write)
+
+
+def write_yaml(path, data):
+    import yaml
+
+    write_atomically(path, lambda f: yaml.safe_dump(data, f, sort_keys=False))
+
+
+def make_folder(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(f"cannot create run folder {path}: {reason(error)}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunFolderError(f"cannot write into run folder {path}: permission denied")
+
+
+def new_run_dir(config_name, root="runs"):
+    """Creates and returns runs/NAME-YYYYmmdd-HHMMSS, or -2, -3, ... when a run started in
+    the same second has it (os.mkdir is exclusive: two processes never get one name)."""
+    make_folder(root)
+    base = os.path.join(root, f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for number in range(1, 1000):
+        path = base if number == 1 else f"{base}-{number}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise RunFolderError(f"cannot create run folder {path}: {reason(error)}") from None
+    raise RunFolderError(f"cannot create a run folder: {base} and 998 more names are taken")
+
+
+def claim(path):
+    """Locks the run folder for this process; returns the lock's file, for `release`.
+    RunFolderError when another run holds it."""
+    make_folder(path)
+    lock_path = os.path.join(path, LOCK)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise RunFolderError(f"cannot lock run folder {path}: {reason(error)}") from None
+    lock = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = lock.read().strip() or "?"
+        lock.close()
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunFolderError(f"{path} is in use by another run (process {holder}): wait "
+                                 f"for it to end or choose another --output-dir") from None
+        raise RunFolderError(f"cannot lock run folder {path}: {reason(error)}") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def release(lock):
+    if lock is not None and not lock.closed:
+        lock.close()  # closing the file drops the flock
+
+
+def holds_run(path):
+    """Whether the folder holds a run's files (a finished, stopped or crashed run)."""
+    return any(os.path.lexists(os.path.join(path, name)) for name in RUN_FILES)
+
+
+def read_records(path, until_step):
+    """metrics.jsonl's lines with step <= until_step (a line cut short by a crash is left
+    out)."""
+    kept = []
+    if not os.path.exists(path):
+        return kept
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and record["step"] <= until_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
+def keep_records_until(source, target, step):
+    """Writes into target (metrics.jsonl) the records of source with step <= step: what a run
+    resumed at that step had logged, without the records of the steps it will do again."""
+    lines = read_records(source, step)
+    if lines or os.path.exists(target):
+        write_atomically(target, lambda f: f.writelines(lines))
