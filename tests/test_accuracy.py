@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import accuracy
+from tests.processes import alive, children
 
 
 @pytest.fixture(autouse=True)
@@ -162,26 +163,6 @@ def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cifar10_preact_resnet20_group_pn ") and "DataError" in err
     assert json.loads(output.read_text())["runs"] == []
-
-
-def children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

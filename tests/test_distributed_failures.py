@@ -16,28 +16,12 @@ import time
 
 import pytest
 
+from tests.processes import alive, children
 from train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="PR_SET_PDEATHSIG is Linux's")
-
-
-def alive(pid):
-    """Whether the process runs (a zombie, waiting for init to reap it, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def children(pid):
-    pids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            pids += [int(child) for child in f.read().split()]
-    return pids
 
 
 def wait_for(condition, seconds):
