@@ -6,7 +6,7 @@ fixed mid-point quantiles of N(0, 1). Its mean m_c and population variance v_c n
 the real post-activation z: out = (z - m_c) / sqrt(v_c + proxy_eps). The statistics depend
 on parameters only, so a sample's output never depends on its batch mates.
 """
-import math
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +23,21 @@ def statistics_dtype(dtype):
 
 
 def proxy_quantiles(num_samples=NUM_PROXY_SAMPLES, device="cpu", dtype=torch.float32):
-    """u_i = sqrt(2) erfinv(2 (i + 1/2) / n - 1), i = 0..n-1: fixed, never resampled.
+    """u_i = Phi^-1((i + 1/2) / n), i = 0..n-1: fixed, never resampled.
 
-    Computed once in float64 on the CPU and cached per (n, device, dtype) for CPU and CUDA.
-    Other devices (PopTorch's IPU) get a fresh copy per call: a tensor made while tracing
-    one graph must not leak into the next.
+    Computed once on the host in Python floats (statistics.NormalDist, no torch op: under
+    PopTorch's tracer a factory call without a device makes an IPU tensor, which a cache
+    must not keep, poptorch python/_poplar_executor.py; and aten::erfinv has no PopTorch
+    handler), kept as a CPU float64 tensor and cached per (n, device, dtype) for CPU and
+    CUDA. Other devices (PopTorch's IPU) get a fresh copy per call, which a traced graph
+    sees as an n-value constant.
     """
     device = torch.device(device)
     if num_samples not in _quantile_cache:
-        i = torch.arange(num_samples, dtype=torch.float64)
-        _quantile_cache[num_samples] = math.sqrt(2.0) * torch.erfinv(
-            2.0 * (i + 0.5) / num_samples - 1.0)
+        normal = NormalDist()
+        _quantile_cache[num_samples] = torch.tensor(
+            [normal.inv_cdf((i + 0.5) / num_samples) for i in range(num_samples)],
+            dtype=torch.float64, device="cpu")
     if device.type not in ("cpu", "cuda"):
         return _quantile_cache[num_samples].to(device=device, dtype=dtype)
     key = (num_samples, device, dtype)
