@@ -131,12 +131,12 @@ def test_resnet50_options():
         "Training.gradientAccumulation": [(4,)],
         "Training.accumulationAndReplicationReductionType": [("ReductionType.Mean",)],
         "outputMode": [("OutputMode.Sum",)], "Precision.enableStochasticRounding": [(True,)],
-        "Precision.setPartialsType": [(torch.float16,)]}
+        "enableStableNorm": [(True,)], "Precision.setPartialsType": [(torch.float16,)]}
     evaluation = Recorder()
     ipu_options(config, evaluation, training=False)
     assert option_calls(evaluation.log) == {
         "replicationFactor": [(16,)], "randomSeed": [(0,)], "deviceIterations": [(1,)],
-        "Precision.setPartialsType": [(torch.float16,)]}
+        "enableStableNorm": [(True,)], "Precision.setPartialsType": [(torch.float16,)]}
 
 
 def test_pipelined_efficientnet_options():
@@ -158,10 +158,11 @@ def test_pipelined_efficientnet_options():
 def test_ipu_only_options():
     config = small_config(precision="32.32", ipu_model=True, executable_cache_dir="cache",
                           available_memory_proportion=0.3, recompute_checkpoints=["layer2"],
-                          stochastic_rounding=False)
+                          stochastic_rounding=False, stable_norm=False)
     poptorch = Recorder()
     ipu_options(config, poptorch)
     calls = option_calls(poptorch.log)
+    assert calls["enableStableNorm"] == [(False,)]
     assert calls["Precision.setPartialsType"] == [(torch.float32,)]
     assert calls["useIpuModel"] == [(True,)]
     assert calls["enableExecutableCaching"] == [("cache",)]

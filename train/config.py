@@ -152,6 +152,8 @@ OPTION_GROUPS = [
         Option("pipeline_splits", [], list, "IPU: modules that begin a pipeline stage (checked "
                "against the model everywhere)"),
         Option("stochastic_rounding", False, bool, "IPU: stochastic rounding of float16"),
+        Option("stable_norm", True, bool, "IPU: norm statistics in two passes (mean first), "
+               "PopART's enableStableNorm; false: E[x^2] - E[x]^2, faster and less accurate"),
         Option("loss_scaling", 1.0, float, "IPU: static loss scaling for float16", above=0),
         Option("ipu_model", False, bool, "IPU: run on the IPU Model simulator"),
         Option("recompute_checkpoints", [], list, "IPU: modules whose outputs are kept; the "

@@ -94,6 +94,9 @@ def ipu_options(config, poptorch, popdist=None, training=True):
     else:
         # pipelined inference runs at least one batch per stage per call
         options.deviceIterations(stages)
+    # PopART's default computes variances as E[x^2] - E[x]^2 (sessionoptions.hpp); our op
+    # and PopART's norms read this option (custom_ops/ipu/proxynorm_ipu.cpp)
+    options.enableStableNorm(config["stable_norm"])
     half = config["precision"].startswith("16.")
     options.Precision.setPartialsType(torch.float16 if half else torch.float32)
     if stages > 1:
