@@ -14,7 +14,6 @@ This module must also run on torch 2.0 (PopTorch's pin): no newer torch API here
 """
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import custom_ops
 from models.activations import check_act, get_act, unknown_name_error
@@ -38,7 +37,7 @@ def check_input(module, x, num_channels):
             f"got an input of shape {tuple(x.shape)}")
 
 
-class BatchNormAct(_BatchNorm):
+class BatchNormAct(nn.BatchNorm2d):
     """BatchNorm + activation, with statistics over each replica micro-batch.
 
     The batch may hold `stats_chunks` replica micro-batches side by side (the PyTorch
@@ -52,6 +51,10 @@ class BatchNormAct(_BatchNorm):
     sums are all-reduced with autograd so gradients reach every replica's input; the
     engine builds groups of bn_group_size processes. Eval uses the running statistics.
     The state_dict is a BatchNorm's.
+
+    A BatchNorm2d, so that PopTorch lets the forward update the running statistics: it
+    exempts from its check that buffers keep their address only instances of
+    nn.BatchNorm1d/2d/3d (BUFFERS_CAN_CHANGE, poptorch python/_impl.py).
     """
 
     def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",

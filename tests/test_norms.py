@@ -309,3 +309,14 @@ def test_one_value_per_chunk_is_rejected_like_pytorch():
     layer = BatchNormAct(4, stats_chunks=2)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(2, 4, 1, 1))
+
+
+@pytest.mark.parametrize("norm", ["batch", "sync_batch"])
+def test_batchnorm_layers_are_batchnorm2d_for_poptorch(norm):
+    """PopTorch lets only nn.BatchNorm1d/2d/3d instances reassign buffers in the forward
+    (BUFFERS_CAN_CHANGE, poptorch python/_impl.py): the running statistics' update."""
+    layer = get_norm_act(norm, 8)
+    assert isinstance(layer, torch.nn.BatchNorm2d)
+    before = layer.running_mean.clone()
+    layer.train()(torch.randn(4, 8, 3, 3) + 1.0)
+    assert not torch.equal(layer.running_mean, before)
