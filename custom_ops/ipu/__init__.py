@@ -57,12 +57,10 @@ def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act="r
         raise ValueError(f"groups={groups} must divide the {x.shape[1]} channels")
     load()
     import poptorch
-    import torch
 
-    # Outputs 1 and 2 are the (N, G) float32 statistics the grad op reads.
-    stats = torch.zeros((x.shape[0], groups), dtype=torch.float32, device=x.device)
+    # One output: the grad op recomputes the (N, G) statistics from x (proxynorm_ipu.cpp)
     outputs = poptorch.custom_op([x, weight, bias, proxy_mean, proxy_rstd], OP_TYPE, DOMAIN,
-                                 DOMAIN_VERSION, example_outputs=[x, stats, stats],
+                                 DOMAIN_VERSION, example_outputs=[x],
                                  attributes={"groups": groups, "act": act,
                                              "epsilon": float(eps)})
     return outputs[0]
