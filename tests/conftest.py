@@ -5,13 +5,28 @@ import pytest
 HAS_POPTORCH = importlib.util.find_spec("poptorch") is not None
 
 
+def ipu_hardware_available():
+    """Two physical IPUs: replicated graphs need hardware, as the Poplar user guide says of
+    the IPU Model and as PopTorch's and PopART's replicated tests are hardware-only."""
+    if not HAS_POPTORCH:
+        return False
+    import poptorch
+
+    return poptorch.ipuHardwareIsAvailable(2)
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_POPTORCH:
+    if not HAS_POPTORCH:
+        skip = pytest.mark.skip(reason="needs PopTorch (Graphcore Poplar SDK)")
+        for item in items:
+            if "ipu" in item.keywords or "ipu_hardware" in item.keywords:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="needs PopTorch (Graphcore Poplar SDK)")
-    for item in items:
-        if "ipu" in item.keywords:
-            item.add_marker(skip)
+    if any("ipu_hardware" in item.keywords for item in items) and not ipu_hardware_available():
+        skip = pytest.mark.skip(reason="needs two IPUs (the IPU Model does not replicate)")
+        for item in items:
+            if "ipu_hardware" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -384,8 +384,9 @@ def test_imports_without_poptorch():
 # --- on the IPU Model ---------------------------------------------------------------------
 
 def ipu_step(images, targets, **overrides):
-    """(loss, weights) after one step of the seeded small model on the IPU Model."""
-    config = small_config(ipu_model=True, **overrides)
+    """(loss, weights) after one step of the seeded small model on the IPU Model, or on
+    IPU hardware where replicated (the IPU Model does not run replicated graphs)."""
+    config = small_config(ipu_model=overrides.get("replicas", 1) == 1, **overrides)
     torch.manual_seed(0)
     engine = PopTorchEngine(build_model(config, DATA), config)
     try:
@@ -404,7 +405,7 @@ def assert_same_step(a, b):
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.ipu
+@pytest.mark.ipu_hardware
 def test_replicas_do_not_change_a_step():
     images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
     assert_same_step(ipu_step(images, targets, micro_batch_size=8, gradient_accumulation=2,
@@ -421,7 +422,7 @@ def test_pipelining_does_not_change_a_step():
                      ipu_step(images, targets, pipeline_splits=["layer2"], **plan))
 
 
-@pytest.mark.ipu
+@pytest.mark.ipu_hardware
 def test_ipu_step_matches_the_pytorch_engine():
     images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
     plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2}
