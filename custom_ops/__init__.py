@@ -21,12 +21,17 @@ def fused_enabled():
     return os.environ.get("PROXYNORM_FUSED", "1") != "0"
 
 
+def tracing_for_ipu():
+    """Whether PopTorch is tracing a model for the IPU now (the layers then emit IPU ops)."""
+    poptorch = sys.modules.get("poptorch")  # only a program that imported it runs on IPUs
+    return poptorch is not None and poptorch.isRunningOnIpu()
+
+
 def fused_op(x):
     """op(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps) -> out, or None."""
     if not fused_enabled():
         return None
-    poptorch = sys.modules.get("poptorch")  # only a program that imported it runs on IPUs
-    if poptorch is not None and poptorch.isRunningOnIpu():
+    if tracing_for_ipu():
         return ipu.group_norm_proxy_act if ipu_op_built() else None
     if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.load():
         return cpu.group_norm_proxy_act

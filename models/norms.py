@@ -123,12 +123,79 @@ class BatchNormAct(nn.BatchNorm2d):
 
 
 class SyncBatchNormAct(BatchNormAct):
-    """BatchNorm + activation with statistics shared by `bn_group_size` replicas (0 = all)."""
+    """BatchNorm + activation with statistics shared by `bn_group_size` replicas (0 = all).
+
+    On CPU/GPU it is BatchNormAct (replica chunks in one process, or a torchrun process
+    group). On IPUs each replica is its own copy of the graph holding one micro-batch, and
+    the PopTorch engine sets `ipu_group_size`: replicas that share statistics, 0 = all,
+    1 = none (the default: plain per-replica BatchNorm, PopART's own op). While PopTorch
+    traces a training graph with ipu_group_size != 1, the layer computes float32 moments
+    of its micro-batch, sums them over the group with one differentiable all-reduce
+    (custom_ops.ipu.replica_all_reduce_sum: its gradient is the all-reduce of the
+    gradient, so each replica's input gets the gradient of every group member's loss),
+    normalises with the group's mean and variance and updates the running statistics
+    from them: every replica of a group then holds the same running statistics.
+    """
+
+    # replicas per statistics group on IPUs; set by train.ipu_engine (1 = none, 0 = all)
+    ipu_group_size = 1
 
     def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",
                  apply_act=True, stats_chunks=1, bn_group_size=0, process_group=None):
         super().__init__(num_channels, eps, momentum, act, apply_act, stats_chunks,
                          bn_group_size, process_group)
+
+    def forward(self, x):
+        if self.training and self.ipu_group_size != 1 and custom_ops.tracing_for_ipu():
+            self._check_input_dim(x)
+            return self.act(self._ipu_sync_batch_norm(x))
+        return super().forward(x)
+
+    def _ipu_sync_batch_norm(self, x):
+        """BatchNorm of x with the statistics of this replica's group, while PopTorch traces.
+
+        float32 throughout (the IPU has no float64). Each replica sends (count, count * d,
+        M2 + count * d^2) per channel, d = its mean minus a shift K common to the group (the
+        running mean, which every replica of the group holds identically) and M2 its sum of
+        squares about its own mean: the group's variance is then E[(x-K)^2] - E[x-K]^2,
+        which cancels only in (mean - K)^2, small once the running mean has settled (a
+        first step from K = 0 loses float32 digits as (mean / std)^2). One all-reduce call
+        per layer; recomputation keeps its output instead of repeating it. Only ops that
+        PopTorch 3.x lowers (no lerp_) and in-place updates of buffers by copy_.
+        """
+        import poptorch
+
+        if self.stats_chunks != 1 or self.process_group is not None:
+            raise ValueError("on IPUs each replica holds one micro-batch: stats_chunks must "
+                             "be 1 and there is no process_group")
+        n = x.numel() // self.num_features  # values per channel in this micro-batch
+        xf = x.float().reshape(x.shape[0], self.num_features, -1)
+        shift = self.running_mean.detach().float().clone()  # read before the update below
+        mean = xf.mean(dim=(0, 2))
+        m2 = (xf - mean[None, :, None]).square().sum(dim=(0, 2))
+        d = mean - shift
+        local = torch.stack([torch.full_like(d, float(n)), d * n, m2 + d * d * n])
+        total = custom_ops.ipu.replica_all_reduce_sum(local, self.ipu_group_size)
+        total = poptorch.recomputationCheckpoint(total)
+        count, sum_d, sum_d2 = total.unbind(0)
+        mean_d = sum_d / count
+        var = (sum_d2 / count - mean_d * mean_d).clamp_min(0.0)
+        mean = shift + mean_d
+        self._copy_running_stats(mean.detach(), var.detach(), count.detach())
+        scale = torch.rsqrt(var + self.eps) * self.weight.float()
+        y = (xf - mean[None, :, None]) * scale[None, :, None] + self.bias.float()[None, :, None]
+        return y.reshape(x.shape).to(x.dtype)
+
+    def _copy_running_stats(self, mean, var, count):
+        """The running-statistics update of BatchNorm (unbiased variance), by copy_."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative average
+            factor = 1.0 / self.num_batches_tracked.float()
+        else:
+            factor = self.momentum
+        unbiased = var * count / (count - 1)
+        for buffer, value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            buffer.copy_((buffer.float() * (1 - factor) + value * factor).to(buffer.dtype))
 
 
 class AllReduceSum(torch.autograd.Function):

@@ -17,10 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import custom_ops
 from datasets.pipeline import EpochOrder
+from models.norms import BatchNormAct, SyncBatchNormAct
 from train.config import ConfigError, resolve_config
 from train.engine import NonFiniteLoss, classification_loss, count_correct, make_engine
-from train.ipu_engine import PopTorchEngine, cross_entropy, ipu_optimizer, ipu_options
+from train.ipu_engine import (PopTorchEngine, check_config, cross_entropy, ipu_optimizer,
+                              ipu_options)
 from train.loop import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,8 +198,6 @@ def test_pipelining_needs_accumulation(poptorch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"norm": "sync_batch", "bn_group_size": 0}, "no gradient"),
-    ({"norm": "sync_batch", "bn_group_size": 2}, "no gradient"),
     ({"compile_only": True, "ipu_model": True}, "cannot be combined with ipu_model"),
     ({"optimizer": "rmsprop", "grad_clip_norm": 1.0}, "no gradient clipping"),
 ])
@@ -206,9 +207,78 @@ def test_refused_combinations_are_one_line(poptorch, overrides, message):
     assert "\n" not in str(error.value)
 
 
+def ipu_group_sizes(engine_or_model):
+    model = getattr(engine_or_model, "model", engine_or_model)
+    return {m.ipu_group_size for m in model.modules() if isinstance(m, SyncBatchNormAct)}
+
+
 def test_sync_batch_of_one_replica_runs(poptorch):
+    """Nothing crosses replicas: no IPU ops library needed, PopART's own BatchNorm runs."""
+    assert ipu_group_sizes(small_engine(small_config(norm="sync_batch", bn_group_size=1))) == {1}
+    assert ipu_group_sizes(small_engine(small_config(norm="sync_batch", replicas=1))) == {1}
+
+
+@pytest.mark.parametrize("bn_group_size, group", [(0, 0), (4, 0), (2, 2)])
+def test_sync_batch_across_replicas(poptorch, monkeypatch, bn_group_size, group):
+    """Groups of bn_group_size of the 4 replicas (0 or 4: all, the all-reduce's 0), and
+    replicas that keep their own, in-place updated, buffers in training."""
+    monkeypatch.setattr(custom_ops.ipu, "is_built", lambda: True)
+    engine = small_engine(small_config(norm="sync_batch", bn_group_size=bn_group_size))
+    assert ipu_group_sizes(engine) == {group}
+    assert {m.stats_chunks for m in engine.model.modules() if isinstance(m, BatchNormAct)} == {1}
+    assert option_calls(poptorch.log)["broadcastBuffers"] == [(False,)]  # training only
+    assert ipu_group_sizes(engine.eval_net.model) == {group}  # unused in evaluation
+
+
+def test_only_sync_batch_keeps_buffers_per_replica(poptorch):
+    """Per-replica BatchNorm is PopART's own op, which updates its statistics itself."""
+    small_engine(small_config(norm="batch"))
     small_engine(small_config(norm="sync_batch", bn_group_size=1))
-    small_engine(small_config(norm="sync_batch", replicas=1))
+    small_engine(small_config())  # Proxy Norm: no buffers
+    assert "broadcastBuffers" not in option_calls(poptorch.log)
+
+
+def test_sync_batch_groups_must_divide_the_replicas():
+    config = small_config(norm="sync_batch")
+    config["bn_group_size"] = 3  # past resolve_config's own check
+    with pytest.raises(ConfigError) as error:
+        check_config(config)
+    assert str(error.value) == "norm sync_batch: bn_group_size 3 must divide the 4 replicas"
+
+
+def poprun(monkeypatch, total, local):
+    values = {"isPopdistEnvSet": True, "getNumTotalReplicas": total,
+              "getNumLocalReplicas": local, "getInstanceIndex": 0,
+              "getNumInstances": total // local, "getNumIpusPerReplica": 1}
+    popdist = Recorder(fakes={name: (lambda value=value: value) for name, value in values.items()})
+    monkeypatch.setitem(sys.modules, "popdist", popdist)
+    monkeypatch.setitem(sys.modules, "popdist.poptorch", popdist.poptorch)
+
+
+def test_sync_batch_groups_under_poprun(poptorch, monkeypatch):
+    """4 instances of 2 replicas: groups within an instance, or all replicas (the one group
+    known to span instances); nothing in between."""
+    monkeypatch.setattr(custom_ops.ipu, "is_built", lambda: True)
+    poprun(monkeypatch, 8, 2)
+    assert ipu_group_sizes(small_engine(small_config(norm="sync_batch", replicas=8,
+                                                     bn_group_size=2))) == {2}
+    assert ipu_group_sizes(small_engine(small_config(norm="sync_batch", replicas=8,
+                                                     bn_group_size=0))) == {0}
+    with pytest.raises(ConfigError) as error:
+        small_engine(small_config(norm="sync_batch", replicas=8, bn_group_size=4))
+    assert str(error.value) == (
+        "norm sync_batch: bn_group_size 4 must divide the 2 replicas of each poprun instance, "
+        "or be 0 (all 8 replicas: the only group that may span instances)")
+
+
+def test_sync_batch_across_replicas_needs_the_ipu_ops(poptorch, monkeypatch):
+    monkeypatch.setattr(custom_ops.ipu, "is_built", lambda: False)
+    with pytest.raises(ConfigError) as error:
+        small_engine(small_config(norm="sync_batch", bn_group_size=2))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("norm sync_batch across IPU replicas needs the IPU ops library ")
+    assert message.endswith("libproxynorm_ipu.so: run `make custom_ops` on this Poplar SDK host")
 
 
 def test_engine_marks_stages_checkpoints_and_replica_batchnorm(poptorch):
@@ -426,6 +496,21 @@ def test_pipelining_does_not_change_a_step():
 def test_ipu_step_matches_the_pytorch_engine():
     images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
     plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2}
+    config = small_config(engine="cpu", **plan)
+    torch.manual_seed(0)
+    cpu = make_engine(config, build_model(config, DATA))
+    loss, _ = cpu.train_step(images, targets)
+    weights = {name: value.float() for name, value in cpu.model.state_dict().items()}
+    assert_same_step(ipu_step(images, targets, **plan), (loss, weights))
+
+
+@pytest.mark.ipu_hardware
+def test_sync_batch_step_matches_the_pytorch_engine():
+    """BatchNorm statistics shared by both replicas through the custom all-reduce: one step,
+    its running statistics included, as the PyTorch engine's emulated replicas take it."""
+    images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
+    plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2,
+            "norm": "sync_batch", "bn_group_size": 0}
     config = small_config(engine="cpu", **plan)
     torch.manual_seed(0)
     cpu = make_engine(config, build_model(config, DATA))

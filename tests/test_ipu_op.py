@@ -1,23 +1,32 @@
-"""The IPU op (custom_ops/ipu): PopART GroupNormProxyAct against the CPU reference.
+"""The IPU ops (custom_ops/ipu): PopART GroupNormProxyAct against the CPU reference, and
+ReplicaAllReduceSum with SyncBatchNormAct's IPU code path.
 
 Tests marked ipu compile small PopTorch models on the IPU Model and compare the op's output
 and the gradients of all five inputs (read from PopART's Gradient___<parameter> tensors)
-with float64 autograd on CPU; conftest skips them where PopTorch is missing. The others run
-anywhere: the Python side imports, reports its build and checks its arguments without
-poptorch, and agrees with the Makefile on where the library is.
+with float64 autograd on CPU; conftest skips them where PopTorch is missing. Tests marked
+ipu_hardware need two IPUs (the IPU Model does not replicate). The others run anywhere: the
+Python side imports, reports its build and checks its arguments without poptorch, agrees
+with the Makefile on where the library is, and SyncBatchNormAct's IPU code path runs on
+CPU threads standing in for replicas, with an emulated all-reduce, against float64
+BatchNorm over each group's concatenated batch.
 """
+import copy
 import os
 import shutil
 import subprocess
 import sys
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import custom_ops
 from custom_ops import ipu
 from models import proxy
 from models.activations import ACTS, get_act
+from models.norms import SyncBatchNormAct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP_DIR = os.path.join(REPO, "custom_ops", "ipu")
@@ -62,6 +71,35 @@ def test_arguments_are_checked_before_poptorch_is_needed():
         ipu.group_norm_proxy_act(torch.zeros(6), 1, c, c, c, c)
 
 
+@pytest.mark.parametrize("group_size", [-1, 1.5, True, "2", None])
+def test_all_reduce_group_size_is_checked_before_poptorch_is_needed(group_size):
+    with pytest.raises(ValueError) as error:
+        ipu.replica_all_reduce_sum(torch.zeros(3, 4), group_size)
+    assert str(error.value) == (f"group_size must be an int >= 0 (0 = all replicas), got "
+                                f"{group_size!r}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int32])
+def test_all_reduce_dtype_is_checked_before_poptorch_is_needed(dtype):
+    with pytest.raises(ValueError) as error:
+        ipu.replica_all_reduce_sum(torch.zeros(3, 4, dtype=dtype), 2)
+    assert str(error.value) == f"replica_all_reduce_sum takes float32 or float16, got {dtype}"
+
+
+def test_all_reduce_is_a_custom_op_of_the_library(monkeypatch):
+    calls = []
+    fake = SimpleNamespace(custom_op=lambda *args, **kwargs: calls.append((args, kwargs)) or
+                           ["out"])
+    monkeypatch.setitem(sys.modules, "poptorch", fake)
+    monkeypatch.setattr(ipu, "load", lambda: ipu.LIBRARY)
+    t = torch.zeros(3, 4)
+    assert ipu.replica_all_reduce_sum(t, 2) == "out"
+    (args, kwargs), = calls
+    assert args == ([t], "ReplicaAllReduceSum", "ai.graphcore.proxynorm", 1)
+    assert kwargs == {"example_outputs": [t], "attributes": {"group_size": 2}}
+    assert args[0][0] is t and type(kwargs["attributes"]["group_size"]) is int
+
+
 def test_op_knows_every_layer_activation():
     assert set(ipu.ACTS) == set(ACTS)
 
@@ -76,7 +114,7 @@ def test_makefile_writes_the_library_python_loads():
     assert ipu.LIBRARY == BUILT_LIBRARY  # build/ under the Makefile's directory
     assert "-o build/libproxynorm_ipu.so" in result.stdout
     for flag in ("-std=c++14", "-fPIC", "-shared", "-DONNX_NAMESPACE=onnx", "-lpopart",
-                 "-lpoplar", "-lpopops"):
+                 "-lpoplar", "-lpopops", "-lgcl", "proxynorm_ipu.cpp", "replica_all_reduce.cpp"):
         assert flag in result.stdout, flag
 
 
@@ -288,3 +326,344 @@ def test_float16_forward_matches_cpu():
     assert out.dtype == torch.float16
     expected = eager(x.double(), groups, *(t.double() for t in inputs[1:]), act, eps)
     assert_close(out, expected, "out", rtol=1e-2)
+
+
+# --- SyncBatchNormAct's IPU code path, replicas emulated on CPU threads -------------------
+
+class EmulatedReplicas:
+    """`replicas` IPU replicas as threads, each running its own copy of a layer.
+
+    all_reduce stands in for custom_ops.ipu.replica_all_reduce_sum: every replica hands in
+    its tensor and gets the sum over its group of consecutive replicas, summed in replica
+    order (so every member gets the same values, as from GCL). Its backward is the same
+    exchange of the incoming gradient, as the PopART grad op does: each replica runs the
+    backward pass of its own loss only, and the gradient reaches the other replicas through
+    that exchange alone (the forward hands on detached copies).
+    """
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+        self.barrier = threading.Barrier(replicas, timeout=60)
+        self.lock = threading.Lock()
+        self.slots = {}  # (replica, exchange index) -> tensor
+        self.exchanges = [0] * replicas
+        self.where = threading.local()
+        self.calls = []  # (replica, shape, dtype, group_size) of each all_reduce
+
+    def exchange(self, replica, tensor, group_size):
+        with self.lock:
+            index = self.exchanges[replica]
+            self.exchanges[replica] += 1
+            self.slots[replica, index] = tensor.detach().clone()
+        self.barrier.wait()
+        size = group_size or self.replicas
+        first = replica // size * size
+        total = self.slots[first, index].clone()
+        for other in range(first + 1, first + size):
+            total += self.slots[other, index]
+        return total
+
+    def all_reduce(self, t, group_size):
+        replica = self.where.replica
+        self.calls.append((replica, tuple(t.shape), t.dtype, group_size))
+        return _EmulatedAllReduce.apply(t, self, replica, group_size)
+
+    def run(self, step):
+        """[step(r) for each replica r], each in its own thread."""
+        results, errors = [None] * self.replicas, []
+
+        def target(replica):
+            self.where.replica = replica
+            try:
+                results[replica] = step(replica)
+            except BaseException as error:  # noqa: B902 - re-raised below
+                errors.append(error)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.replicas)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _EmulatedAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, replicas, replica, group_size):
+        ctx.replicas, ctx.replica, ctx.group_size = replicas, replica, group_size
+        return replicas.exchange(replica, t, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.replicas.exchange(ctx.replica, grad, ctx.group_size), None, None, None
+
+
+@pytest.fixture
+def ipu_tracing(monkeypatch):
+    """poptorch as SyncBatchNormAct sees it while PopTorch traces for the IPU; returns the
+    list of tensors given to recomputationCheckpoint."""
+    checkpoints = []
+
+    def checkpoint(t):
+        checkpoints.append(t)
+        return t
+
+    monkeypatch.setitem(sys.modules, "poptorch", SimpleNamespace(
+        isRunningOnIpu=lambda: True, recomputationCheckpoint=checkpoint))
+    return checkpoints
+
+
+def batch_norm_layer(channels, momentum):
+    torch.manual_seed(1)
+    layer = SyncBatchNormAct(channels, momentum=momentum, act="relu")
+    with torch.no_grad():
+        layer.weight.copy_(1.0 + 0.3 * torch.randn(channels))
+        layer.bias.copy_(0.5 * torch.randn(channels))
+        layer.running_mean.copy_(3.0 * torch.randn(channels))
+        layer.running_var.copy_(1.0 + torch.rand(channels))
+    return layer
+
+
+def reference_group_step(layer, xs, probes):
+    """float64 BatchNorm + ReLU over the concatenated batch of one group with `layer`'s
+    parameters and running statistics (updated in place): outputs, input gradients and
+    parameter gradients of the group's summed loss."""
+    leaves = [x.detach().double().requires_grad_() for x in xs]
+    weight = layer.weight.detach().double().requires_grad_()
+    bias = layer.bias.detach().double().requires_grad_()
+    out = torch.relu(F.batch_norm(torch.cat(leaves), layer.ref_mean, layer.ref_var, weight,
+                                  bias, training=True,
+                                  momentum=0.0 if layer.momentum is None else layer.momentum,
+                                  eps=layer.eps))
+    loss = (out * torch.cat(probes).double()).sum()
+    grads = torch.autograd.grad(loss, [*leaves, weight, bias])
+    return out.detach().split([len(x) for x in xs]), grads[:len(xs)], grads[len(xs):]
+
+
+@pytest.mark.parametrize("group_size", [2, 0])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 5, 7)])
+def test_ipu_sync_batch_matches_batch_norm_over_the_group(ipu_tracing, monkeypatch,
+                                                          group_size, momentum, shape):
+    """Four replicas in groups of group_size (0 = all): each replica's output, input
+    gradient, summed parameter gradients and running statistics after two steps equal
+    float64 BatchNorm over its group's concatenated micro-batches (batch mean far from the
+    initial running mean, as the float32 shifted sums must survive)."""
+    replicas, channels = 4, shape[1]
+    emulated = EmulatedReplicas(replicas)
+    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
+    base = batch_norm_layer(channels, momentum)
+    layers = [copy.deepcopy(base).train() for _ in range(replicas)]
+    for layer in layers:
+        layer.ipu_group_size = group_size
+    size = group_size or replicas
+    groups = [list(range(first, first + size)) for first in range(0, replicas, size)]
+    references = []
+    for group in groups:  # float64 running statistics, one pair per group
+        reference = SimpleNamespace(ref_mean=base.running_mean.double().clone(),
+                                    ref_var=base.running_var.double().clone(),
+                                    weight=base.weight, bias=base.bias, eps=base.eps,
+                                    momentum=momentum)
+        references.append(reference)
+
+    offset = 12.0 * torch.randn(1, channels, *([1] * (len(shape) - 2)))
+    for step in range(2):
+        xs = [2.0 * torch.randn(shape) + offset for _ in range(replicas)]
+        probes = [torch.randn(shape) for _ in range(replicas)]
+        for layer in layers:
+            layer.weight.grad = layer.bias.grad = None
+
+        def replica_step(r):
+            x = xs[r].clone().requires_grad_()
+            out = layers[r](x)
+            (out * probes[r]).sum().backward()
+            return out.detach(), x.grad
+
+        results = emulated.run(replica_step)
+        for group, reference in zip(groups, references):
+            if momentum is None:  # cumulative average: BatchNorm's factor 1 / batches seen
+                reference.momentum = 1.0 / (step + 1)
+            outs, x_grads, (weight_grad, bias_grad) = reference_group_step(
+                reference, [xs[r] for r in group], [probes[r] for r in group])
+            for r, out, x_grad in zip(group, outs, x_grads):
+                assert_close(results[r][0], out, f"step {step} replica {r} out")
+                assert_close(results[r][1], x_grad, f"step {step} replica {r} grad_x")
+                layer = layers[r]
+                assert_close(layer.running_mean, reference.ref_mean, f"replica {r} running_mean")
+                assert_close(layer.running_var, reference.ref_var, f"replica {r} running_var")
+                assert int(layer.num_batches_tracked) == step + 1
+            assert_close(sum(layers[r].weight.grad for r in group), weight_grad, "grad_weight")
+            assert_close(sum(layers[r].bias.grad for r in group), bias_grad, "grad_bias")
+            for r in group[1:]:  # the replicas of a group hold identical running statistics
+                assert torch.equal(layers[r].running_mean, layers[group[0]].running_mean)
+                assert torch.equal(layers[r].running_var, layers[group[0]].running_var)
+
+    # one all-reduce of (count, sum, sum of squares) per layer per forward, kept by
+    # recomputation; none in the backward pass beyond the gradient exchange
+    assert sorted(emulated.calls) == sorted(
+        (r, (3, channels), torch.float32, group_size) for r in range(replicas) for _ in range(2))
+    assert len(ipu_tracing) == 2 * replicas
+    assert all(t.shape == (3, channels) for t in ipu_tracing)
+
+
+def test_ipu_sync_batch_statistics_survive_a_large_mean(ipu_tracing, monkeypatch):
+    """Inputs 1000 standard deviations from zero, a running mean near theirs (a trained
+    layer): the float32 sums about the running mean keep the variance, which float32
+    E[x^2] - E[x]^2 would lose to rounding (a relative error of about 2^-24 * 1000^2)."""
+    replicas, shape = 2, (4, 3, 5, 5)
+    emulated = EmulatedReplicas(replicas)
+    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
+    offset = torch.tensor([1000.0, -1500.0, 800.0]).view(1, 3, 1, 1)
+    base = batch_norm_layer(shape[1], 0.1)
+    with torch.no_grad():
+        base.running_mean.copy_(offset.flatten() + 0.3 * torch.randn(3))
+    layers = [copy.deepcopy(base).train() for _ in range(replicas)]
+    for layer in layers:
+        layer.ipu_group_size = 0
+    xs = [torch.randn(shape) + offset for _ in range(replicas)]
+    probes = [torch.randn(shape) for _ in range(replicas)]
+
+    def replica_step(r):
+        x = xs[r].clone().requires_grad_()
+        out = layers[r](x)
+        (out * probes[r]).sum().backward()
+        return out.detach(), x.grad
+
+    results = emulated.run(replica_step)
+    reference = SimpleNamespace(ref_mean=base.running_mean.double().clone(),
+                                ref_var=base.running_var.double().clone(), weight=base.weight,
+                                bias=base.bias, eps=base.eps, momentum=0.1)
+    outs, x_grads, _ = reference_group_step(reference, xs, probes)
+    for r in range(replicas):
+        assert_close(results[r][0], outs[r], "out")
+        assert_close(results[r][1], x_grads[r], "grad_x")
+        assert_close(layers[r].running_var, reference.ref_var, "running_var")
+
+
+def test_ipu_sync_batch_float16(ipu_tracing, monkeypatch):
+    """16.16 precision: float16 activations and parameters, float32 statistics."""
+    replicas, shape = 2, (4, 3, 5, 5)
+    emulated = EmulatedReplicas(replicas)
+    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
+    base = batch_norm_layer(shape[1], 0.1)
+    layers = [copy.deepcopy(base).half().train() for _ in range(replicas)]
+    for layer in layers:
+        layer.ipu_group_size = 0
+    xs = [(2.0 * torch.randn(shape) + 1.0).half() for _ in range(replicas)]
+    probes = [torch.randn(shape).half() for _ in range(replicas)]
+
+    def replica_step(r):
+        x = xs[r].clone().requires_grad_()
+        out = layers[r](x)
+        (out.float() * probes[r].float()).sum().backward()
+        return out.detach(), x.grad
+
+    results = emulated.run(replica_step)
+    reference = SimpleNamespace(ref_mean=base.running_mean.double().clone(),
+                                ref_var=base.running_var.double().clone(),
+                                weight=layers[0].weight, bias=layers[0].bias, eps=base.eps,
+                                momentum=0.1)
+    outs, x_grads, _ = reference_group_step(reference, xs, probes)
+    for r in range(replicas):
+        assert results[r][0].dtype == results[r][1].dtype == torch.float16
+        assert_close(results[r][0], outs[r], "out", rtol=1e-2)
+        assert_close(results[r][1], x_grads[r], "grad_x", rtol=1e-2)
+        assert layers[r].running_mean.dtype == torch.float16
+        assert_close(layers[r].running_mean, reference.ref_mean, "running_mean", rtol=1e-2)
+
+
+def test_ipu_sync_batch_path_only_while_training_across_replicas(ipu_tracing, monkeypatch):
+    """No all-reduce in evaluation, with ipu_group_size 1 or outside PopTorch's tracing: the
+    layer is then the CPU BatchNormAct."""
+    def no_all_reduce(t, group_size):
+        raise AssertionError("all-reduce called")
+
+    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", no_all_reduce)
+    layer = batch_norm_layer(4, 0.1)
+    x = torch.randn(6, 4, 3, 3) + 2.0
+    expected = torch.relu(F.batch_norm(x, layer.running_mean.clone(), layer.running_var.clone(),
+                                       layer.weight, layer.bias, training=True))
+    torch.testing.assert_close(layer.train()(x), expected)  # ipu_group_size 1: PopART's BN
+    layer.ipu_group_size = 0
+    layer.eval()(x)
+    sys.modules["poptorch"].isRunningOnIpu = lambda: False
+    layer.train()(x)
+    assert not ipu_tracing
+
+
+# --- on the IPU Model and on IPU hardware -----------------------------------------------
+
+class AllReduceOfParameter(torch.nn.Module):
+    """y = replica_all_reduce_sum(w * x); the loss sum(y * probe) of each replica trains w,
+    whose PopART gradient then shows the op's gradient (a dropped or replica-local one
+    gives another w after a step)."""
+
+    def __init__(self, channels, group_size):
+        super().__init__()
+        self.w = torch.nn.Parameter(1.0 + torch.rand(channels))
+        self.group_size = group_size
+
+    def forward(self, x, probe):
+        import poptorch
+
+        y = ipu.replica_all_reduce_sum(self.w * x, self.group_size)
+        return y, poptorch.identity_loss((y * probe).sum(), reduction="none")
+
+
+def all_reduce_step(replicas, group_size, x, probe):
+    """(y, w after one SGD step with lr 1) of AllReduceOfParameter on `replicas` replicas
+    (the IPU Model for one), and the w it started from."""
+    import poptorch
+
+    ipu.load()
+    torch.manual_seed(0)
+    model = AllReduceOfParameter(x.shape[1], group_size)
+    w0 = model.w.detach().clone()
+    opts = poptorch.Options()
+    if replicas == 1:
+        opts.useIpuModel(True)
+    opts.replicationFactor(replicas)
+    opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
+    training = poptorch.trainingModel(model, options=opts,
+                                      optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    try:
+        y, _ = training(x, probe)
+        training.copyWeightsToHost()
+        return y, model.w.detach().clone(), w0
+    finally:
+        training.destroy()
+
+
+def expected_all_reduce(w0, xs, probes, size):
+    """y per replica and w after the step, with every replica's loss in the mean."""
+    groups = [range(first, first + size) for first in range(0, len(xs), size)]
+    ys, grad = [None] * len(xs), torch.zeros_like(w0)
+    for group in groups:
+        total = sum(w0 * xs[r] for r in group)
+        probe_sum = sum(probes[r] for r in group)
+        for r in group:
+            ys[r] = total
+            grad += (probe_sum * xs[r]).sum(0)
+    return torch.cat(ys), w0 - grad / len(xs)
+
+
+@pytest.mark.ipu
+def test_all_reduce_without_replication_is_identity():
+    x, probe = torch.randn(3, 4), torch.randn(3, 4)
+    y, w, w0 = all_reduce_step(1, 0, x, probe)
+    expected_y, expected_w = expected_all_reduce(w0, [x], [probe], 1)
+    assert_close(y, expected_y, "y")
+    assert_close(w, expected_w, "w")
+
+
+@pytest.mark.ipu_hardware
+@pytest.mark.parametrize("group_size", [0, 1, 2])
+def test_all_reduce_sums_values_and_gradients_over_two_replicas(group_size):
+    xs, probes = [torch.randn(3, 4) for _ in range(2)], [torch.randn(3, 4) for _ in range(2)]
+    y, w, w0 = all_reduce_step(2, group_size, torch.cat(xs), torch.cat(probes))
+    expected_y, expected_w = expected_all_reduce(w0, xs, probes, group_size or 2)
+    assert_close(y, expected_y, "y")
+    assert_close(w, expected_w, "w")

@@ -15,24 +15,37 @@ Where it differs from the PyTorch engine, by necessity:
 - Optimiser state (momentum, RMSprop mean squares, Adam moments) lives in PopART's own
   tensors: a checkpoint carries it from IPU to IPU; between this engine and PyTorchEngine only
   the weights move (the optimiser state restarts, with a warning on the IPU side).
-- norm sync_batch across replicas is refused: PopART's ReplicatedAllReduce can be built
-  through poptorch.custom_op but has no gradient op (willow/src/op/collectives/
-  replicatedallreduce.cpp), so no gradient would flow through the shared statistics.
+- norm sync_batch across replicas needs the IPU ops library (`make custom_ops`): each
+  SyncBatchNormAct sums its float32 moments over groups of bn_group_size replicas (0 = all)
+  with one custom all-reduce whose gradient is the all-reduce of the gradient
+  (custom_ops/ipu/replica_all_reduce.cpp; PopART's ReplicatedAllReduce has no gradient op at
+  SDK 3.0-3.4, willow/src/op/collectives/replicatedallreduce.cpp). bn_group_size must divide
+  the replicas; under poprun a group must also lie within one instance (divide its replicas)
+  unless it holds all replicas, the one cross-instance group GCL is known to form (the
+  gradient all-reduce). Running statistics are updated in place on every replica
+  (poptorch.Options.broadcastBuffers(False)); every replica of a group holds the same ones,
+  and the host copy (checkpoints, evaluation) is replica 0's, i.e. group 0's (PopART returns
+  the lowest replica of a variable's group: VariableRetrievalMode::OnePerGroup,
+  willow/include/popart/variablesettings.hpp:24-31), as rank 0's under torchrun. The
+  PyTorch engine in one process averages the groups' instead.
 
 Nothing here imports poptorch at module level: `import train.ipu_engine` works without it.
 None of this has been run on an IPU or the IPU Model: PopTorch could not be installed where
-it was written; tests/test_ipu_engine.py checks the host side against a stand-in.
+it was written; tests/test_ipu_engine.py checks the host side against a stand-in, and
+tests/test_ipu_op.py the sync_batch IPU code path with an emulated all-reduce.
 """
 import copy
 import math
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import custom_ops
 from datasets.pipeline import EpochOrder, collate, ignore_interrupts, make_loader
-from models.norms import BatchNormAct
+from models.norms import BatchNormAct, SyncBatchNormAct
 from train.config import ConfigError, global_batch_size
 from train.engine import NonFiniteLoss, count_correct
 from train.optim import build_optimizer, param_groups
@@ -46,8 +59,21 @@ def pipeline_stages(config):
     return len(config["pipeline_splits"]) + 1
 
 
-def check_config(config):
-    """ConfigError for the settings PopTorch cannot run as the PyTorch engine would."""
+def sync_batch_group(config):
+    """Replicas per sync_batch statistics group on IPUs, as SyncBatchNormAct.ipu_group_size
+    and the all-reduce's group_size take it: 1 when no statistics cross replicas (another
+    norm, one replica, bn_group_size 1), 0 for all replicas, else bn_group_size."""
+    replicas, size = config["replicas"], config["bn_group_size"]
+    if config["norm"] != "sync_batch" or replicas == 1 or size == 1:
+        return 1
+    return 0 if size in (0, replicas) else size
+
+
+def check_config(config, local_replicas=None):
+    """ConfigError for the settings PopTorch cannot run as the PyTorch engine would.
+
+    local_replicas: the replicas of this poprun instance (None: all of them, no poprun).
+    """
     stages = pipeline_stages(config)
     # PopTorch trains a model of N stages as 2N - 1 (the backward pass adds N - 1) and
     # needs that many micro-batches per step (popart_compiler/source/Compiler.cpp)
@@ -55,10 +81,13 @@ def check_config(config):
         raise ConfigError(f"pipeline_splits: {stages} pipeline stages train as {2 * stages - 1}, "
                           f"so gradient_accumulation must be >= {2 * stages - 1}, got "
                           f"{config['gradient_accumulation']}")
-    if config["norm"] == "sync_batch" and config["replicas"] > 1 and config["bn_group_size"] != 1:
-        raise ConfigError("norm sync_batch: PopART's replica all-reduce has no gradient, so "
-                          "statistics cannot be shared across IPU replicas; use --engine cpu or "
-                          "cuda, --bn-group-size 1 or --replicas 1")
+    group, replicas = sync_batch_group(config), config["replicas"]
+    local = replicas if local_replicas is None else local_replicas
+    if group > 1 and (replicas % group or local % group):
+        where = (f"the {replicas} replicas" if local == replicas else
+                 f"the {local} replicas of each poprun instance, or be 0 (all {replicas} "
+                 f"replicas: the only group that may span instances)")
+        raise ConfigError(f"norm sync_batch: bn_group_size {group} must divide {where}")
     if config["compile_only"] and config["ipu_model"]:
         raise ConfigError("compile_only compiles for a real IPU (an offline target); it cannot "
                           "be combined with ipu_model")
@@ -85,6 +114,14 @@ def ipu_options(config, poptorch, popdist=None, training=True):
         options.Training.gradientAccumulation(config["gradient_accumulation"])
         options.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
         options.outputMode(poptorch.OutputMode.Sum)  # per replica: summed over the call
+        if sync_batch_group(config) != 1:
+            # SyncBatchNormAct's in-place updates of its running statistics (copy_) are
+            # refused under replication unless each replica keeps its own buffers (poptorch
+            # poptorch/source/InplaceOps.cpp:224-233); the option gates only that check
+            # (LowerToPopartFactories.cpp:41-43, SessionOptions.cpp:464). Per-replica
+            # BatchNorm lowers to PopART's own op, which updates its statistics itself, as
+            # graphcore/examples' replicated CNNs run it without the option.
+            options.broadcastBuffers(False)
         options.Precision.enableStochasticRounding(config["stochastic_rounding"])
         if config["recompute_checkpoints"] and stages == 1:
             # pipelined models recompute already (PopTorch's default); one stage needs asking,
@@ -222,7 +259,11 @@ class PopTorchEngine:
                                   f" but pipeline_splits make {stages} stages: make them agree")
         else:
             self.instance, self.instances, self.local_replicas = 0, 1, config["replicas"]
-        check_config(config)
+        check_config(config, self.local_replicas)
+        if sync_batch_group(config) != 1 and not custom_ops.ipu.is_built():
+            raise ConfigError(f"norm sync_batch across IPU replicas needs the IPU ops library "
+                              f"{os.path.relpath(custom_ops.ipu.LIBRARY)}: run `make custom_ops` "
+                              f"on this Poplar SDK host")
 
         self.device = torch.device("cpu")  # the loop hands host tensors; PopTorch moves them
         self.steps_per_call = config["device_iterations"]
@@ -253,6 +294,8 @@ class PopTorchEngine:
         for module in model.modules():
             if isinstance(module, BatchNormAct):
                 module.stats_chunks = 1  # each IPU replica holds a single micro-batch
+            if isinstance(module, SyncBatchNormAct):
+                module.ipu_group_size = sync_batch_group(config)
         # 16.32 keeps float32 weights and is fed float16 images, as graphcore/examples does
         if config["precision"] == "16.16":
             model.half()

@@ -1,13 +1,18 @@
-"""The IPU op: GroupNorm + affine + activation + Proxy Norm as one PopART custom op.
+"""The IPU ops: PopART custom ops for PopTorch, in one library.
+
+GroupNorm + affine + activation + Proxy Norm as one op, and a differentiable sum over
+groups of IPU replicas (what sync_batch shares its statistics with).
 
 Build (Poplar SDK hosts only, SDK environment enabled): `make custom_ops`, or
 `make -C custom_ops/ipu`, writes custom_ops/ipu/build/libproxynorm_ipu.so. In a PopTorch model:
     from custom_ops import ipu
     out = ipu.group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, "relu", eps)
+    total = ipu.replica_all_reduce_sum(t, group_size)   # 0 = all replicas
 proxy_mean = m and proxy_rstd = 1 / sqrt(v + 0.03) come from models.proxy.proxy_stats, left in
 PyTorch: PopTorch traces them and PopART's autograd carries their gradients to the parameters.
 The library loads on first use (or load()). This module imports without poptorch or torch;
-is_built() says whether the library exists. tests/test_ipu_op.py checks the op on the IPU Model.
+is_built() says whether the library exists. tests/test_ipu_op.py checks the ops on the IPU
+Model (and the all-reduce across two replicas on IPU hardware).
 """
 import ctypes
 import os
@@ -16,6 +21,8 @@ DOMAIN = "ai.graphcore.proxynorm"
 OP_TYPE = "GroupNormProxyAct"
 DOMAIN_VERSION = 1
 ACTS = ("relu", "silu", "gelu", "identity")
+ALL_REDUCE_OP_TYPE = "ReplicaAllReduceSum"
+ALL_REDUCE_DTYPES = ("torch.float32", "torch.float16")
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build",
                        "libproxynorm_ipu.so")
@@ -63,4 +70,30 @@ def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act="r
                                  DOMAIN_VERSION, example_outputs=[x],
                                  attributes={"groups": groups, "act": act,
                                              "epsilon": float(eps)})
+    return outputs[0]
+
+
+def replica_all_reduce_sum(t, group_size=0):
+    """The sum of t over this replica's group of IPU replicas, with a gradient.
+
+    Groups are `group_size` consecutive replicas (0 = all); under poprun replicas are
+    numbered across instances. The gradient of the sum is the sum of the gradients (the
+    same all-reduce of the incoming gradient): every replica of a group gets the gradient
+    of every group member's loss, as torch.distributed all-reduce with autograd gives
+    (models.norms.AllReduceSum). PopART's own ReplicatedAllReduce drops its gradient at
+    SDK 3.0-3.4, hence this op (replica_all_reduce.cpp).
+
+    t is float32 or float16, any shape; group_size must divide the replicas (checked when
+    PopART builds the graph). Only valid while PopTorch traces a model
+    (poptorch.custom_op); returns a tensor like t. Without replication it is a copy of t.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"group_size must be an int >= 0 (0 = all replicas), got {group_size!r}")
+    if str(t.dtype) not in ALL_REDUCE_DTYPES:
+        raise ValueError(f"replica_all_reduce_sum takes float32 or float16, got {t.dtype}")
+    load()
+    import poptorch
+
+    outputs = poptorch.custom_op([t], ALL_REDUCE_OP_TYPE, DOMAIN, DOMAIN_VERSION,
+                                 example_outputs=[t], attributes={"group_size": group_size})
     return outputs[0]
