@@ -329,6 +329,10 @@ class Run:
             "rng": checkpoint.rng_state(), "val_accuracy": self.val_accuracy,
             "best_val_accuracy": self.best_val_accuracy, "skipped_images": self.skipped_images,
             "validation_due": self.validation_due,
+            # what train.evaluate.load_model needs: the accuracy's weights, the network's shape
+            "val_weights": "weight_average" if self.average is not None and self.average.updates
+            else "model",
+            "num_classes": self.data.num_classes, "in_channels": self.data.in_channels,
         }
 
     def save_checkpoints(self, improved=False, epoch_end=False):

@@ -1,0 +1,150 @@
+"""Load a trained model, and `python -m train.evaluate CHECKPOINT_OR_RUN_DIR`.
+
+In Python, the one way to get a trained network back:
+
+    from train.evaluate import load_model
+    model, info = load_model("runs/digits_resnet_group_pn-20261201-120000")
+    logits = model(images)          # eval mode, on the CPU
+    info["val_accuracy"], info["weights"], info["config"]["norm"]
+
+A run folder means its checkpoint_last.pt (the run's last weights); any checkpoint file
+works too. With weight averaging on, a run validates, and records the accuracy of, the
+averaged weights: `weights="validated"` (the default) gives the weights the checkpoint's
+accuracy belongs to, "model" the trained ones, "weight_average" the average.
+
+From the command line: top-1 and top-5 accuracy and the loss of those weights on the
+checkpoint's validation set (`--data-path` where the data lives now).
+"""
+import argparse
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from train import checkpoint
+from train.checkpoint import CheckpointError
+
+WEIGHTS = ("validated", "model", "weight_average")
+
+
+def checkpoint_path(path):
+    """A run folder's checkpoint_last.pt, or the checkpoint file itself."""
+    return os.path.join(path, checkpoint.LAST) if os.path.isdir(path) else path
+
+
+def validated_weights(saved):
+    """Which weights the checkpoint's accuracy belongs to: "weight_average" when validation
+    used the average (it does once the average has an update), else "model"."""
+    if "val_weights" in saved:
+        return saved["val_weights"]
+    average = saved.get("weight_average")
+    return "weight_average" if average and average.get("updates") else "model"
+
+
+def network_shape(state):
+    """(in_channels, num_classes) of a classifier's state dict: the first convolution's input
+    channels and the last linear layer's outputs (checkpoints record both since they record
+    val_weights; older ones are read this way)."""
+    convolutions = [t for t in state.values() if t.dim() == 4]
+    linears = [t for t in state.values() if t.dim() == 2]
+    if not convolutions or not linears:
+        raise CheckpointError("cannot tell the network's input channels and classes from "
+                              "its weights")
+    return convolutions[0].shape[1], linears[-1].shape[0]
+
+
+def load_model(path, weights="validated", device="cpu"):
+    """(model in eval mode on `device`, info) from a checkpoint file or a run folder.
+
+    info: "path", "config" (the run's resolved config), "step", "weights" (which were
+    loaded), "val_accuracy" and "best_val_accuracy" (None unless `weights` are the
+    validated ones, whose accuracy they are). CheckpointError (one line) for a file that is
+    not a checkpoint of this application or does not fit its model.
+    """
+    from train.loop import build_model
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    path = checkpoint_path(path)
+    saved = checkpoint.load(path)
+    validated = validated_weights(saved)
+    which = validated if weights == "validated" else weights
+    if which == "weight_average":
+        if not saved.get("weight_average"):
+            raise CheckpointError(f"{path} holds no weight average (weight_avg_decay 0)")
+        state = saved["weight_average"]["model"]
+    else:
+        state = saved["engine"]["model"]
+    in_channels, num_classes = (saved["in_channels"], saved["num_classes"]) \
+        if "num_classes" in saved else network_shape(state)
+    config = {**saved["config"], "replicas": 1}  # one sample at a time is fine for eval
+    model = build_model(config, SimpleNamespace(num_classes=num_classes,
+                                                in_channels=in_channels))
+    checkpoint.load_state(model, state, path)
+    accurate = which == validated
+    info = {"path": path, "config": saved["config"], "step": saved["step"], "weights": which,
+            "val_accuracy": saved["val_accuracy"] if accurate else None,
+            "best_val_accuracy": saved["best_val_accuracy"] if accurate else None}
+    return model.to(device).eval(), info
+
+
+@torch.no_grad()
+def evaluate(model, config, data_path=None, batch_size=256, device="cpu", num_workers=0):
+    """{"top1", "top5", "loss", "images"} of the model on the config's validation set."""
+    from datasets import cluttered_digits, get_dataset
+    from datasets.pipeline import make_loader
+
+    data = get_dataset(
+        config["data"], data_path=data_path or config["data_path"],
+        image_size=config["image_size"], seed=config["seed"],
+        synthetic_samples=config["synthetic_samples"],
+        synthetic_num_classes=config["synthetic_num_classes"],
+        clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
+    loader = make_loader(data.val, batch_size, [(0, i) for i in range(len(data.val))],
+                         num_workers, False, config["seed"])
+    top1 = top5 = loss = seen = 0
+    for images, targets, _ in loader:
+        logits = model(images.to(device)).float()
+        targets = targets.to(device)
+        loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (ranked[:, 0] == targets).sum().item()
+        top5 += (ranked == targets[:, None]).any(dim=1).sum().item()
+        seen += len(targets)
+    return {"top1": top1 / seen, "top5": top5 / seen, "loss": loss / seen, "images": seen}
+
+
+def main(argv=None):
+    from datasets import DataError, error_line
+    from train.config import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description="Top-1/top-5 accuracy and loss of a trained checkpoint on its "
+                    "validation set.")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR",
+                        help="a checkpoint file, or a run folder (its checkpoint_last.pt)")
+    parser.add_argument("--data-path", help="where the dataset is now (default: the run's)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="validated",
+                        help="validated (default): those the run's accuracy belongs to")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        model, info = load_model(args.checkpoint, args.weights, args.device)
+        result = evaluate(model, info["config"], args.data_path, args.batch_size, args.device,
+                          args.num_workers)
+    except (CheckpointError, ConfigError, DataError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        return 2
+    config = info["config"]
+    print(f"{info['path']} (step {info['step']}, {info['weights']} weights): {config['model']} "
+          f"with {config['norm']} on {config['data']}, {result['images']} validation images: "
+          f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}, loss {result['loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
