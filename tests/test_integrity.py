@@ -261,7 +261,8 @@ def test_unreadable_validation_data_keeps_the_epoch_and_validates_it_on_resume(
     assert train(run_dir, *flags, "--resume", "auto") == 0
     assert "validating the epoch it ended first" in capsys.readouterr().out
     assert [(r["kind"], r["step"]) for r in records(run_dir)] == [
-        ("train", 1), ("train", 2), ("val", 2), ("train", 3), ("train", 4), ("val", 4)]
+        ("train", 1), ("train", 2), ("train_epoch", 2), ("val", 2), ("train", 3), ("train", 4),
+        ("train_epoch", 4), ("val", 4)]
 
 
 def test_ctrl_c_while_starting_is_one_line(tmp_path):

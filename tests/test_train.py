@@ -243,9 +243,20 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert f"--resume {run_dir}" in err
 
 
-def test_ipu_engine_without_poptorch_falls_back_to_the_cpu(tmp_path, capsys):
+@pytest.mark.parametrize("cuda", [False, True])
+def test_ipu_engine_without_poptorch_runs_as_auto(tmp_path, capsys, monkeypatch, cuda):
+    """On a GPU where there is one (here: whether torch says so), else on the CPU."""
     if importlib.util.find_spec("poptorch") is not None:
         pytest.skip("PopTorch is installed")
+    from train import engine
+
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
+    if cuda:  # the device it picks, without a GPU to run on
+        assert engine.resolve_device("ipu") == torch.device("cuda")
+        assert capsys.readouterr().err == (
+            "warning: engine ipu: PopTorch is not installed; running the PyTorch engine on "
+            "the GPU (IPU-only settings are ignored)\n")
+        return
     assert train(tmp_path / "run", *SYNTHETIC, *plan(16, 1, 1), "--max-steps", 1,
                  "--engine", "ipu", "--checkpoint-every", 1, "--epochs", 1) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]

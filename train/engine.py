@@ -36,13 +36,15 @@ class NonFiniteLoss(Exception):
 
 
 def resolve_device(engine):
-    """The torch device for a PyTorch engine name; `ipu` (no PopTorch here) runs on the CPU."""
-    if engine == "ipu":
-        print("warning: engine ipu: PopTorch is not installed; running the PyTorch engine on "
-              "the CPU (IPU-only settings are ignored)", file=sys.stderr)
-        return torch.device("cpu")
-    if engine == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch device for a PyTorch engine name; `ipu` (no PopTorch here) runs as `auto`:
+    on a GPU where there is one, else on the CPU."""
+    if engine in ("ipu", "auto"):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if engine == "ipu":
+            print(f"warning: engine ipu: PopTorch is not installed; running the PyTorch engine "
+                  f"on the {'GPU' if device.type == 'cuda' else 'CPU'} (IPU-only settings are "
+                  f"ignored)", file=sys.stderr)
+        return device
     if engine == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine cuda: no CUDA device is available (use --engine cpu)")
     return torch.device(engine)

@@ -457,6 +457,11 @@ class Run:
                            f"{seen / max(seconds, 1e-9):.0f} images/s")
         if self.step % self.steps_per_epoch and self.step < self.total_steps:
             return  # stopped by a signal mid-epoch
+        if self.step % self.steps_per_epoch == 0:  # the epoch's averages (this process's
+            # images; since the resumed step when the run resumed inside the epoch)
+            self.log.write({"kind": "train_epoch", "step": self.step, "epoch": epoch + 1,
+                            "loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
+                            "images": seen, "images_per_second": seen / max(seconds, 1e-9)})
         if not self.config["validation"]:
             self.say(self.epoch_line)
 
@@ -465,13 +470,17 @@ class Run:
         or None when a signal stopped it."""
         model = self.average.model if self.average is not None and self.average.updates else None
         loss_sum = correct = seen = 0
-        for images, targets, _ in self.val_loader:
+        progress = tqdm(self.val_loader, desc="validation", unit="batch", leave=False,
+                        dynamic_ncols=True, disable=None if self.context.is_main else True)
+        for images, targets, _ in progress:
             batch_loss, batch_correct = self.engine.eval_step(images, targets, model)
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
             seen += len(images)
             # torchrun processes may hold a batch more or less: they finish, then agree
             if stop.signal is not None and not self.context.collective:
+                progress.close()
                 return None
+        progress.close()
         loss_sum, correct, seen = self.context.sum(loss_sum, correct, seen)
         self.val_accuracy = correct / seen
         improved = self.best_val_accuracy is None or self.val_accuracy > self.best_val_accuracy
