@@ -6,7 +6,8 @@
 #                  op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
 #   make train     install, then train the default config (digits_resnet_group_pn: real
 #                  handwritten digits, offline, on the CPU); TRAIN_ARGS="..." adds flags
-#   make test      install, then the fast test suite (PYTEST_ARGS="..." adds pytest flags)
+#   make test      install, add the test tools (requirements-dev.txt), then the fast test
+#                  suite (PYTEST_ARGS="..." adds pytest flags)
 #   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in README.md
 #   make bench     the model benchmark (about 15 minutes on 2 cores): training images/s and
 #                  saved bytes per image against micro-batch; JSON, README table, docs/ plot
@@ -32,10 +33,12 @@ ifeq ($(HAS_POPTORCH),yes)
 PYTHON := $(SYSTEM_PYTHON)
 REQUIREMENTS := requirements-ipu.txt
 INSTALLED := .installed-ipu
+DEV_INSTALLED := .installed-ipu-dev
 else
 PYTHON := .venv/bin/python
 REQUIREMENTS := requirements.txt
 INSTALLED := .venv/.installed
+DEV_INSTALLED := .venv/.installed-dev
 endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
@@ -51,6 +54,10 @@ endif
 	$(PYTHON) -m pip install -r $(REQUIREMENTS)
 	touch $@
 
+$(DEV_INSTALLED): requirements-dev.txt $(INSTALLED)
+	$(PYTHON) -m pip install -r requirements-dev.txt
+	touch $@
+
 custom_ops: $(INSTALLED)
 	$(PYTHON) -m custom_ops.build
 ifneq ($(POPLAR_SDK),)
@@ -62,7 +69,7 @@ endif
 train: install
 	$(PYTHON) -m train --config digits_resnet_group_pn $(TRAIN_ARGS)
 
-test: install
+test: install $(DEV_INSTALLED)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench-layer: install
@@ -82,9 +89,9 @@ analysis: install
 	$(PYTHON) -m analysis.power --inputs digits
 	$(PYTHON) -m analysis.batch_dependence
 
-.venv-torch20/.installed: requirements-ipu.txt
+.venv-torch20/.installed: requirements-ipu.txt requirements-dev.txt
 	test -x .venv-torch20/bin/python || $(SYSTEM_PYTHON) -m venv .venv-torch20
-	.venv-torch20/bin/python -m pip install torch==2.0.1 -r requirements-ipu.txt
+	.venv-torch20/bin/python -m pip install torch==2.0.1 -r requirements-ipu.txt -r requirements-dev.txt
 	touch $@
 
 test-torch20: .venv-torch20/.installed

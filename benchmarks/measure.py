@@ -29,10 +29,24 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def write_json(report, path):
-    """Written whole or not at all (train.files.write_atomically), into a folder it creates."""
+def write_json(report, path, significant=None):
+    """Written whole or not at all (train.files.write_atomically), into a folder it creates.
+    significant: round every float to that many significant digits, so that a rerun whose
+    numbers differ only by floating-point noise (threads summing in another order) writes
+    the same file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    files.write_json(path, report)
+    files.write_json(path, report if significant is None else rounded(report, significant))
+
+
+def rounded(value, significant):
+    """value with every float rounded to `significant` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{significant}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, significant) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, significant) for item in value]
+    return value
 
 
 def write_png(figure, path, dpi=110):
