@@ -8,11 +8,13 @@
 #                  handwritten digits, offline, on the CPU); TRAIN_ARGS="..." adds flags
 #   make test      install, add the test tools (requirements-dev.txt), then the fast test
 #                  suite (PYTEST_ARGS="..." adds pytest flags)
-#   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in README.md
+#   make bench-layer  the layer benchmark: JSON in benchmarks/results/, table in
+#                  docs/fused_op.md
 #   make bench     the model benchmark (about 15 minutes on 2 cores): training images/s and
-#                  saved bytes per image against micro-batch; JSON, README table, docs/ plot
+#                  saved bytes per image against micro-batch; JSON, table in docs/fused_op.md,
+#                  docs/ plot
 #   make plan      memory per IPU of ResNet-50 and EfficientNet-B0 with BatchNorm and Proxy
-#                  Norm (python -m train.plan; about 2 minutes): JSON, README table
+#                  Norm (python -m train.plan; about 2 minutes): JSON, table in docs/memory.md
 #   make accuracy  the accuracy study on cluttered digits (every norm x micro-batch 2/8/64 x
 #                  3 seeds; about 3 CPU hours, 1.5 hours on 2 cores; resumable): JSON,
 #                  README table, docs/ figures

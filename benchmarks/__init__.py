@@ -1,1 +1,2 @@
-"""Layer and model benchmarks; each writes JSON and the README tables, as ratios to a baseline in the same run."""
+"""Layer and model benchmarks; each writes JSON and its table in README.md or a docs/ page,
+as ratios to a baseline in the same run."""

@@ -5,7 +5,7 @@
 Times BatchNorm+ReLU, GroupNorm+ReLU and GroupNorm + Proxy Norm + ReLU/SiLU run eagerly,
 under torch.compile and through the fused op, at four activation shapes; every number is
 also given as a ratio to BatchNorm+ReLU measured in the same run. Writes
-benchmarks/results/layer.json and the README table between the `layer` markers.
+benchmarks/results/layer.json and the table between the `layer` markers of docs/fused_op.md.
 """
 import argparse
 import math
@@ -16,7 +16,7 @@ import torch
 
 import custom_ops
 from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes, write_json
-from benchmarks.readme import markdown_table, replace_section
+from benchmarks.readme import ROOT, markdown_table, replace_section
 from models.norms import get_norm_act
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (32, 512, 7, 7), (2, 256, 56, 56)]
@@ -33,6 +33,7 @@ VARIANTS = {  # name: (norm, act, how it runs)
     "group_pn_silu_fused": ("group_pn", "silu", "fused"),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "layer.json")
+DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 
 
 def build(norm, act, how, channels):
@@ -126,7 +127,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/fused_op.md")
     args = parser.parse_args(argv)
     if not custom_ops.cpu.load():
         raise SystemExit("benchmarks.layer: the fused CPU op is not built; run `make custom_ops`")
@@ -140,7 +141,7 @@ def main(argv=None):
     write_json(report, RESULTS)
     print(table(report))
     if not args.no_readme:
-        replace_section("layer", table(report))
+        replace_section("layer", table(report), DOCS_PAGE)
 
 
 if __name__ == "__main__":

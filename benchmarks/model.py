@@ -14,8 +14,8 @@ every repeat's time is kept in the JSON, to judge the noise. Saved bytes are tho
 distinct storages autograd keeps for backward in one training forward, parameters
 excluded (they do not grow with the micro-batch), divided by the micro-batch. A variant
 that cannot run (e.g. BatchNorm with one value per channel) is recorded as null with its
-error. Writes benchmarks/results/model.json, docs/model_benchmark.png and the README table
-between the `model` markers.
+error. Writes benchmarks/results/model.json, docs/model_benchmark.png and the table
+between the `model` markers of docs/fused_op.md.
 """
 import argparse
 import os
@@ -32,6 +32,7 @@ from models import get_model, list_models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "model.json")
 PLOT = os.path.join(ROOT, "docs", "model_benchmark.png")
+DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 BASELINE = "batch"
 VARIANTS = {  # name: (norm, norm_kwargs)
     "batch": ("batch", {}),
@@ -216,7 +217,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=RESULTS, help="JSON path")
     parser.add_argument("--plot", default=PLOT, help="PNG path")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/fused_op.md")
     args = parser.parse_args(argv)
     if not custom_ops.cpu.load():
         raise SystemExit("benchmarks.model: the fused CPU op is not built; run `make custom_ops`")
@@ -236,9 +237,9 @@ def main(argv=None):
     print(table(report))
     if not args.no_readme:
         try:
-            replace_section("model", table(report))
+            replace_section("model", table(report), DOCS_PAGE)
         except ValueError as error:
-            raise SystemExit(f"benchmarks.model: README not updated: {error}")
+            raise SystemExit(f"benchmarks.model: docs/fused_op.md not updated: {error}")
 
 
 if __name__ == "__main__":

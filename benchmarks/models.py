@@ -7,7 +7,7 @@ counts with torch.utils.flop_counter.FlopCounterMode, which counts the FLOPs of
 convolutions and matrix products (2 per multiply-accumulate) and nothing else: norms,
 activations, Proxy Norm, pooling and additions are not counted, so MACs do not depend on
 the norm. Reported in GMACs, the number papers call "FLOPs" (ResNet-50: 4.1). Writes
-benchmarks/results/models.json and the README table between the `models` markers.
+benchmarks/results/models.json and the table between the `models` markers of docs/models.md.
 """
 import argparse
 import os
@@ -16,11 +16,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import write_json
-from benchmarks.readme import markdown_table, replace_section
+from benchmarks.readme import ROOT, markdown_table, replace_section
 from models import get_model
 
 NORMS = ("batch", "group", "group_pn", "layer_pn")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "models.json")
+DOCS_PAGE = os.path.join(ROOT, "docs", "models.md")
 G16 = {"group_dim": 16, "expand_ratio": 4}  # Masters et al. 2021's G16 recipe
 
 
@@ -68,7 +69,7 @@ def table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/models.md")
     args = parser.parse_args(argv)
     rows = []
     for name, variant, options, resolution in variants():
@@ -84,7 +85,7 @@ def main(argv=None):
                RESULTS)
     print(table(rows))
     if not args.no_readme:
-        replace_section("models", table(rows))
+        replace_section("models", table(rows), DOCS_PAGE)
 
 
 if __name__ == "__main__":

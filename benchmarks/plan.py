@@ -7,7 +7,8 @@ with BatchNorm and GroupNorm + Proxy Norm: ResNet-50 (resnet50_batch: micro-batc
 precision 16.16, one stage) and EfficientNet-B0 G16 (efficientnet_b0_g16_layer_pn:
 micro-batch 8, precision 16.32, two stages split at blocks.3; also with its own LayerNorm
 + Proxy Norm). Activations are measured in a CPU training step, so this takes a minute or
-two. Writes benchmarks/results/plan.json and the README table between the `plan` markers.
+two. Writes benchmarks/results/plan.json and the table between the `plan` markers of
+docs/memory.md.
 """
 import argparse
 import os
@@ -15,11 +16,12 @@ import os
 import torch
 
 from benchmarks.measure import cpu_name, write_json
-from benchmarks.readme import markdown_table, replace_section
+from benchmarks.readme import ROOT, markdown_table, replace_section
 from train.config import resolve_config
 from train.plan import MB, NOT_MODELLED, bytes_per_sample, plan
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "plan.json")
+DOCS_PAGE = os.path.join(ROOT, "docs", "memory.md")
 CASES = [  # model label, config, the options the table states (pinned), norms
     ("`resnet50`", "resnet50_batch", {"precision": "16.16", "pipeline_splits": []},
      ("batch", "group_pn")),
@@ -73,7 +75,7 @@ def table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/memory.md")
     args = parser.parse_args(argv)
     rows = []
     for label, config_name, options, norms in CASES:
@@ -88,7 +90,7 @@ def main(argv=None):
     write_json({"torch": torch.__version__, "cpu": cpu_name(), "rows": rows}, RESULTS)
     print(table(rows))
     if not args.no_readme:
-        replace_section("plan", table(rows))
+        replace_section("plan", table(rows), DOCS_PAGE)
 
 
 if __name__ == "__main__":

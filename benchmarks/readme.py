@@ -1,4 +1,4 @@
-"""Write generated tables into README.md between named markers.
+"""Write generated tables into README.md and the docs/ pages between named markers.
 
 A table lives between `<!-- NAME:start -->` and `<!-- NAME:end -->`; the scripts that
 measure or compute it rewrite only that span, so the prose around it stays hand-written.
@@ -7,7 +7,8 @@ import os
 
 from train import files
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 
 
 def markdown_table(header, rows):
@@ -26,5 +27,5 @@ def replace_section(name, text, path=README):
     head, rest = readme.split(start)
     _, tail = rest.split(end)
     updated = f"{head}{start}\n{text.strip()}\n{end}{tail}"
-    # an interrupted run never leaves a half-written README; the README keeps its mode
+    # an interrupted run never leaves a half-written page; the page keeps its mode
     files.write_atomically(path, lambda f: f.write(updated), mode=os.stat(path).st_mode & 0o777)

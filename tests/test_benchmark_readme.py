@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 
 from benchmarks.readme import markdown_table, replace_section
@@ -25,3 +27,15 @@ def test_replace_section_needs_markers(tmp_path):
     with pytest.raises(ValueError, match="<!-- t:start -->"):
         replace_section("t", "x", path=str(path))
     assert path.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("module,page,name", [
+    ("benchmarks.readme", "README", "accuracy"),
+    ("benchmarks.layer", "DOCS_PAGE", "layer"),
+    ("benchmarks.model", "DOCS_PAGE", "model"),
+    ("benchmarks.models", "DOCS_PAGE", "models"),
+    ("benchmarks.plan", "DOCS_PAGE", "plan"),
+])
+def test_each_script_writes_the_page_that_holds_its_table(module, page, name):
+    text = open(getattr(importlib.import_module(module), page)).read()
+    assert text.count(f"<!-- {name}:start -->") == 1 and text.count(f"<!-- {name}:end -->") == 1

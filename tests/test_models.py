@@ -142,7 +142,7 @@ def test_parameter_counts_equal_torchvision(name, kw, expected):
 
 
 @pytest.mark.parametrize("name,norm,kw,expected", [
-    # computed once by this code; the README models table lists the same numbers
+    # computed once by this code; the models table in docs/models.md lists the same numbers
     ("resnet50", "group", {}, 25_557_032),
     ("resnet50", "group_pn", {}, 25_553_320),
     ("resnet50v2", "batch", {}, 25_549_352),
