@@ -1,4 +1,5 @@
-"""Models and their normalisation layers: `get_model(name, norm=...)` and `list_models()`.
+"""Models and their normalisation layers: `get_model(name, norm=...)`, `list_models()` and
+`convert_norms(model, norm=...)` for any other CNN.
 
 Every family takes every normalisation in `models.norms.NORMS` by name; models build their
 norm layers through `get_norm_act` only (via `models.layers.NormAct`) and never import a
@@ -10,6 +11,9 @@ norm class. Families:
                                                (preact_resnet.py)
   efficientnet_b0..b5                          EfficientNet with group_dim, expand_ratio
                                                (efficientnet.py)
+  torchvision:NAME                             any torchvision classification model,
+                                               its BatchNorms converted by convert_norms
+                                               (torchvision_models.py, convert.py)
 
 Which activations Proxy Norm covers: in the pre-activation ResNets and EfficientNet every
 one (each follows its own norm); in the v1 ResNets all but the ReLU after each residual add,
@@ -26,8 +30,9 @@ import inspect
 from collections import namedtuple
 from functools import partial
 
-from models import efficientnet, preact_resnet, resnet
+from models import efficientnet, preact_resnet, resnet, torchvision_models
 from models.activations import check_act, unknown_name_error
+from models.convert import ConversionError, ConversionReport, convert_norms
 from models.layers import NormAct
 from models.norms import DEFAULT_GROUPS, NORMS
 
@@ -51,11 +56,23 @@ _COMMON = ("norm_layer", "num_classes", "in_channels")
 
 
 def list_models():
+    """Our families; get_model also takes "torchvision:NAME" (check_model_name)."""
     return list(_MODELS)
 
 
+def check_model_name(name):
+    """ValueError (naming close names) unless get_model knows `name`."""
+    if str(name).startswith(torchvision_models.PREFIX):
+        torchvision_models.check_name(name[len(torchvision_models.PREFIX):])
+    else:
+        _get_family(name)
+
+
 def model_options(name):
-    """The family options `get_model(name, **kw)` accepts, with their defaults."""
+    """The family options `get_model(name, **kw)` accepts, with their defaults (none for
+    torchvision models)."""
+    if name.startswith(torchvision_models.PREFIX):
+        return {}
     params = inspect.signature(_get_family(name).builder).parameters
     return {k: p.default for k, p in params.items() if k not in _COMMON}
 
@@ -76,7 +93,16 @@ def get_model(name, norm="group_pn", num_classes=1000, groups=None, act=None, in
     kw: the family's options (see model_options(name)), e.g. zero_init_residual, group_dim,
     expand_ratio, drop_rate, drop_path_rate. A layer that cannot be built (e.g. channels
     not divisible by groups) raises a ValueError that names its module path.
+
+    "torchvision:NAME" builds torchvision's model NAME (random weights) and converts its
+    BatchNorms with convert_norms: groups=None picks a divisor of each layer's channels,
+    act and family options are refused (see models/torchvision_models.py).
     """
+    if name.startswith(torchvision_models.PREFIX):
+        if norm not in NORMS:
+            raise unknown_name_error("norm", norm, NORMS)
+        return torchvision_models.build(name[len(torchvision_models.PREFIX):], norm,
+                                        num_classes, groups, act, in_channels, norm_kwargs, **kw)
     family = _get_family(name)
     if norm not in NORMS:
         raise unknown_name_error("norm", norm, NORMS)

@@ -1,4 +1,11 @@
-"""The activations a norm-act layer can apply, by name."""
+"""The activations a norm-act layer can apply, by name.
+
+Proxy Norm computes its statistics by pushing its Gaussian proxy through the activation
+module itself (models/proxy.py), so every entry works with every norm. The fused ops
+(custom_ops) implement FUSED_ACTS; a Proxy Norm layer with another activation runs the
+eager PyTorch expression of the same maths. relu6 and hardswish are there for converted
+MobileNets (models/convert.py).
+"""
 import difflib
 
 from torch import nn
@@ -7,8 +14,11 @@ ACTS = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
     "gelu": nn.GELU,  # exact (erf) GELU, as nn.GELU's default
+    "relu6": nn.ReLU6,
+    "hardswish": nn.Hardswish,
     "identity": nn.Identity,
 }
+FUSED_ACTS = ("relu", "silu", "gelu", "identity")
 
 
 def unknown_name_error(kind, name, valid):

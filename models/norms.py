@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import custom_ops
-from models.activations import check_act, get_act, unknown_name_error
+from models.activations import FUSED_ACTS, check_act, get_act, unknown_name_error
 from models.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_quantiles,
                           proxy_stats, statistics_dtype)
 
@@ -275,7 +275,8 @@ class GroupNormProxyAct(GroupNormAct):
 
     The layer runs the fused op (custom_ops) when one is available for its input, which
     saves only the input for backward; `fused=False` (or PROXYNORM_FUSED=0) forces the
-    eager PyTorch expression of the same maths.
+    eager PyTorch expression of the same maths, as does an activation the fused ops do not
+    implement (FUSED_ACTS; e.g. relu6, hardswish).
     """
 
     def __init__(self, num_channels, groups=DEFAULT_GROUPS, eps=DEFAULT_EPS, act="relu",
@@ -296,7 +297,7 @@ class GroupNormProxyAct(GroupNormAct):
 
     def forward(self, x):
         check_input(self, x, self.num_channels)
-        op = custom_ops.fused_op(x) if self.fused else None
+        op = custom_ops.fused_op(x) if self.fused and self.act_name in FUSED_ACTS else None
         if op is None:
             return proxy_norm_act(x, self.num_groups, self.weight, self.bias,
                                   self.proxy_weight, self.proxy_bias, self.act, self.eps,

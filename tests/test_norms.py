@@ -17,6 +17,8 @@ ACT_FORMULAS = {  # written out, not taken from torch.nn
     "relu": lambda t: t.clamp(min=0),
     "silu": lambda t: t / (1 + torch.exp(-t)),
     "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2))),
+    "relu6": lambda t: t.clamp(min=0, max=6),
+    "hardswish": lambda t: t * (t + 3).clamp(min=0, max=6) / 6,
     "identity": lambda t: t,
 }
 
@@ -85,7 +87,7 @@ def test_batch_equals_pytorch_batch_norm_in_train_and_eval():
 
 # ---- Proxy Norm against the independent formula -------------------------------------
 
-@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "identity"])
+@pytest.mark.parametrize("act", list(ACT_FORMULAS))
 @pytest.mark.parametrize("name,groups,shape", [
     ("group_pn", 4, (3, 8, 5, 6)), ("layer_pn", 1, (3, 8, 5, 6)),
     ("group_pn", 2, (2, 8, 9)), ("group_pn", 8, (2, 8, 3, 4, 3))])
@@ -108,7 +110,7 @@ def test_proxy_norm_forward_and_gradients_match_formula(act, name, groups, shape
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "identity"])
+@pytest.mark.parametrize("act", list(ACT_FORMULAS))
 def test_proxy_norm_gradcheck(act):
     layer = randomise(get_norm_act("group_pn", 4, act=act, groups=2), seed=1).double()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -272,7 +274,9 @@ def test_unknown_norm_lists_valid_names():
 
 
 def test_unknown_activation_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown activation 'swish'; valid names: relu, silu, gelu, identity"):
+    with pytest.raises(ValueError, match=r"unknown activation 'swish' \(did you mean "
+                                         r"'hardswish'\?\); valid names: relu, silu, gelu, "
+                                         r"relu6, hardswish, identity"):
         get_norm_act("group", 8, act="swish", groups=2)
     with pytest.raises(ValueError, match="unknown activation"):
         get_norm_act("batch", 8, act="tanh", apply_act=False)

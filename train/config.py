@@ -76,12 +76,14 @@ OPTION_GROUPS = [
         Option("wandb_project", "proxy-norm", str, "Weights & Biases project"),
     ]),
     ("model", [
-        Option("model", "digits_preact_resnet", str, "model name (models.list_models())"),
+        Option("model", "digits_preact_resnet", str, "model name (models.list_models()), or "
+               "torchvision:NAME for a torchvision classification model converted to `norm`"),
         Option("norm", "group_pn", str, "normalisation: batch, sync_batch, group, layer, instance, "
                "group_pn, layer_pn, none"),
         Option("groups", None, int, "GroupNorm groups for group/group_pn (null: the model's)",
                null_ok=True, at_least=1),
-        Option("act", None, str, "activation: relu, silu, gelu (null: the model's)", null_ok=True),
+        Option("act", None, str, "activation: relu, silu, gelu, relu6, hardswish (null: the "
+               "model's)", null_ok=True),
         Option("group_dim", None, int, "EfficientNet: channels per group in its grouped convs (1 = "
                "depthwise, G1; 16 = G16)", null_ok=True, at_least=1),
         Option("expand_ratio", None, int, "EfficientNet: expansion ratio of its inverted "
@@ -375,16 +377,29 @@ def resolve_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFI
 
 def check_combination(config):
     """Checks that involve more than one key (or the model registry)."""
-    from models import list_models  # models/ is below train/ in the reading order
+    from models import check_model_name, list_models  # models/ is below train/
     from models.activations import ACTS
     from models.norms import NORMS
+    from models.torchvision_models import PREFIX
 
+    torchvision = str(config["model"]).startswith(PREFIX)
     for key, valid in (("model", list_models()), ("norm", NORMS), ("act", list(ACTS))):
         value = config[key]
-        if value is not None and value not in valid:
+        if key == "model" and torchvision:
+            try:
+                check_model_name(value)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        elif value is not None and value not in valid:
             hint = closest(value, list(valid))
             hint = f" (did you mean '{hint}'?)" if hint else ""
             raise ConfigError(f"unknown {key} '{value}'{hint}; valid: {', '.join(valid)}")
+    if torchvision:  # torchvision's models keep their own activation and options
+        for key in ("act", "group_dim", "expand_ratio", "drop_rate", "drop_path_rate"):
+            if config[key] is not None:
+                raise ConfigError(f"{key} does not apply to {config['model']} (torchvision "
+                                  f"models keep their own); unset it (--{key.replace('_', '-')}"
+                                  f" null)")
     if config["norm"] == "sync_batch" and config["bn_group_size"] > 1 and (
             config["replicas"] % config["bn_group_size"]):
         raise ConfigError(f"bn_group_size {config['bn_group_size']} does not divide replicas "

@@ -1,0 +1,457 @@
+"""Bring your own model: rewrite any CNN's BatchNorms into our norm-act modules.
+
+`convert_norms(model, norm="group_pn")` is `nn.SyncBatchNorm.convert_sync_batchnorm` for
+every name in `models.norms.NORMS`. A module swap cannot do it: Proxy Norm needs the
+activation inside the norm layer, and which activation follows which BatchNorm is only
+visible in the graph (torchvision's ResNet calls one `relu` module after bn1, after bn2
+and after the residual add). So the model is traced with torch.fx and rewritten:
+
+  BatchNorm whose only user is a supported activation  -> one norm-act module (the
+      activation node is removed and its users read the norm-act's output)
+  any other BatchNorm (before a residual add, in a projection shortcut, DenseNet's
+      transition, MobileNet's linear bottleneck)       -> the no-activation variant
+      (`apply_act=False`: for the Proxy Norm names the scale-only group/layer norm)
+
+Supported activations are models.activations.ACTS (relu, silu, exact gelu, relu6,
+hardswish), as modules, functions or tensor methods, in place or not. Proxy Norm computes
+its statistics through the activation itself, so any other activation is a new entry in
+that registry, not new maths here.
+"""
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from models.activations import ACTS, unknown_name_error
+from models.norms import DEFAULT_GROUPS, NORMS, get_norm_act
+
+# exact types only: a subclass may do more in its forward (timm's BatchNormAct2d applies
+# an activation, ours splits replicas) and would silently lose it
+CONVERTIBLE = (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.ReLU6: "relu6",
+                nn.Hardswish: "hardswish"}
+_ACT_FUNCTIONS = {F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu",
+                  F.silu: "silu", F.gelu: "gelu", F.relu6: "relu6", F.hardswish: "hardswish"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+# activations that exist but that the registry lacks: an error for Proxy Norm, which must
+# hold the activation, rather than a silent scale-only norm in front of them
+_OTHER_ACT_FUNCTIONS = {
+    F.elu, F.elu_, F.selu, F.celu, F.leaky_relu, F.leaky_relu_, F.hardtanh, F.hardtanh_,
+    F.hardsigmoid, F.sigmoid, F.tanh, F.mish, F.softplus, F.prelu, F.rrelu, F.logsigmoid,
+    F.softsign, F.tanhshrink, F.threshold, torch.sigmoid, torch.tanh, torch.sigmoid_,
+    torch.tanh_}
+_OTHER_ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
+_NOT_ACTIVATIONS = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU,
+                    nn.MultiheadAttention)
+
+
+class ConversionError(ValueError):
+    """A part of the model that convert_norms cannot convert; the message names it."""
+
+
+@dataclass
+class ConversionReport:
+    """What convert_norms did, by BatchNorm module name (names as in the original model).
+
+    norm_act:     {name: activation}: BatchNorm + following activation -> one norm-act module
+    norm_only:    [name]: no activation follows -> the no-activation variant
+    left:         {name: reason}: left as they were (strict=False only)
+    groups:       {name: (channels, groups)} where the default group count is below
+                  DEFAULT_GROUPS (see default_groups; groups=None only)
+    dropped_bias: [name]: a nonzero BatchNorm shift with no place in the scale-only
+                  norm of the Proxy Norm names (the network starts from a different function)
+    """
+    norm: str
+    norm_act: dict = field(default_factory=dict)
+    norm_only: list = field(default_factory=list)
+    left: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    dropped_bias: list = field(default_factory=list)
+
+    def counts(self):
+        return {"norm_act": len(self.norm_act), "norm_only": len(self.norm_only),
+                "left": len(self.left)}
+
+    def __str__(self):
+        acts = {}
+        for act in self.norm_act.values():
+            acts[act] = acts.get(act, 0) + 1
+        by_act = ", ".join(f"{act} {n}" for act, n in acts.items())
+        lines = [f"convert_norms to {self.norm}: {len(self.norm_act)} BatchNorm+activation "
+                 f"pairs -> norm-act modules{f' ({by_act})' if by_act else ''}; "
+                 f"{len(self.norm_only)} BatchNorms without activation -> norms without "
+                 f"activation; {len(self.left)} left as they were"]
+        lines += [f"  left: {name}: {reason}" for name, reason in self.left.items()]
+        if self.groups:
+            lines.append(f"  groups below {DEFAULT_GROUPS}, to divide the channels with 2 or "
+                         f"more per group: " + ", ".join(f"{name} {c}->{g}" for name, (c, g)
+                                                         in self.groups.items()))
+        if self.dropped_bias:
+            lines.append("  nonzero BatchNorm shift dropped (scale-only norm): "
+                         + ", ".join(self.dropped_bias))
+        return "\n".join(lines)
+
+
+def default_groups(channels, limit=DEFAULT_GROUPS):
+    """The largest divisor of `channels` not above `limit` that leaves at least 2 channels
+    per group (GroupNorm's statistics then never reduce to one channel's, InstanceNorm)."""
+    for groups in range(min(limit, max(1, channels // 2)), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def convert_norms(model, norm="group_pn", groups=None, eps=None, strict=True, report=False,
+                  norm_kwargs=None):
+    """A copy of `model` whose BatchNorms are `norm` layers from get_norm_act.
+
+        model, report = convert_norms(torchvision.models.resnet50(), "group_pn", report=True)
+
+    model: any nn.Module that torch.fx can trace around its BatchNorms (torchvision's
+    classification CNNs can). It is not modified: the result is a new torch.fx
+    GraphModule with the original's module names, so its state_dict keys are the
+    original's (less modules its forward never calls). Containers become plain modules
+    that the forward no longer calls (hooks on them do not fire; on leaves they do).
+    Load pretrained weights before converting: BatchNorm's weight and bias become the
+    new norm's affine (the Proxy Norm names' scale-only norm keeps the weight only), its
+    running statistics and momentum go to `batch`/`sync_batch`; nothing else changes.
+    Activations that no BatchNorm feeds (after a residual add) stay plain activations.
+
+    norm: a name from models.norms.NORMS. groups: GroupNorm groups for `group`/`group_pn`:
+    None picks, per layer, the largest divisor of its channels not above DEFAULT_GROUPS
+    (32) that leaves 2 channels per group (the report lists layers that got fewer than
+    32); an int (it must divide every layer's channels) or a callable channels -> groups.
+    eps: None keeps each BatchNorm's eps. norm_kwargs: further get_norm_act options
+    (e.g. {"fused": False}, {"stats_chunks": 4}).
+
+    What it cannot convert raises one ConversionError (a ValueError) naming the module:
+    a forward that torch.fx cannot trace or that traces differently in train and eval
+    mode (a module without BatchNorms is then kept whole instead, which is always safe);
+    an activation after a BatchNorm that Proxy Norm cannot hold (Proxy Norm names only:
+    the other norms leave it after a norm without activation); a BatchNorm1d (its input
+    may be (N, C), which a per-sample norm cannot normalise), a BatchNorm subclass, a
+    call of F.batch_norm; a group count that does not divide a layer's channels.
+    strict=False leaves the BatchNorms concerned as they were (the whole model when its
+    own forward cannot be traced) and lists them in the report's `left`; bad groups stay
+    an error.
+
+    report=True returns (model, ConversionReport), else the model alone. The report maps
+    BatchNorm names to what became of them (norm_act, norm_only, left, groups,
+    dropped_bias); counts() gives the numbers, str() a short summary.
+    """
+    if norm not in NORMS:
+        raise unknown_name_error("norm", norm, NORMS)
+    model = copy.deepcopy(model)
+    result = ConversionReport(norm)
+    graph_module = _trace(model, strict, result)
+    if graph_module is not None:
+        _rewrite(graph_module, norm, groups, eps, dict(norm_kwargs or {}), strict, result)
+        model = graph_module
+    return (model, result) if report else model
+
+
+# ---- tracing ---------------------------------------------------------------------------
+
+class _TraceFailure(Exception):
+    def __init__(self, name, module, error):
+        super().__init__(str(error))
+        self.name, self.module, self.error = name, module, error
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the modules in `leaves` kept whole, every BatchNorm and
+    GroupNorm a leaf, and each node tagged with the module whose forward made it."""
+
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves = leaves
+        self.module_path = [""]
+        self.callers = {}  # traced (non-leaf) module name -> the module that called it
+
+    def is_leaf_module(self, module, name):
+        return (name in self.leaves or isinstance(module, (_BatchNorm, nn.GroupNorm))
+                or super().is_leaf_module(module, name))
+
+    def call_module(self, module, forward, args, kwargs):
+        name = self.path_of_module(module)
+        if self.is_leaf_module(module, name):
+            return super().call_module(module, forward, args, kwargs)
+        self.callers.setdefault(name, self.module_path[-1])
+        self.module_path.append(name)
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except _TraceFailure:
+            raise
+        except Exception as error:  # the innermost module being traced is the culprit
+            raise _TraceFailure(name, module, error) from error
+        finally:
+            self.module_path.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["convert_scope"] = self.module_path[-1]
+        return node
+
+
+def _trace_once(model, leaves, training):
+    """(graph, tracer) of `model` traced in train or eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(model)
+    except _TraceFailure:
+        raise
+    except Exception as error:
+        raise _TraceFailure("", model, error) from error
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return graph, tracer
+
+
+def _scope_code(graph):
+    """{module name: what its own forward did}: ops, targets and constant arguments of
+    the nodes it made, its tensor arguments reduced to a mark."""
+    code = {}
+    for node in graph.nodes:
+        args = fx.node.map_arg((node.args, node.kwargs), lambda _: "%")
+        code.setdefault(node.meta.get("convert_scope", ""), []).append(
+            (node.op, str(node.target), repr(args)))
+    return code
+
+
+def _mode_difference(train, evaluation):
+    """The module whose own forward traces differently in train and eval mode, or None.
+
+    A module called in one mode only is its caller's doing; else the module whose own
+    nodes differ (a mode-dependent op, or a leaf called in one mode only).
+    """
+    (train_graph, train_tracer), (eval_graph, eval_tracer) = train, evaluation
+    for callers, other in ((train_tracer.callers, eval_tracer.callers),
+                           (eval_tracer.callers, train_tracer.callers)):
+        for name, caller in callers.items():
+            if name not in other:
+                return caller
+    train_code, eval_code = _scope_code(train_graph), _scope_code(eval_graph)
+    for name in list(train_code) + list(eval_code):
+        if train_code.get(name) != eval_code.get(name):
+            return name
+    for a, b in zip(train_graph.nodes, eval_graph.nodes):  # the same ops, wired differently
+        if (a.name, repr(a.args), repr(a.kwargs)) != (b.name, repr(b.args), repr(b.kwargs)):
+            return a.meta.get("convert_scope", "")
+    return None
+
+
+def _has_batch_norm(module):
+    return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def _describe(name, module):
+    return f"{name} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+
+
+def _trace(model, strict, result):
+    """A GraphModule of `model`, or None (strict=False) when the model itself cannot be
+    traced. Modules that cannot be traced become leaves: silently when they hold no
+    BatchNorm, else a ConversionError or (strict=False) their BatchNorms are `left`."""
+    leaves = {}  # name -> reason
+    modules = dict(model.named_modules())
+    for _ in range(len(modules) + 1):
+        try:
+            train = _trace_once(model, leaves, True)
+            evaluation = _trace_once(model, leaves, False)
+        except _TraceFailure as failure:
+            name, module = failure.name, failure.module
+            first_line = (str(failure.error).strip().splitlines() or [""])[0]
+            reason = (f"torch.fx cannot trace its forward ({type(failure.error).__name__}: "
+                      f"{first_line})")
+        else:
+            name = _mode_difference(train, evaluation)
+            if name is None:
+                break
+            module = modules[name]
+            reason = ("its forward traces differently in train and eval mode (a graph "
+                      "would freeze one of them)")
+        if name and not _has_batch_norm(module):
+            # nothing to convert inside: keep it whole, and its kind everywhere (the same
+            # forward fails the same way; one retrace per module would be slow)
+            leaves.update((other, reason) for other, m in modules.items()
+                          if type(m) is type(module) and not _has_batch_norm(m))
+            continue
+        if strict:
+            raise ConversionError(
+                f"{_describe(name, module)}: {reason}, so its BatchNorms cannot be "
+                f"converted; pass strict=False to leave them as they are")
+        for bn_name, bn in module.named_modules(prefix=name):
+            if isinstance(bn, _BatchNorm):
+                result.left[bn_name] = f"inside {_describe(name, module)}: {reason}"
+        if not name:
+            return None
+        leaves[name] = reason
+    else:  # unreachable: every round adds a leaf
+        raise ConversionError("convert_norms: tracing did not settle")
+    graph_module = fx.GraphModule(model, train[0], class_name=type(model).__name__)
+    graph_module.training = model.training  # the submodules keep their own modes
+    return graph_module
+
+
+# ---- rewriting -------------------------------------------------------------------------
+
+def _activation(node, modules):
+    """(registry name or None, description) if `node` is an activation, else None."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        kind = type(module)
+        if kind is nn.GELU and module.approximate != "none":
+            return None, f"{node.target} (GELU(approximate='{module.approximate}'))"
+        if kind in _ACT_MODULES:
+            return _ACT_MODULES[kind], node.target
+        if kind.__module__ == "torch.nn.modules.activation" and \
+                not issubclass(kind, _NOT_ACTIVATIONS):
+            return None, f"{node.target} ({kind.__name__})"
+        return None
+    if node.op == "call_function":
+        target = node.target
+        name = getattr(target, "__name__", str(target))
+        if target is F.gelu and node.kwargs.get("approximate", "none") != "none":
+            return None, f"{name}(approximate='{node.kwargs['approximate']}')"
+        if target in _ACT_FUNCTIONS:
+            return _ACT_FUNCTIONS[target], name
+        if target in _OTHER_ACT_FUNCTIONS:
+            return None, name
+        return None
+    if node.op == "call_method":
+        if node.target in _ACT_METHODS:
+            return _ACT_METHODS[node.target], f"Tensor.{node.target}"
+        if node.target in _OTHER_ACT_METHODS:
+            return None, f"Tensor.{node.target}"
+    return None
+
+
+def _only_input(node, source):
+    """Whether `source` is the only tensor `node` reads (as its first argument)."""
+    inputs = node.all_input_nodes
+    return len(inputs) == 1 and inputs[0] is source and node.args and node.args[0] is source
+
+
+def _follower(bn_node, modules):
+    """(act name or None, description, node) of the activation that is bn_node's only
+    user and reads nothing else, or None."""
+    users = list(bn_node.users)
+    if len(users) != 1 or not _only_input(users[0], bn_node):
+        return None
+    found = _activation(users[0], modules)
+    return None if found is None else (found[0], found[1], users[0])
+
+
+def _unsupported_kind(module):
+    if type(module) is nn.BatchNorm1d:
+        return ("BatchNorm1d: its input may be (N, C), which a per-sample norm cannot "
+                "normalise")
+    return (f"{type(module).__name__} is a BatchNorm subclass whose forward may do more "
+            f"than BatchNorm's")
+
+
+def _rewrite(gm, norm, groups, eps, norm_kwargs, strict, result):
+    proxy = norm.endswith("_pn")
+    modules = dict(gm.named_modules())
+    sites = {}  # BatchNorm module name -> its call nodes (a module may be called twice)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
+            sites.setdefault(node.target, []).append(node)
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            scope = node.meta.get("convert_scope", "")
+            where = _describe(scope, modules[scope])
+            reason = f"{where} calls torch.nn.functional.batch_norm, which is not a module"
+            if strict:
+                raise ConversionError(f"{reason}; pass strict=False to leave it as it is")
+            result.left[f"{scope or '<model>'}:{node.name}"] = reason
+
+    def refuse(name, reason):
+        if strict:
+            raise ConversionError(f"{name}: {reason}; pass strict=False to leave it as it is")
+        result.left[name] = reason
+
+    for name, nodes in sites.items():
+        bn = modules[name]
+        if type(bn) not in CONVERTIBLE:
+            refuse(name, _unsupported_kind(bn))
+            continue
+        followers = [_follower(node, modules) for node in nodes]
+        if proxy:
+            for found in followers:
+                if found is not None and found[0] is None:
+                    refuse(name, f"followed by {found[1]}, an activation that Proxy Norm "
+                                 f"cannot hold; supported: "
+                                 f"{', '.join(a for a in ACTS if a != 'identity')}")
+                    break
+            if name in result.left:
+                continue
+        acts = {None if found is None else found[0] for found in followers}
+        if len(acts) > 1:
+            refuse(name, "called more than once, followed by different activations")
+            continue
+        act = acts.pop()
+        layer = _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result)
+        parent, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(parent), attr, layer)
+        if act is None:
+            result.norm_only.append(name)
+            continue
+        result.norm_act[name] = act
+        for node, (_, _, act_node) in zip(nodes, followers):
+            act_node.replace_all_uses_with(node)
+            gm.graph.erase_node(act_node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()  # activation modules whose every call was absorbed
+    gm.recompile()
+
+
+def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result):
+    channels = bn.num_features
+    group_count = None
+    if norm in ("group", "group_pn"):
+        if groups is None:
+            group_count = default_groups(channels)
+            if group_count != DEFAULT_GROUPS:
+                result.groups[name] = (channels, group_count)
+        else:
+            group_count = groups(channels) if callable(groups) else groups
+    kwargs = dict(norm_kwargs)
+    batch = norm in ("batch", "sync_batch")
+    if batch:
+        kwargs.setdefault("momentum", bn.momentum)
+    try:
+        layer = get_norm_act(norm, channels, act=act or "identity", groups=group_count,
+                             eps=bn.eps if eps is None else eps, apply_act=act is not None,
+                             **kwargs)
+    except ValueError as error:
+        raise ConversionError(f"{name}: {error}") from None
+    except TypeError as error:
+        raise TypeError(f"{name}: {error}") from None
+    reference = next(itertools.chain(bn.parameters(), bn.buffers()), None)
+    if reference is not None and reference.is_floating_point():
+        layer.to(device=reference.device, dtype=reference.dtype)
+    layer.train(bn.training)
+    with torch.no_grad():
+        for attr in ("weight", "bias"):
+            old, new = getattr(bn, attr), getattr(layer, attr, None)
+            if old is None or not isinstance(new, torch.Tensor):
+                if attr == "bias" and old is not None and norm != "none" and bool(old.any()):
+                    result.dropped_bias.append(name)
+                continue
+            new.copy_(old)
+            new.requires_grad_(old.requires_grad)
+        if batch and bn.track_running_stats:
+            for attr in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(layer, attr).copy_(getattr(bn, attr))
+        elif batch:  # statistics of the batch in eval mode too, as the BatchNorm did
+            layer.track_running_stats = False
+            layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+    return layer
