@@ -1,5 +1,6 @@
 """train/config.py: configs.yml + flags merged and validated in one place, one-line errors."""
 import pytest
+import yaml
 
 from train.config import (CONFIGS_PATH, DEFAULT_CONFIG, OPTIONS, ConfigError, build_parser,
                           config_names, load_configs, parse_command_line, resolve_config)
@@ -225,3 +226,41 @@ def test_list_configs_shows_every_config(tmp_path):
     lines = describe_configs(path=path)
     assert len(lines) == 2 and lines[0].split()[:2] == ["a", "resnet50"]
     assert "global batch 128 (32 x 1 x 4)" in lines[0]
+
+
+def test_a_config_file_of_your_own(tmp_path, capsys, monkeypatch):
+    """--config PATH.yml: a flat mapping over a named config (or the defaults), checked as
+    configs.yml is; --print-config shows the result; --help shows its values."""
+    from train.__main__ import main
+
+    mine = tmp_path / "mine.yml"
+    mine.write_text("config: cluttered_digits_preact_resnet20_group_pn\nlr: 0.05\n")
+    config = resolve_config(str(mine), {"seed": "3"})
+    assert (config["lr"], config["seed"], config["model"], config["mixup_alpha"]) == \
+        (0.05, 3, "cifar_preact_resnet20", 0.2)
+    assert main(["--config", str(mine), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {**config, "seed": 0}
+    mine.write_text("lr: 0.05\nweight_dekay: 0.1\n")
+    assert main_error(capsys, ["--config", str(mine)]) == \
+        "mine.yml: unknown key weight_dekay (did you mean weight_decay?)"
+    mine.write_text("config: cluttered_digits_preact_resnet20_group\nlr: fast\n")
+    assert main_error(capsys, ["--config", str(mine)]).startswith("mine.yml: lr ")
+    mine.write_text("config: clutered_digits_preact_resnet20_group_pn\n")
+    assert main_error(capsys, ["--config", str(mine)]) == (
+        f"{mine}: unknown config 'clutered_digits_preact_resnet20_group_pn' (did you "
+        f"mean 'cluttered_digits_preact_resnet20_group_pn'?)")
+    assert main_error(capsys, ["--config", str(tmp_path / "missing.yml")]) == \
+        f"--config {tmp_path / 'missing.yml'}: no such file"
+    with pytest.raises(SystemExit):
+        main(["--config", "cluttered_digits_preact_resnet20_group_pn", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.2)" in help_text and "cluttered_digits_preact_resnet20_group_pn's values" \
+        in help_text
+
+
+def test_a_run_of_a_config_file_is_named_after_it(tmp_path, monkeypatch):
+    from train.config import run_name
+
+    assert run_name({"config": "dir/mine.yml"}) == "mine"
+    assert run_name({"config": "digits_resnet_batch"}) == "digits_resnet_batch"

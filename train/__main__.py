@@ -29,9 +29,14 @@ from train.files import RunFolderError  # noqa: E402
 
 def main(argv=None):
     try:
-        config, list_configs = parse_command_line(sys.argv[1:] if argv is None else argv)
-        if list_configs:
+        config, action = parse_command_line(sys.argv[1:] if argv is None else argv)
+        if action == "list":
             print("\n".join(describe_configs()))
+            return 0
+        if action == "print":
+            import yaml
+
+            print(yaml.safe_dump(config, sort_keys=False), end="")
             return 0
         from train.loop import run  # after parsing: --help and bad flags answer at once
 

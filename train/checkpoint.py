@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from train.config import MODEL_KEYS, OPTIONS, show
+from train.config import MODEL_KEYS, OPTIONS, run_name, show
 from train.files import write_atomically
 
 FORMAT = "proxy-norm-train/1"
@@ -87,7 +87,7 @@ def find_resume(config):
         if config["output_dir"] is not None:
             candidates = [os.path.join(config["output_dir"], LAST)]
         else:
-            pattern = os.path.join("runs", f"{glob.escape(config['config'])}-*", LAST)
+            pattern = os.path.join("runs", f"{glob.escape(run_name(config))}-*", LAST)
             candidates = glob.glob(pattern)
         candidates = [path for path in candidates if os.path.isfile(path)]
         return max(candidates, key=os.path.getmtime) if candidates else None

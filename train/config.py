@@ -322,11 +322,11 @@ def check_range(option, value, where):
             raise ConfigError(f"{where} must be {' and '.join(limits)}, got {show(value)}")
 
 
-def load_configs(path=CONFIGS_PATH):
-    """{name: {key: value}} from configs.yml; names starting with '_' are shared bases."""
+def read_yaml(path):
+    """A YAML file's content ({} if empty); ConfigError (one line) if unreadable."""
     try:
         with open(path) as f:
-            configs = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
@@ -334,6 +334,11 @@ def load_configs(path=CONFIGS_PATH):
         at = f" line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", error)
         raise ConfigError(f"{path}{at}: invalid YAML ({problem})") from None
+
+
+def load_configs(path=CONFIGS_PATH):
+    """{name: {key: value}} from configs.yml; names starting with '_' are shared bases."""
+    configs = read_yaml(path)
     if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
         raise ConfigError(f"{path} must map each config name to a mapping of options")
     return configs
@@ -350,22 +355,64 @@ def unknown_key_error(key, where, flag=False):
     return ConfigError(f"{where}unknown {'option' if flag else 'key'} {key}{hint}")
 
 
+def is_config_file(name):
+    """Whether --config names a file of the user's (PATH.yml) rather than a config."""
+    return str(name).endswith((".yml", ".yaml"))
+
+
+def run_name(config):
+    """The name a run's folder starts with: the config's, or its file's stem."""
+    name = config["config"]
+    return os.path.splitext(os.path.basename(name))[0] if is_config_file(name) else name
+
+
+def read_config_file(path):
+    """A user's config file: a flat mapping of options, `config: NAME` naming a config of
+    configs.yml to start from (else the built-in defaults)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    entries = read_yaml(path)
+    if not isinstance(entries, dict) or any(isinstance(v, dict) for v in entries.values()):
+        raise ConfigError(f"{path} must be a flat mapping of options (key: value), as one "
+                          f"config of configs.yml")
+    return entries
+
+
+def apply_entries(config, entries, file, name=None):
+    """config updated with a config's entries (name: of configs.yml; None: a user's file),
+    each checked."""
+    for key, value in entries.items():
+        if key not in OPTIONS or key == "config":
+            raise unknown_key_error(str(key), f"{file}, config '{name}': " if name else
+                                    f"{file}: ")
+        config[key] = check_value(OPTIONS[key], value,
+                                  f"{file} '{name}': {key}" if name else f"{file}: {key}")
+
+
 def resolve_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFIGS_PATH):
     """Defaults <- configs.yml[name] <- overrides (flag values, as strings or typed).
 
-    Returns the resolved config: every option, in OPTIONS order, checked.
+    name may be a file of the user's (PATH.yml): its options apply over the built-in
+    defaults, or over the config it names with `config: NAME`. Returns the resolved
+    config: every option, in OPTIONS order, checked.
     """
     configs = load_configs(path) if configs is None else configs
     names = config_names(configs)
-    if name not in names:
-        hint = closest(name, names)
+    entries = {}
+    base = name
+    if is_config_file(name):
+        entries = dict(read_config_file(name))
+        base = entries.pop("config", None)
+    if base is not None and base not in names:
+        hint = closest(str(base), names)
         hint = f" (did you mean '{hint}'?)" if hint else ""
+        if is_config_file(name):
+            raise ConfigError(f"{name}: unknown config '{base}'{hint}")
         raise ConfigError(f"unknown config '{name}'{hint}; configs: {', '.join(names)}")
     config = defaults()
-    for key, value in configs[name].items():
-        if key not in OPTIONS or key == "config":
-            raise unknown_key_error(str(key), f"{os.path.basename(path)}, config '{name}': ")
-        config[key] = check_value(OPTIONS[key], value, f"{os.path.basename(path)} '{name}': {key}")
+    if base is not None:
+        apply_entries(config, configs[base], os.path.basename(path), base)
+    apply_entries(config, entries, os.path.basename(str(name)))
     for key, value in (overrides or {}).items():
         if key not in OPTIONS:
             raise unknown_key_error("--" + key.replace("_", "-"), "", flag=True)
@@ -417,17 +464,25 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser():
+def build_parser(shown=None):
+    """The command-line parser; shown: a resolved config whose values --help gives as the
+    defaults (--config X --help), else the built-in defaults."""
+    epilog = (f"Defaults shown are {shown['config']}'s values; flags override them."
+              if shown else "Defaults shown are the built-in ones; a config in configs.yml "
+              "overrides them and flags override the config.")
     parser = _Parser(
         prog="python -m train", allow_abbrev=False,
         usage="python -m train [--config NAME] [--flag VALUE ...] | --list-configs | --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a named config from configs.yml; flags override its values.",
-        epilog="Defaults shown are the built-in ones; a config in configs.yml overrides them and "
-               "flags override the config.\nBooleans: true/false (a bare flag means true). "
-               "Lists: '[a, b]' or a,b. None: none.")
+        epilog=f"{epilog}\nBooleans: true/false (a bare flag means true). "
+               "Lists: '[a, b]' or a,b. None: none. --config also takes a file of your own, "
+               "PATH.yml: a flat mapping of options (config: NAME starts from that config).")
     parser.add_argument("--list-configs", action="store_true",
                         help="list the configs in configs.yml and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults, config, flags) as YAML and "
+                             "exit")
     for title, group in OPTION_GROUPS:
         arguments = parser.add_argument_group(title)
         for option in group:
@@ -436,23 +491,41 @@ def build_parser():
             arguments.add_argument(
                 option.flag, dest=option.name, default=argparse.SUPPRESS,
                 metavar=option.kind.__name__.upper(), **extra,
-                help=f"{option.help}{choices} (default: {show(option.default)})")
+                help=f"{option.help}{choices} (default: "
+                     f"{show(shown[option.name] if shown else option.default)})")
     return parser
 
 
+def config_argument(argv):
+    """The value of --config in argv, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def parse_command_line(argv):
-    """(config, list_configs) from command-line arguments; ConfigError for bad ones."""
-    parser = build_parser()
+    """(config, action) from command-line arguments: action is None (train), "list"
+    (--list-configs: config is None) or "print" (--print-config); ConfigError for bad ones."""
+    argv = [str(arg) for arg in argv]
+    shown = None
+    if ("--help" in argv or "-h" in argv) and config_argument(argv) is not None:
+        shown = resolve_config(config_argument(argv))
+    parser = build_parser(shown)
     args, extras = parser.parse_known_args(argv)
     if extras:
         first = extras[0]
         if first.startswith("--"):
             raise unknown_key_error(first.split("=")[0], "", flag=True)
         raise ConfigError(f"unexpected argument '{first}' (options are --name value)")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("list_configs", "config")}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("list_configs", "print_config", "config")}
     if args.list_configs:
-        return None, True
-    return resolve_config(getattr(args, "config", DEFAULT_CONFIG), overrides), False
+        return None, "list"
+    config = resolve_config(getattr(args, "config", DEFAULT_CONFIG), overrides)
+    return config, "print" if args.print_config else None
 
 
 def describe_configs(configs=None, path=CONFIGS_PATH):

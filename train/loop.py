@@ -25,7 +25,7 @@ from datasets import DataError, cluttered_digits, error_line, get_dataset
 from datasets.pipeline import EpochOrder, sample_seed
 from train import checkpoint, distributed, files
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, global_batch_size
+from train.config import ConfigError, global_batch_size, run_name
 from train.engine import NonFiniteLoss, make_engine, poptorch_available, resolve_device
 from train.files import RunFolderError
 from train.metrics import NoLog, RunLog
@@ -122,7 +122,7 @@ def take_run_dir(config, resume_path, saved):
     elif resume_path is not None:
         path = os.path.dirname(resume_path) or "."
     else:
-        path = files.new_run_dir(config["config"])
+        path = files.new_run_dir(run_name(config))
     lock = files.claim(path)
     try:
         metrics = os.path.join(path, "metrics.jsonl")

@@ -349,8 +349,8 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     try:
         args, training_flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        config, list_configs = parse_command_line(training_flags)
-        if list_configs:
+        config, action = parse_command_line(training_flags)
+        if action == "list":
             print("\n".join(describe_configs()))
             return 0
         norms = parse_flag_value(Option("plan_norms", None, list, ""), args.plan_norms,
@@ -360,7 +360,7 @@ def main(argv=None):
             raise ConfigError(f"--json: {folder} is not a folder")
         report = plan(config, norms)
         if args.json:
-            from train.loop import write_json
+            from train.files import write_json
 
             try:
                 write_json(args.json, report)
