@@ -29,6 +29,9 @@ is a multiple of 8) and eps 1e-3 for every norm.
 import inspect
 from collections import namedtuple
 from functools import partial
+from typing import Optional
+
+from torch import nn
 
 from models import efficientnet, preact_resnet, resnet, torchvision_models
 from models.activations import check_act, unknown_name_error
@@ -83,9 +86,13 @@ def _get_family(name):
     return _MODELS[name]
 
 
-def get_model(name, norm="group_pn", num_classes=1000, groups=None, act=None, in_channels=3,
-              norm_kwargs=None, **kw):
+def get_model(name: str, norm: str = "group_pn", num_classes: int = 1000,
+              groups: Optional[int] = None, act: Optional[str] = None, in_channels: int = 3,
+              norm_kwargs: Optional[dict] = None, **kw) -> nn.Module:
     """Build model `name` with every normalisation layer of kind `norm`.
+
+        model = get_model("resnet50v2", norm="group_pn", num_classes=1000)
+        model = get_model("torchvision:mobilenet_v3_large", norm="layer_pn")
 
     groups: GroupNorm groups for group/group_pn (None = the family default); act: the
     activation (None = the family default); norm_kwargs: options for every get_norm_act

@@ -20,6 +20,7 @@ that registry, not new maths here.
 import copy
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +107,11 @@ def default_groups(channels, limit=DEFAULT_GROUPS):
     return 1
 
 
-def convert_norms(model, norm="group_pn", groups=None, eps=None, strict=True, report=False,
-                  norm_kwargs=None):
+def convert_norms(model: nn.Module, norm: str = "group_pn",
+                  groups: Union[int, Callable[[int], int], None] = None,
+                  eps: Optional[float] = None, strict: bool = True, report: bool = False,
+                  norm_kwargs: Optional[dict] = None
+                  ) -> Union[fx.GraphModule, Tuple[fx.GraphModule, "ConversionReport"]]:
     """A copy of `model` whose BatchNorms are `norm` layers from get_norm_act.
 
         model, report = convert_norms(torchvision.models.resnet50(), "group_pn", report=True)

@@ -12,6 +12,8 @@ Statistics domains, which is what the comparison is about:
 
 This module must also run on torch 2.0 (PopTorch's pin): no newer torch API here.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -322,9 +324,12 @@ class GroupNormProxyAct(GroupNormAct):
         return f"{super().extra_repr()}, proxy_eps={self.proxy_eps}, fused={self.fused}"
 
 
-def get_norm_act(name, num_channels, act="relu", groups=None, eps=None, apply_act=True,
-                 **kwargs):
+def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Optional[int] = None,
+                 eps: Optional[float] = None, apply_act: bool = True, **kwargs) -> nn.Module:
     """One nn.Module doing the named normalisation, its affine and `act`.
+
+        layer = get_norm_act("group_pn", 64, act="relu", groups=32)   # GN + Proxy Norm + ReLU
+        y = layer(torch.randn(2, 64, 8, 8))                            # each sample on its own
 
     groups: GroupNorm groups for `group` and `group_pn` (default 32); the other names fix
     their own (layer: 1, instance: num_channels) or have none. eps defaults to 1e-5.

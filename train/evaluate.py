@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 from types import SimpleNamespace
+from typing import Tuple, Union
 
 import torch
 
@@ -54,7 +55,8 @@ def network_shape(state):
     return convolutions[0].shape[1], linears[-1].shape[0]
 
 
-def load_model(path, weights="validated", device="cpu"):
+def load_model(path: str, weights: str = "validated",
+               device: Union[str, torch.device] = "cpu") -> Tuple[torch.nn.Module, dict]:
     """(model in eval mode on `device`, info) from a checkpoint file or a run folder.
 
     info: "path", "config" (the run's resolved config), "step", "weights" (which were
