@@ -355,12 +355,13 @@ def study_runs(report, cells):
             and by_key[cell_key(cell)]["status"] in ("finished", "max_steps")]
 
 
-def plot_accuracy_vs_micro_batch(runs, path):
+def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     """Final validation accuracy (mean +- std over seeds) against the micro-batch, a line per
-    norm; a split-invariant norm run once is a dashed line across every micro-batch."""
+    norm; a split-invariant norm run once is a dashed line across every micro-batch of the
+    study's grid (`micro_batches`, default: those of the runs)."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
 
-    micro_batches = sorted({run["micro_batch_size"] for run in runs})
+    micro_batches = sorted(set(micro_batches or []) | {run["micro_batch_size"] for run in runs})
     by_norm = {}
     for run in runs:
         by_norm.setdefault(run["norm"], {}).setdefault(run["micro_batch_size"], []).append(
@@ -559,10 +560,12 @@ def study(args, command):
     print(text)
     runs = study_runs(report, cells)
     if args.figures and runs:
-        for name, plot in (("accuracy_vs_microbatch.png", plot_accuracy_vs_micro_batch),
-                           ("training_curves.png", plot_training_curves)):
-            plot(runs, os.path.join(args.figures, name))
-            print(f"wrote {os.path.join(args.figures, name)}")
+        path = os.path.join(args.figures, "accuracy_vs_microbatch.png")
+        plot_accuracy_vs_micro_batch(runs, path, args.micro_batches)
+        print(f"wrote {path}")
+        path = os.path.join(args.figures, "training_curves.png")
+        plot_training_curves(runs, path)
+        print(f"wrote {path}")
     if not args.no_readme:
         try:
             replace_section(args.section, text, args.markdown)
