@@ -493,24 +493,13 @@ def test_pipelining_does_not_change_a_step():
 
 
 @pytest.mark.ipu_hardware
-def test_ipu_step_matches_the_pytorch_engine():
+@pytest.mark.parametrize("norm", [{}, {"norm": "sync_batch", "bn_group_size": 0}])
+def test_ipu_step_matches_the_pytorch_engine(norm):
+    """One step on two replicas, as the PyTorch engine's emulated replicas take it; with
+    sync_batch, BatchNorm statistics are shared through the custom all-reduce (running
+    statistics included)."""
     images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
-    plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2}
-    config = small_config(engine="cpu", **plan)
-    torch.manual_seed(0)
-    cpu = make_engine(config, build_model(config, DATA))
-    loss, _ = cpu.train_step(images, targets)
-    weights = {name: value.float() for name, value in cpu.model.state_dict().items()}
-    assert_same_step(ipu_step(images, targets, **plan), (loss, weights))
-
-
-@pytest.mark.ipu_hardware
-def test_sync_batch_step_matches_the_pytorch_engine():
-    """BatchNorm statistics shared by both replicas through the custom all-reduce: one step,
-    its running statistics included, as the PyTorch engine's emulated replicas take it."""
-    images, targets = torch.randn(16, 3, 16, 16), torch.randint(4, (16,))
-    plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2,
-            "norm": "sync_batch", "bn_group_size": 0}
+    plan = {"micro_batch_size": 4, "gradient_accumulation": 2, "replicas": 2, **norm}
     config = small_config(engine="cpu", **plan)
     torch.manual_seed(0)
     cpu = make_engine(config, build_model(config, DATA))

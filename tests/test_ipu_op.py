@@ -391,6 +391,17 @@ class EmulatedReplicas:
         return results
 
 
+def probed_step(layers, xs, probes):
+    """replica r's step: its layer on xs[r], backward from (out * probes[r]).sum(); returns
+    (output, input gradient)."""
+    def step(r):
+        x = xs[r].clone().requires_grad_()
+        out = layers[r](x)
+        (out * probes[r]).sum().backward()
+        return out.detach(), x.grad
+    return step
+
+
 class _EmulatedAllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, replicas, replica, group_size):
@@ -477,13 +488,7 @@ def test_ipu_sync_batch_matches_batch_norm_over_the_group(ipu_tracing, monkeypat
         for layer in layers:
             layer.weight.grad = layer.bias.grad = None
 
-        def replica_step(r):
-            x = xs[r].clone().requires_grad_()
-            out = layers[r](x)
-            (out * probes[r]).sum().backward()
-            return out.detach(), x.grad
-
-        results = emulated.run(replica_step)
+        results = emulated.run(probed_step(layers, xs, probes))
         for group, reference in zip(groups, references):
             if momentum is None:  # cumulative average: BatchNorm's factor 1 / batches seen
                 reference.momentum = 1.0 / (step + 1)
@@ -527,13 +532,7 @@ def test_ipu_sync_batch_statistics_survive_a_large_mean(ipu_tracing, monkeypatch
     xs = [torch.randn(shape) + offset for _ in range(replicas)]
     probes = [torch.randn(shape) for _ in range(replicas)]
 
-    def replica_step(r):
-        x = xs[r].clone().requires_grad_()
-        out = layers[r](x)
-        (out * probes[r]).sum().backward()
-        return out.detach(), x.grad
-
-    results = emulated.run(replica_step)
+    results = emulated.run(probed_step(layers, xs, probes))
     reference = SimpleNamespace(ref_mean=base.running_mean.double().clone(),
                                 ref_var=base.running_var.double().clone(), weight=base.weight,
                                 bias=base.bias, eps=base.eps, momentum=0.1)
