@@ -215,18 +215,18 @@ def train_cell(name, overrides, log_dir=None):
 def validation_curve(path):
     """One record per validation of a run's metrics.jsonl: step, epoch, val_accuracy,
     val_loss, and train_loss, the mean of the training records since the previous one."""
+    from train.metrics import read_records
+
     curve, train_losses = [], []
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["kind"] == "train":
-                train_losses.append(record["loss"])
-            elif record["kind"] == "val":
-                curve.append({key: record[key] for key in
-                              ("step", "epoch", "val_accuracy", "val_loss")})
-                curve[-1]["train_loss"] = (sum(train_losses) / len(train_losses)
-                                           if train_losses else None)
-                train_losses = []
+    for record in read_records(path):
+        if record["kind"] == "train":
+            train_losses.append(record["loss"])
+        elif record["kind"] == "val":
+            curve.append({key: record[key] for key in
+                          ("step", "epoch", "val_accuracy", "val_loss")})
+            curve[-1]["train_loss"] = (sum(train_losses) / len(train_losses)
+                                       if train_losses else None)
+            train_losses = []
     return curve
 
 

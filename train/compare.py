@@ -17,6 +17,7 @@ import sys
 import yaml
 
 from train.files import RunFolderError, write_atomically
+from train.metrics import read_records
 
 
 class CompareError(Exception):
@@ -35,16 +36,8 @@ def read_run(folder):
         if os.path.isfile(os.path.join(folder, "summary.json")):
             with open(os.path.join(folder, "summary.json")) as f:
                 summary = json.load(f)
-        curve = []
-        if os.path.isfile(os.path.join(folder, "metrics.jsonl")):
-            with open(os.path.join(folder, "metrics.jsonl")) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a line cut short by a crash
-                        continue
-                    if isinstance(record, dict) and record.get("kind") == "val":
-                        curve.append(record)
+        curve = [record for record in read_records(os.path.join(folder, "metrics.jsonl"))
+                 if record.get("kind") == "val"]
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise CompareError(f"cannot read run folder {folder}: {error}") from None
     if not isinstance(config, dict):

@@ -94,15 +94,12 @@ def load_model(path: str, weights: str = "validated",
 @torch.no_grad()
 def evaluate(model, config, data_path=None, batch_size=256, device="cpu", num_workers=0):
     """{"top1", "top5", "loss", "images"} of the model on the config's validation set."""
-    from datasets import cluttered_digits, get_dataset
     from datasets.pipeline import make_loader
+    from train.loop import load_data
 
-    data = get_dataset(
-        config["data"], data_path=data_path or config["data_path"],
-        image_size=config["image_size"], seed=config["seed"],
-        synthetic_samples=config["synthetic_samples"],
-        synthetic_num_classes=config["synthetic_num_classes"],
-        clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
+    # every validation image counts: a corrupt one is an error here, never replaced
+    data = load_data({**config, "data_path": data_path or config["data_path"],
+                      "skip_corrupt_images": False})
     loader = make_loader(data.val, batch_size, [(0, i) for i in range(len(data.val))],
                          num_workers, False, config["seed"])
     top1 = top5 = loss = seen = 0

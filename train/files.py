@@ -8,7 +8,6 @@
   run's lock never blocks the next one.
 - `new_run_dir` creates a default folder name that no other run has (two runs of one config
   started in the same second get -2, -3, ...).
-- `keep_records_until` cuts metrics.jsonl back to a checkpoint's step on resume.
 """
 import errno
 import fcntl
@@ -132,29 +131,3 @@ def release(lock):
 def holds_run(path):
     """Whether the folder holds a run's files (a finished, stopped or crashed run)."""
     return any(os.path.lexists(os.path.join(path, name)) for name in RUN_FILES)
-
-
-def read_records(path, until_step):
-    """metrics.jsonl's lines with step <= until_step (a line cut short by a crash is left
-    out)."""
-    kept = []
-    if not os.path.exists(path):
-        return kept
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                    and record["step"] <= until_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    return kept
-
-
-def keep_records_until(source, target, step):
-    """Writes into target (metrics.jsonl) the records of source with step <= step: what a run
-    resumed at that step had logged, without the records of the steps it will do again."""
-    lines = read_records(source, step)
-    if lines or os.path.exists(target):
-        write_atomically(target, lambda f: f.writelines(lines))

@@ -28,8 +28,19 @@ from train.checkpoint import CheckpointError
 from train.config import ConfigError, global_batch_size, run_name
 from train.engine import NonFiniteLoss, make_engine, poptorch_available, resolve_device
 from train.files import RunFolderError
-from train.metrics import NoLog, RunLog
+from train.metrics import NoLog, RunLog, keep_records_until
 from train.optim import LRSchedule, WeightAverage
+
+
+def load_data(config):
+    """The config's dataset (datasets.get_dataset with the config's data options)."""
+    return get_dataset(
+        config["data"], data_path=config["data_path"], image_size=config["image_size"],
+        seed=config["seed"], skip_corrupt_images=config["skip_corrupt_images"],
+        mixup_alpha=config["mixup_alpha"], cutmix_alpha=config["cutmix_alpha"],
+        synthetic_samples=config["synthetic_samples"],
+        synthetic_num_classes=config["synthetic_num_classes"],
+        clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
 
 
 def build_model(config, data, context=None):
@@ -132,14 +143,14 @@ def take_run_dir(config, resume_path, saved):
                     raise RunFolderError(f"{path} already holds a run: continue it with "
                                          f"--resume {path}, or choose another --output-dir")
                 # resume auto, no checkpoint yet: a run that crashed before its first one
-                files.keep_records_until(metrics, metrics, -1)
+                keep_records_until(metrics, metrics, -1)
             return path, lock
         source = os.path.dirname(resume_path) or "."
         if not os.path.samefile(source, path):
             if files.holds_run(path):
                 raise RunFolderError(f"{path} already holds another run: give an empty "
                                      f"--output-dir to continue {resume_path} there")
-            files.keep_records_until(os.path.join(source, "metrics.jsonl"), metrics,
+            keep_records_until(os.path.join(source, "metrics.jsonl"), metrics,
                                      saved["step"])
             return path, lock
         last = os.path.join(path, checkpoint.LAST)
@@ -150,7 +161,7 @@ def take_run_dir(config, resume_path, saved):
                     f"{last} is at step {newer}, past {resume_path} (step {saved['step']}): "
                     f"resuming here would overwrite it; continue the run with --resume {path}, "
                     f"or resume that checkpoint into a new folder with --output-dir")
-        files.keep_records_until(metrics, metrics, saved["step"])
+        keep_records_until(metrics, metrics, saved["step"])
         return path, lock
     except BaseException:
         files.release(lock)
@@ -168,13 +179,7 @@ class Run:
 
         torch.manual_seed(config["seed"])
         self.global_batch = global_batch_size(config)
-        self.data = get_dataset(
-            config["data"], data_path=config["data_path"], image_size=config["image_size"],
-            seed=config["seed"], skip_corrupt_images=config["skip_corrupt_images"],
-            mixup_alpha=config["mixup_alpha"], cutmix_alpha=config["cutmix_alpha"],
-            synthetic_samples=config["synthetic_samples"],
-            synthetic_num_classes=config["synthetic_num_classes"],
-            clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
+        self.data = load_data(config)
         self.engine, self.context = engine, context = self.start_engine(config)
         if context.distributed and not context.collective and config["output_dir"] is None \
                 and resume_path is None:
@@ -211,14 +216,14 @@ class Run:
         self.train_seconds, self.train_images = 0.0, 0
         self.validation_due, self.signals = False, StopSignals()
 
-        self.run_dir, self.lock = self.take_run_dir(config, resume_path, saved)
+        self.run_dir, self.lock = self.claim_run_dir(config, resume_path, saved)
         try:
             self.start(config, resume_path, saved, changed)
         except BaseException:
             files.release(self.lock)
             raise
 
-    def take_run_dir(self, config, resume_path, saved):
+    def claim_run_dir(self, config, resume_path, saved):
         """(run folder, lock): rank 0 takes it (take_run_dir); every process learns the
         folder, or the one-line reason it could not be taken."""
         context = self.context

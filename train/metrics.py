@@ -8,7 +8,34 @@ import json
 import os
 
 from train.config import ConfigError
-from train.files import RunFolderError, reason
+from train.files import RunFolderError, reason, write_atomically
+
+
+def read_records(path):
+    """metrics.jsonl's records, in order ([] without the file); a line cut short by a crash
+    is left out."""
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def keep_records_until(source, target, step):
+    """Writes into target (metrics.jsonl) the records of source with step <= step: what a run
+    resumed at that step had logged, without the records of the steps it will do again."""
+    records = [record for record in read_records(source)
+               if isinstance(record.get("step"), int) and record["step"] <= step]
+    if records or os.path.exists(target):
+        write_atomically(target, lambda f: f.writelines(json.dumps(record) + "\n"
+                                                        for record in records))
 
 
 class NoLog:
