@@ -1,18 +1,21 @@
-"""Fused GroupNorm + affine + activation + Proxy Norm: a CPU op and an IPU op.
+"""Fused GroupNorm + affine + activation + Proxy Norm: a CPU op, a GPU op and an IPU op.
 
 `fused_op(x)` picks the op that computes a Proxy Norm layer for input x: the IPU op while
 PopTorch traces a model for the IPU, the CPU op (when built; `make custom_ops`) for CPU
-inputs, else None and the layer runs the eager PyTorch expression of the same maths.
+inputs, the GPU op (Triton kernels, compiled on first use) for CUDA inputs of its dtypes,
+else None and the layer runs the eager PyTorch expression of the same maths (on CUDA also
+while torch.compile traces: Inductor fuses that expression itself).
 `fused_proxy_stats(op)` is the proxy-statistics op that goes with it: the CPU one beside
-the CPU op; None beside the IPU op, where the statistics stay PyTorch ops that PopTorch
-traces and PopART differentiates.
+the CPU op; None beside the GPU op, where the (C,) statistics are tiny and stay PyTorch
+ops, and beside the IPU op, where they stay PyTorch ops that PopTorch traces and PopART
+differentiates.
 PROXYNORM_FUSED=0 in the environment forces the eager path everywhere.
 """
 import logging
 import os
 import sys
 
-from custom_ops import cpu, ipu
+from custom_ops import cpu, gpu, ipu
 
 _warned_ipu = False
 
@@ -35,12 +38,17 @@ def fused_op(x):
         return ipu.group_norm_proxy_act if ipu_op_built() else None
     if x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.load():
         return cpu.group_norm_proxy_act
+    if x.device.type == "cuda" and x.dtype in gpu.DTYPES and gpu.available():
+        # under torch.compile Inductor writes its own fused kernels from the eager
+        # expression; the op's autograd.Function would only break its graph
+        return None if gpu.compiling() else gpu.group_norm_proxy_act
     return None
 
 
 def fused_proxy_stats(op):
-    """stats(weight, bias, proxy_weight, proxy_bias, quantiles, act) -> (mean, var) to go
-    with the norm-act op `op` from fused_op, or None."""
+    """stats(weight, bias, proxy_weight, proxy_bias, quantiles, act, proxy_eps) -> (mean,
+    rstd), rstd = 1 / sqrt(var + proxy_eps), the op's proxy_mean and proxy_rstd, to go with
+    the norm-act op `op` from fused_op, or None."""
     return cpu.proxy_stats if op is cpu.group_norm_proxy_act else None
 
 

@@ -1,7 +1,8 @@
 """The CUDA path against the CPU: same layers, same models, same numbers.
 
-On CUDA the Proxy Norm layers run the eager PyTorch expression (the fused op is CPU and
-IPU only), BatchNorm runs cuDNN or the replica-chunked path. Skipped without a GPU.
+On CUDA the Proxy Norm layers run the fused Triton op (custom_ops/gpu.py) where Triton is
+installed, else the eager PyTorch expression; BatchNorm runs cuDNN or the replica-chunked
+path. Skipped without a GPU.
 """
 import pytest
 import torch

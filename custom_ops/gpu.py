@@ -1,0 +1,199 @@
+"""The fused GPU op from Python: the Triton kernels (custom_ops/gpu_kernels.py) and autograd.
+
+`group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps) -> out`
+computes what the CPU op does (custom_ops/cpu.py), with mean and rstd GroupNorm's
+(N, groups) statistics: out = (act(weight * (x - mean) * rstd + bias) - proxy_mean)
+* proxy_rstd. Its backward saves only x, the (N, groups) statistics and the per-channel
+vectors, and recomputes the elementwise chain. x is float32, bfloat16 or float16 (the
+chain runs in float32; float64 stays on the eager path), the per-channel vectors float32;
+out has x's dtype and is contiguous.
+
+Triton is imported on first use, so this module imports on hosts without it (PopTorch's
+torch 2.0 stack); `available()` says whether the kernels can run. TRITON_INTERPRET=1 in the
+environment before Triton is first imported runs them on CPU tensors in Triton's
+interpreter (the tests): Triton decorates its own tl.sum and tl.sigmoid as kernels on import.
+"""
+import contextlib
+import importlib
+import logging
+import os
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTS = ("identity", "relu", "silu", "gelu")
+MAX_BLOCK = 2048  # values per program; a power of two, as tl.arange needs
+
+_triton_problem = None  # why Triton cannot run the kernels, "" when it can; found once
+
+
+def available():
+    """Whether the kernels can run: there is a CUDA GPU, or TRITON_INTERPRET=1, and Triton
+    >= 3 imports. A GPU host without Triton logs one warning line, once."""
+    if not (torch.cuda.is_available() or interpreting()):
+        return False
+    global _triton_problem
+    if _triton_problem is None:
+        _triton_problem = _find_triton_problem()
+        if _triton_problem:
+            logging.getLogger(__name__).warning(
+                "the fused Proxy Norm GPU op is not available (%s); using the eager path",
+                _triton_problem)
+    return not _triton_problem
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compiling():
+    """Whether torch.compile is tracing now (torch.compiler.is_compiling from torch 2.3)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _find_triton_problem():
+    try:
+        import triton
+    except ImportError:
+        return "Triton is not installed"
+    if int(triton.__version__.split(".")[0]) < 3:  # tl.math.erf, tl.sqrt_rn, tl.div_rn
+        return f"needs Triton >= 3, this is {triton.__version__}"
+    return ""
+
+
+def _kernels():
+    return importlib.import_module("custom_ops.gpu_kernels")
+
+
+def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
+    """The op's output; differentiable with respect to x and the four vectors."""
+    _check_input(x, groups, act, weight=weight, bias=bias, proxy_mean=proxy_mean,
+                 proxy_rstd=proxy_rstd)
+    return GroupNormProxyActFunction.apply(x, groups, weight, bias, proxy_mean, proxy_rstd,
+                                           act, eps)
+
+
+def _check_input(x, groups, act, **vectors):
+    """One line naming the bad input, as the CPU op's checks; the kernels would read out
+    of bounds instead."""
+    if act not in ACTS:
+        raise ValueError(f"proxynorm: unknown activation '{act}'; valid names: "
+                         f"{', '.join(ACTS)}")
+    if x.dim() < 2 or x.dtype not in DTYPES:
+        raise ValueError(f"proxynorm: x must be a float32, bfloat16 or float16 (N, C, *spatial) "
+                         f"tensor, got {x.dtype} {tuple(x.shape)}")
+    channels = x.shape[1]
+    if groups <= 0 or channels % groups:
+        raise ValueError(f"proxynorm: {channels} channels are not divisible by {groups} groups")
+    for name, v in vectors.items():
+        if v.shape != (channels,) or v.dtype != torch.float32 or v.device != x.device:
+            raise ValueError(f"proxynorm: {name} must be a ({channels},) float32 tensor on "
+                             f"{x.device}, got {v.dtype} {tuple(v.shape)} on {v.device}")
+
+
+class GroupNormProxyActFunction(torch.autograd.Function):
+    """Autograd for the kernels; keeps x, not the normalised or activated tensors."""
+
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
+        x = x.contiguous()
+        out, mean, rstd = _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps)
+        ctx.save_for_backward(x, weight, bias, proxy_mean, proxy_rstd, mean, rstd)
+        ctx.groups, ctx.act = groups, act
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_x, *grad_vectors = _backward(grad_out, *ctx.saved_tensors, ctx.groups, ctx.act)
+        return (grad_x, None, *grad_vectors, None, None)
+
+
+def _on_device(x):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _power_of_two_at_least(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _group_chunks(group_size):
+    """(values per program, programs per group) of the kernels that walk a group's values."""
+    block = min(_power_of_two_at_least(group_size), MAX_BLOCK)
+    return block, -(-group_size // block)
+
+
+def _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
+    """Kernels 1-3 of gpu_kernels: chunk moments, group moments, the output."""
+    n, channels = x.shape[:2]
+    out = torch.empty_like(x)
+    mean = x.new_empty((n, groups), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        return out, mean, rstd
+    kernels = _kernels()
+    channels_per_group = channels // groups
+    spatial = x.numel() // (n * channels)
+    group_size = channels_per_group * spatial
+    block, chunks_per_group = _group_chunks(group_size)
+    chunk_mean = x.new_empty((n * groups, chunks_per_group), dtype=torch.float32)
+    chunk_m2 = torch.empty_like(chunk_mean)
+    grid = (n * groups * chunks_per_group,)
+    with _on_device(x):
+        kernels.chunk_moments_kernel[grid](x, chunk_mean, chunk_m2, group_size,
+                                           chunks_per_group, BLOCK=block)
+        kernels.group_moments_kernel[(n * groups,)](
+            chunk_mean, chunk_m2, mean, rstd, group_size, chunks_per_group, eps, CHUNK=block,
+            BLOCK=min(_power_of_two_at_least(chunks_per_group), MAX_BLOCK))
+        kernels.forward_kernel[grid](
+            x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, out, groups,
+            channels_per_group, spatial, group_size, chunks_per_group, ACT=act, BLOCK=block)
+    return out, mean, rstd
+
+
+def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, groups, act):
+    """The CPU op's backward_kernel, step for step: per-row sums (a kernel), the parameter
+    gradients and per-(sample, group) coefficients (torch, on (N, C) tensors: summing over
+    samples there is deterministic, unlike atomics), then grad_x (a kernel)."""
+    n, channels = x.shape[:2]
+    grad_x = torch.empty_like(x)
+    if x.numel() == 0:
+        return (grad_x, *(torch.zeros_like(weight) for _ in range(4)))
+    kernels = _kernels()
+    grad_out = grad_out.to(x.dtype).contiguous()
+    channels_per_group = channels // groups
+    spatial = x.numel() // (n * channels)
+    rows = n * channels
+    # tiles of about MAX_BLOCK values: many short rows (7x7, 1x1) or parts of long ones
+    block_s = min(_power_of_two_at_least(spatial), MAX_BLOCK // 2)
+    block_rows = min(_power_of_two_at_least(rows), MAX_BLOCK // block_s)
+    columns = -(-spatial // block_s)
+    sums = x.new_empty((4, columns, rows), dtype=torch.float32)
+    with _on_device(x):
+        kernels.row_sums_kernel[(-(-rows // block_rows), columns)](
+            grad_out, x, weight, bias, mean, rstd, sums, rows, channels, channels_per_group,
+            spatial, ACT=act, BLOCK_ROWS=block_rows, BLOCK_S=block_s)
+    # g, g act(a), g act'(a), g act'(a) xc, each (N, C)
+    sum_g, sum_gz, sum_gd, sum_gdx = sums.sum(1).view(4, n, channels)
+
+    rstd_per_channel = rstd.repeat_interleave(channels_per_group, dim=1)
+    grad_weight = proxy_rstd * (rstd_per_channel * sum_gdx).sum(0)
+    grad_bias = proxy_rstd * sum_gd.sum(0)
+    grad_proxy_mean = -proxy_rstd * sum_g.sum(0)
+    grad_proxy_rstd = (sum_gz - proxy_mean * sum_g).sum(0)
+    # grad_x = rstd * (dy - mean(dy) - y * mean(dy * y)), dy = g act'(a) w proxy_rstd
+    dy_scale = weight * proxy_rstd
+    count = channels_per_group * spatial
+    sum_dy = (dy_scale * sum_gd).view(n, groups, -1).sum(2)
+    sum_dy_xc = (dy_scale * sum_gdx).view(n, groups, -1).sum(2)
+    coef_x = -rstd * rstd * (rstd * sum_dy_xc / count)
+    coef_1 = -rstd * sum_dy / count
+
+    block, chunks_per_group = _group_chunks(count)
+    with _on_device(x):
+        kernels.grad_x_kernel[(n * groups * chunks_per_group,)](
+            grad_out, x, weight, bias, proxy_rstd, mean, rstd, coef_x, coef_1, grad_x, groups,
+            channels_per_group, spatial, count, chunks_per_group, ACT=act, BLOCK=block)
+    return grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd

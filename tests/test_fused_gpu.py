@@ -1,0 +1,328 @@
+"""The fused GPU op (custom_ops/gpu.py, Triton kernels) against the eager expression, the CPU
+op and an independent float64 formula.
+
+On a GPU host the kernels run compiled on CUDA tensors. Elsewhere the tests that take
+`device` run in a child pytest on CPU tensors in Triton's interpreter, which runs the same
+kernel code program by program (slowly: shapes stay small).
+"""
+import importlib
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import custom_ops
+from custom_ops import cpu, gpu
+from models.activations import get_act
+from models.norms import get_norm_act
+from test_norms import ACT_FORMULAS, randomise
+
+pytest.importorskip("triton", minversion="3.0")
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILE = os.path.relpath(os.path.abspath(__file__), ROOT)
+ACTS = ["relu", "silu", "gelu", "identity"]
+SHAPES = [  # (shape, groups)
+    ((2, 8, 7, 7), 4),  # 7 x 7, groups a divisor of C
+    ((1, 12, 5, 7), 3),  # N = 1, odd sizes
+    ((3, 10, 1, 1), 2),  # 1 x 1
+    ((2, 8, 6, 5), 1),  # G = 1: LayerNorm
+    ((2, 6, 4, 3), 6),  # G = C: InstanceNorm
+    ((2, 8, 37), 4),  # 1-D spatial
+    ((2, 4, 3, 5, 2), 2),  # 3-D spatial
+    ((1, 4, 45, 50), 1),  # several chunks per group, rows longer than a tile
+]
+
+
+@pytest.fixture
+def device():
+    """Where the kernels run in this process. Triton's interpreter must be chosen before
+    Triton is first imported (its own tl.sum, tl.sigmoid are kernels decorated then), so
+    without a GPU these tests run in a child process started with TRITON_INTERPRET=1
+    (test_kernels_in_triton_interpreter); no other test ever sees the variable."""
+    if INTERPRETER:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("no GPU: runs in a child process under Triton's interpreter")
+
+
+def random_vectors(channels, device):
+    """weight, bias, proxy_mean, proxy_rstd as a trained layer has them."""
+    return [(torch.randn(channels) * scale + offset).to(device).requires_grad_()
+            for scale, offset in ((0.5, 1.0), (0.5, 0.0), (0.3, 0.0), (0.2, 1.0))]
+
+
+def op_and_grads(op, x, groups, vectors, act, grad_out):
+    x = x.detach().clone().requires_grad_()
+    out = op(x, groups, *vectors, act, 1e-5)
+    return out, torch.autograd.grad(out, [x, *vectors], grad_out)
+
+
+def eager_op(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
+    """The op from the eager path's building blocks (F.group_norm, torch.nn's activation)."""
+    channel = (1, -1) + (1,) * (x.dim() - 2)
+    z = get_act(act)(F.group_norm(x.float(), groups, weight, bias, eps))
+    return ((z - proxy_mean.view(channel)) * proxy_rstd.view(channel)).to(x.dtype)
+
+
+def formula64(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
+    """The op written out in float64: population variance, eps inside the square root."""
+    x, weight, bias, proxy_mean, proxy_rstd = (
+        t.cpu().double() for t in (x, weight, bias, proxy_mean, proxy_rstd))
+    channel = (1, -1) + (1,) * (x.dim() - 2)
+    xs = x.reshape(x.shape[0], groups, -1)
+    mu = xs.mean(-1, keepdim=True)
+    y = ((xs - mu) / torch.sqrt(((xs - mu) ** 2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    z = ACT_FORMULAS[act](weight.view(channel) * y + bias.view(channel))
+    return (z - proxy_mean.view(channel)) * proxy_rstd.view(channel)
+
+
+def assert_grads_close(grads, expected, rtol, atol):
+    """grad_x, then the four vectors' gradients relative to the largest of them (identity's
+    bias gradient is 0 up to the rounding of sums over N x H x W terms)."""
+    torch.testing.assert_close(grads[0].cpu().double(), expected[0].cpu().double(), rtol=rtol,
+                               atol=atol)
+    scale = max(g.abs().max() for g in expected[1:]).cpu().double()
+    for name, g, g_ref in zip(["weight", "bias", "proxy_mean", "proxy_rstd"], grads[1:],
+                              expected[1:]):
+        torch.testing.assert_close(g.cpu().double() / scale, g_ref.cpu().double() / scale,
+                                   rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def check_against_eager(act, shape, groups, device):
+    vectors = random_vectors(shape[1], device)
+    x = (torch.randn(shape) * 2 + 0.5).to(device)
+    grad_out = torch.randn(shape).to(device)
+    out, grads = op_and_grads(gpu.group_norm_proxy_act, x, groups, vectors, act, grad_out)
+    expected, expected_grads = op_and_grads(eager_op, x, groups, vectors, act, grad_out)
+    assert out.dtype == x.dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+    return x, vectors, grad_out, out, grads
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape,groups", SHAPES)
+def test_op_equals_eager_expression_and_cpu_op(act, shape, groups, device):
+    x, vectors, grad_out, out, grads = check_against_eager(act, shape, groups, device)
+    if cpu.load():
+        on_cpu = [v.detach().cpu().requires_grad_() for v in vectors]
+        cpu_out, cpu_grads = op_and_grads(cpu.group_norm_proxy_act, x.cpu(), groups, on_cpu,
+                                          act, grad_out.cpu())
+        torch.testing.assert_close(out.cpu(), cpu_out, rtol=1e-5, atol=1e-5)
+        assert_grads_close(grads, cpu_grads, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape,groups", [SHAPES[1], SHAPES[4], SHAPES[6]])
+def test_op_equals_float64_formula(act, shape, groups, device):
+    vectors = random_vectors(shape[1], device)
+    x = (torch.randn(shape) * 2 + 0.5).to(device)
+    grad_out = torch.randn(shape).to(device)
+    out, grads = op_and_grads(gpu.group_norm_proxy_act, x, groups, vectors, act, grad_out)
+    vectors64 = [v.detach().cpu().double().requires_grad_() for v in vectors]
+    expected, expected_grads = op_and_grads(formula64, x.cpu().double(), groups, vectors64, act,
+                                            grad_out.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_small_blocks_take_the_loops_and_tiles(monkeypatch, device):
+    """Tiny programs: many chunks per group, group statistics combined in several loop
+    steps, rows split over tile columns; the paths large inputs take on a GPU."""
+    monkeypatch.setattr(gpu, "MAX_BLOCK", 4)
+    check_against_eager("silu", (2, 4, 3, 7), 2, device)
+
+
+@pytest.mark.parametrize("act", ["relu", "identity"])
+def test_large_mean_stays_accurate(act, device):
+    """x = 1000 + noise: E[x^2] - E[x]^2 in float32 would lose the variance (1e6 * 1e-7);
+    centring first keeps the error at float32's resolution of x itself (6e-5 at 1000)."""
+    vectors = random_vectors(8, device)
+    x = (1000 + torch.randn(2, 8, 6, 6)).to(device)
+    grad_out = torch.randn(x.shape).to(device)
+    out, grads = op_and_grads(gpu.group_norm_proxy_act, x, 4, vectors, act, grad_out)
+    vectors64 = [v.detach().cpu().double().requires_grad_() for v in vectors]
+    expected, expected_grads = op_and_grads(formula64, x.cpu().double(), 4, vectors64, act,
+                                            grad_out.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=1e-3)
+    assert_grads_close(grads, expected_grads, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_accumulates_in_float32(dtype, device):
+    vectors = random_vectors(16, device)
+    x = (torch.randn(2, 16, 9, 9) * 3 + 2).to(device, dtype)
+    grad_out = torch.randn(x.shape).to(device, dtype)
+    out, grads = op_and_grads(gpu.group_norm_proxy_act, x, 4, vectors, "silu", grad_out)
+    # the float32 op on the same half-precision values is the reference
+    expected, expected_grads = op_and_grads(gpu.group_norm_proxy_act, x.float(), 4, vectors,
+                                            "silu", grad_out.float())
+    assert out.dtype == grads[0].dtype == dtype
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grads[0].float(), expected_grads[0], rtol=2e-2, atol=2e-2)
+    for g, g_ref in zip(grads[1:], expected_grads[1:]):
+        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_any_memory_layout(layout, device):
+    vectors = random_vectors(8, device)
+    x = (torch.randn(3, 8, 6, 5).to(memory_format=torch.channels_last) if layout == "channels_last"
+         else torch.randn(3, 8, 5, 6).transpose(2, 3)).to(device)
+    assert not x.is_contiguous()
+    grad_out = torch.randn(x.shape).to(device).to(memory_format=torch.channels_last)
+    out, grads = op_and_grads(gpu.group_norm_proxy_act, x, 4, vectors, "gelu", grad_out)
+    expected, expected_grads = op_and_grads(eager_op, x, 4, vectors, "gelu", grad_out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+
+
+def saved_tensor_sizes(fn):
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_saves_only_the_input_at_full_size(contiguous, device):
+    vectors = random_vectors(16, device)
+    x = torch.randn(2, 16, 6, 6, device=device)
+    x = (x if contiguous else x.transpose(2, 3)).requires_grad_()
+    sizes = saved_tensor_sizes(lambda: gpu.group_norm_proxy_act(x, 4, *vectors, "silu", 1e-5))
+    assert [s for s in sizes if s >= x.numel()] == [x.numel()]  # x (a contiguous copy of it)
+    assert sorted(s for s in sizes if s < x.numel()) == [2 * 4] * 2 + [16] * 4  # stats, vectors
+
+
+def test_gradients_are_deterministic(device):
+    """Sums over samples are torch reductions of per-(sample, channel) sums, not atomics."""
+    vectors = random_vectors(8, device)
+    x = torch.randn(4, 8, 9, 9, device=device)
+    grad_out = torch.randn(x.shape, device=device)
+    first = op_and_grads(gpu.group_norm_proxy_act, x, 2, vectors, "gelu", grad_out)[1]
+    second = op_and_grads(gpu.group_norm_proxy_act, x, 2, vectors, "gelu", grad_out)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("name,groups", [("group_pn", 4), ("layer_pn", 1)])
+def test_layer_through_the_gpu_op_equals_eager_layer(act, name, groups, monkeypatch, device):
+    """A GroupNormProxyAct layer end to end on the GPU op: fused_op hands it this op for a
+    CUDA input; here the test hands it over, so that it also runs on CPU tensors under the
+    interpreter. The proxy statistics stay the eager models.proxy.proxy_stats beside it."""
+    calls = []
+
+    def gpu_op(x):
+        calls.append(tuple(x.shape))
+        return gpu.group_norm_proxy_act
+
+    fused = randomise(get_norm_act(name, 8, act=act, groups=groups)).to(device)
+    eager = get_norm_act(name, 8, act=act, groups=groups, fused=False).to(device)
+    eager.load_state_dict(fused.state_dict())
+    monkeypatch.setattr(custom_ops, "fused_op", gpu_op)
+    x = (torch.randn(2, 8, 5, 6) * 2 + 0.5).to(device)
+    grad_out = torch.randn(x.shape, device=device)
+    results = []
+    for layer in (fused, eager):
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        params = [layer.weight, layer.bias, layer.proxy_weight, layer.proxy_bias]
+        results.append((out, torch.autograd.grad(out, [xg, *params], grad_out)))
+    assert calls == [x.shape]
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=1e-5)
+    scale = max(g.abs().max() for g in expected_grads[1:])
+    for g, g_ref in zip(grads[1:], expected_grads[1:]):
+        assert g.abs().sum() > 0  # through the proxy statistics into all four parameters
+        torch.testing.assert_close(g / scale, g_ref / scale, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_op_picks_the_gpu_op_for_cuda_inputs(monkeypatch):
+    """The choice on a GPU host, minus the GPU: torch.cuda.is_available() is made True and
+    the CUDA inputs are fake tensors (metadata only); Triton is really imported."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 4, 4, device="cuda")
+        half, bfloat16, double = (x.to(t) for t in (torch.float16, torch.bfloat16, torch.float64))
+    for tensor in (x, half, bfloat16):
+        assert custom_ops.fused_op(tensor) is gpu.group_norm_proxy_act
+    assert custom_ops.fused_op(double) is None  # float64 stays on the eager path
+    assert custom_ops.fused_proxy_stats(gpu.group_norm_proxy_act) is None
+    assert custom_ops.fused_op(torch.randn(2, 8, 4, 4)) is not gpu.group_norm_proxy_act
+    monkeypatch.setattr(gpu, "compiling", lambda: True)  # Inductor fuses the eager maths
+    assert custom_ops.fused_op(x) is None
+    monkeypatch.setattr(gpu, "compiling", lambda: False)
+    monkeypatch.setenv("PROXYNORM_FUSED", "0")
+    assert custom_ops.fused_op(x) is None
+
+
+@pytest.mark.skipif(INTERPRETER or torch.cuda.is_available(),
+                    reason="the kernel tests run in this process")
+def test_kernels_in_triton_interpreter():
+    """Every test that takes `device`, in a child pytest on CPU tensors."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", FILE]
+    result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0 and " passed" in summary, (
+        result.stdout + result.stderr)[-6000:]
+
+
+def test_without_triton_the_gpu_op_is_unavailable_with_one_warning(monkeypatch, caplog):
+    """A GPU host without Triton: the module imports afresh, says so in one line, once,
+    and fused_op leaves the layer on the eager path."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delitem(sys.modules, "custom_ops.gpu")
+    monkeypatch.setattr(custom_ops, "gpu", custom_ops.gpu)  # restored after the test
+    fresh = importlib.import_module("custom_ops.gpu")
+    assert fresh is not gpu and custom_ops.gpu is fresh
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 4, 4, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="custom_ops.gpu"):
+        assert not fresh.available() and not fresh.available()
+        assert custom_ops.fused_op(x) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "the fused Proxy Norm GPU op is not available (Triton is not installed); using the "
+        "eager path"]
+
+
+def test_op_rejects_bad_input_with_one_line(device):
+    x = torch.randn(2, 6, 3, 3, device=device)
+    vectors = [torch.ones(6, device=device)] * 4
+    with pytest.raises(ValueError, match="unknown activation 'tanh'; valid names"):
+        gpu.group_norm_proxy_act(x, 3, *vectors, "tanh", 1e-5)
+    with pytest.raises(ValueError, match="6 channels are not divisible by 4 groups"):
+        gpu.group_norm_proxy_act(x, 4, *vectors, "relu", 1e-5)
+    with pytest.raises(ValueError, match=r"bias must be a \(6,\) float32 tensor"):
+        gpu.group_norm_proxy_act(x, 3, vectors[0], vectors[1].double(), *vectors[2:], "relu",
+                                 1e-5)
+    with pytest.raises(ValueError, match="x must be a float32, bfloat16 or float16"):
+        gpu.group_norm_proxy_act(x.double(), 3, *vectors, "relu", 1e-5)
+
+
+def test_empty_batch(device):
+    vectors = random_vectors(6, device)
+    x = torch.randn(0, 6, 3, 3, device=device, requires_grad=True)
+    out = gpu.group_norm_proxy_act(x, 3, *vectors, "relu", 1e-5)
+    assert out.shape == x.shape
+    grads = torch.autograd.grad(out, [x, *vectors], torch.ones_like(out))
+    assert grads[0].shape == x.shape
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
