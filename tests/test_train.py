@@ -134,6 +134,19 @@ def test_execution_plan_does_not_change_a_batch_independent_run(tmp_path):
         assert_same_weights(weights[0], other)
 
 
+def test_compiled_network_trains_the_eager_weights(tmp_path):
+    """--compile true changes how the steps run, not what they compute; the checkpoint keeps
+    the model's own names, so a compiled run resumes eagerly and the other way round."""
+    flags = [*SYNTHETIC, *plan(8, 1, 2), "--max-steps", 2, "--validation", "false"]
+    assert train(tmp_path / "eager", *flags) == 0
+    assert train(tmp_path / "compiled", *flags, "--compile", "true") == 0
+    eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys()
+    assert_same_weights(eager, compiled)
+    assert train(tmp_path / "compiled", *flags[:-4], "--max-steps", 3, "--validation", "false",
+                 "--resume", "auto") == 0
+
+
 def test_emulated_replicas_keep_per_replica_batchnorm_statistics(tmp_path):
     """BatchNorm over 2 replicas of 8 trains like 2 accumulated micro-batches of 8, and
     unlike one micro-batch of 16."""

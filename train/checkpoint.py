@@ -103,7 +103,7 @@ def find_resume(config):
 BOOKKEEPING = {"config", "output_dir", "resume", "epochs", "max_steps", "validation",
                "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "data_path",
                "num_workers", "skip_corrupt_images", "cpu_threads", "executable_cache_dir",
-               "compile_only", "device_memory_mb", "collective_timeout"}
+               "compile_only", "device_memory_mb", "collective_timeout", "compile"}
 
 
 def check_compatible(checkpoint, config, path):

@@ -135,6 +135,8 @@ OPTION_GROUPS = [
         Option("cpu_threads", 0, int, "CPU threads for PyTorch's operators (0 = its default: one "
                "per core); 1 suits small models on shared cores, where a descheduled second "
                "thread stalls every operator", at_least=0),
+        Option("compile", False, bool, "CPU/GPU: torch.compile the training network (the first "
+               "steps compile it; evaluation stays eager); the IPU engine compiles its own graph"),
         Option("precision", "32.32", str, "activations.weights: 32.32, 16.32 or 16.16 (IPU "
                "float16); on CPU/GPU both 16.x run bfloat16 autocast with float32 weights",
                choices=("32.32", "16.32", "16.16")),

@@ -110,6 +110,8 @@ class PyTorchEngine:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 **no_buffer_sync())
+        if config["compile"]:  # wraps DDP, whose buckets torch.compile's DDPOptimizer follows
+            self.network = torch.compile(self.network)
         self.optimizer = build_optimizer(config, self.model)
         self.accumulation = config["gradient_accumulation"]
         self.global_batch = global_batch_size(config)
