@@ -1,10 +1,13 @@
 """Model benchmark: training images/s and saved activation bytes per image vs micro-batch.
 
     python -m benchmarks.model [--models resnet50 efficientnet_b0] [--resolution 128]
-        [--micro-batches 1 2 4 8 16 32] [--repeats 5] [--threads 2] [--no-readme]
+        [--micro-batches 1 2 4 8 16 32] [--repeats 5] [--threads 2] [--device cpu|cuda]
+        [--no-readme]
 
 One training step is forward, cross-entropy, backward and an SGD step (momentum 0.9), in
-float32 on the CPU, on random images and labels. For each model and micro-batch the
+float32 on the CPU (or, with --device cuda, on the GPU, timed between
+torch.cuda.synchronize() calls, where the fused variants run the Triton kernels), on random
+images and labels. For each model and micro-batch the
 variants (BatchNorm, GroupNorm, GroupNorm + Proxy Norm eager and fused, LayerNorm + Proxy
 Norm fused) are timed in interleaved rounds, so background load falls on all alike, and
 every number is also a ratio to BatchNorm's in the same run. A step's time is the fastest
@@ -15,7 +18,8 @@ distinct storages autograd keeps for backward in one training forward, parameter
 excluded (they do not grow with the micro-batch), divided by the micro-batch. A variant
 that cannot run (e.g. BatchNorm with one value per channel) is recorded as null with its
 error. Writes benchmarks/results/model.json, docs/model_benchmark.png and the table
-between the `model` markers of docs/fused_op.md.
+between the `model` markers of docs/fused_op.md; on CUDA, benchmarks/results/model_cuda.json
+and docs/model_benchmark_cuda.png, and the docs only when asked (--readme).
 """
 import argparse
 import os
@@ -30,8 +34,10 @@ from benchmarks.readme import markdown_table, replace_section
 from models import get_model, list_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "model.json")
-PLOT = os.path.join(ROOT, "docs", "model_benchmark.png")
+RESULTS = {"cpu": os.path.join(ROOT, "benchmarks", "results", "model.json"),
+           "cuda": os.path.join(ROOT, "benchmarks", "results", "model_cuda.json")}
+PLOT = {"cpu": os.path.join(ROOT, "docs", "model_benchmark.png"),
+        "cuda": os.path.join(ROOT, "docs", "model_benchmark_cuda.png")}
 DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 BASELINE = "batch"
 VARIANTS = {  # name: (norm, norm_kwargs)
@@ -47,10 +53,10 @@ NUM_CLASSES = 1000
 class Trainer:
     """One variant of a model with its optimiser; `step` is one training step."""
 
-    def __init__(self, model_name, norm, norm_kwargs):
+    def __init__(self, model_name, norm, norm_kwargs, device):
         torch.manual_seed(0)  # every variant starts from the same convolution weights
         self.model = get_model(model_name, norm=norm, num_classes=NUM_CLASSES,
-                               norm_kwargs=norm_kwargs).train()
+                               norm_kwargs=norm_kwargs).train().to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
 
     def loss(self, images, labels):
@@ -73,18 +79,25 @@ def failed(error):
             "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"}
 
 
-def measure_model(model_name, resolution, micro_batches, repeats, warmup=2):
+def synchronize(device):
+    """Waits for the GPU's queued work, so that a step's time is the work's, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_model(model_name, resolution, micro_batches, repeats, device, warmup=2):
     """One result row per micro-batch: every variant's ms, images/s and saved bytes."""
     trainers, rows = {}, []
     for name, (norm, norm_kwargs) in VARIANTS.items():
         try:
-            trainers[name] = Trainer(model_name, norm, norm_kwargs)
+            trainers[name] = Trainer(model_name, norm, norm_kwargs, device)
         except (TypeError, ValueError) as error:
             trainers[name] = error
     for micro_batch in micro_batches:
         generator = torch.Generator().manual_seed(micro_batch)
-        images = torch.randn(micro_batch, 3, resolution, resolution, generator=generator)
-        labels = torch.randint(NUM_CLASSES, (micro_batch,), generator=generator)
+        images = torch.randn(micro_batch, 3, resolution, resolution,
+                             generator=generator).to(device)
+        labels = torch.randint(NUM_CLASSES, (micro_batch,), generator=generator).to(device)
         variants, live = {}, {}
         for name, trainer in trainers.items():
             if isinstance(trainer, Exception):  # the model could not be built
@@ -99,8 +112,10 @@ def measure_model(model_name, resolution, micro_batches, repeats, warmup=2):
         times = {name: [] for name in live}
         for _ in range(repeats):
             for name, trainer in live.items():
+                synchronize(device)
                 start = time.perf_counter()
                 trainer.step(images, labels)
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
         for name, trainer in live.items():
             seconds = min(times[name])
@@ -167,10 +182,15 @@ def table(report):
             f"{env['resolution']}x{env['resolution']} random images; ratios to `{BASELINE}` "
             f"at the same micro-batch (mb) in the same run ({'; '.join(base_notes)}). Saved "
             f"bytes: activations autograd keeps for backward, per image, parameters excluded. "
-            f"{env['threads']} threads, {env['cpu']}, ATen CPU capability "
-            f"{env['cpu_capability']}, torch {env['torch']}; fastest of {env['repeats']} "
+            f"{machine(env)}, torch {env['torch']}; fastest of {env['repeats']} "
             f"interleaved repeats. `python -m benchmarks.model` (`make bench`).")
     return markdown_table(header, lines) + "\n\n" + note
+
+
+def machine(env):
+    if env.get("device") == "cuda":
+        return f"{env['cpu']} (CUDA, timed between synchronisations)"
+    return f"{env['threads']} threads, {env['cpu']}, ATen CPU capability {env['cpu_capability']}"
 
 
 def plot(report, path):
@@ -215,32 +235,43 @@ def main(argv=None):
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=RESULTS, help="JSON path")
-    parser.add_argument("--plot", default=PLOT, help="PNG path")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--output", help="JSON path (default: benchmarks/results/model[_cuda].json)")
+    parser.add_argument("--plot", help="PNG path (default: docs/model_benchmark[_cuda].png)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/fused_op.md")
+    parser.add_argument("--readme", action="store_true",
+                        help="rewrite docs/fused_op.md with a CUDA run's table")
     args = parser.parse_args(argv)
-    if not custom_ops.cpu.load():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.model: --device cuda, but no CUDA device is available")
+    if device.type == "cpu" and not custom_ops.cpu.load():
         raise SystemExit("benchmarks.model: the fused CPU op is not built; run `make custom_ops`")
     torch.set_num_threads(args.threads)
     results = []
     for model_name in args.models:
-        results += measure_model(model_name, args.resolution, args.micro_batches, args.repeats)
+        results += measure_model(model_name, args.resolution, args.micro_batches, args.repeats,
+                                 device)
     report = {
         "environment": {"models": args.models, "resolution": args.resolution,
                         "micro_batches": args.micro_batches, "threads": args.threads,
-                        "repeats": args.repeats, "cpu": cpu_name(),
+                        "repeats": args.repeats, "device": args.device, "cpu": device_name(device),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results}
-    write_json(report, args.output)
-    plot(report, args.plot)
+    write_json(report, args.output or RESULTS[device.type])
+    plot(report, args.plot or PLOT[device.type])
     print(table(report))
-    if not args.no_readme:
+    if (device.type == "cpu" and not args.no_readme) or args.readme:
         try:
             replace_section("model", table(report), DOCS_PAGE)
         except ValueError as error:
             raise SystemExit(f"benchmarks.model: docs/fused_op.md not updated: {error}")
 
+
+def device_name(device):
+    """The machine that ran the steps: the CPU's name, or the GPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 if __name__ == "__main__":
     main()
