@@ -13,6 +13,11 @@
 #   make bench     the model benchmark (about 15 minutes on 2 cores): training images/s and
 #                  saved bytes per image against micro-batch; JSON, table in docs/fused_op.md,
 #                  docs/ plot
+#   make bench-sync  the synchronisation benchmark under torchrun (2 and 4 gloo processes;
+#                  about 20 minutes on 2 cores) and the cost model past this machine: JSON,
+#                  tables in docs/scaling.md, docs/ plot
+#   make bench-gpu  the layer and model benchmarks on a CUDA GPU (where one exists): JSON in
+#                  benchmarks/results/*_cuda.json
 #   make plan      memory per IPU of ResNet-50 and EfficientNet-B0 with BatchNorm and Proxy
 #                  Norm (python -m train.plan; about 2 minutes): JSON, table in docs/memory.md
 #   make accuracy  the accuracy study on cluttered digits (every norm x micro-batch 2/8/64 x
@@ -45,7 +50,7 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
-.PHONY: install custom_ops train test bench-layer bench plan accuracy analysis test-torch20 clean
+.PHONY: install custom_ops train test bench-layer bench bench-sync bench-gpu plan accuracy analysis test-torch20 clean
 
 install: $(INSTALLED) custom_ops
 
@@ -79,6 +84,14 @@ bench-layer: install
 
 bench: install
 	$(PYTHON) -m benchmarks.model
+
+bench-sync: install
+	$(PYTHON) -m benchmarks.sync
+	$(PYTHON) -m benchmarks.sync_cost
+
+bench-gpu: install
+	$(PYTHON) -m benchmarks.layer --device cuda
+	$(PYTHON) -m benchmarks.model --device cuda
 
 plan: install
 	$(PYTHON) -m benchmarks.plan
