@@ -53,6 +53,12 @@ def torch_flags():
     if is_x86():
         compile_flags.append("-DPROXYNORM_X86")
     link_flags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    if sys.platform == "linux" and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        # at::parallel_for is inline: without -fopenmp it runs serially in this library.
+        # With GCC the OpenMP runtime is libgomp.so.1, the one torch has already loaded,
+        # so the op shares torch's threads and torch.set_num_threads (as Inductor's kernels do).
+        compile_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     return compile_flags, link_flags, torch.__file__
 
 

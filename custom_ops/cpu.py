@@ -1,4 +1,4 @@
-"""The fused CPU ops from Python: loading, autograd and the fake kernels.
+"""The fused CPU ops from Python: loading and the fake kernels.
 
 `torch.ops.proxynorm.group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd,
 act, eps) -> (out, mean, rstd)` computes, with mean and rstd GroupNorm's (N, groups)
@@ -7,13 +7,16 @@ Its backward saves only x, the (N, groups) statistics and per-channel vectors, a
 recomputes the elementwise chain. The per-channel vectors are float32 (float64 for float64
 x); out has x's dtype and is contiguous.
 
-`torch.ops.proxynorm.proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act)
--> (mean, var)` computes models.proxy.proxy_stats's per-channel proxy mean and population
-variance in one pass per channel; its backward recomputes the (C, n) proxy, so autograd
-keeps only (C,) vectors (at a small micro-batch the proxy would outweigh the activations).
+`torch.ops.proxynorm.proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act,
+proxy_eps) -> (mean, rstd)` computes models.proxy.proxy_stats's per-channel proxy mean and
+rstd = 1 / sqrt(var + proxy_eps) of its population variance var in one pass per channel;
+its backward recomputes the (C, n) proxy, so autograd keeps only (C,) vectors (at a small
+micro-batch the proxy would outweigh the activations).
 
-The C++ holds the kernels and the schemas; the autograd formulas and the fake kernels
-(for torch.compile) are registered here, as in PyTorch's custom operator tutorial.
+The C++ holds the kernels, the schemas and the autograd of both ops (a Python autograd
+node per call would cost more than a small layer's kernels); the fake kernels (for
+torch.compile) are registered here, as in PyTorch's custom operator tutorial. Neither
+backward is differentiable: a double backward through them raises.
 """
 import logging
 import os
@@ -55,12 +58,12 @@ def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, e
         x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps)[0]
 
 
-def proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act):
-    """(mean, var) of act(weight * (proxy_bias + (1 + proxy_weight) * u) + bias) over the
-    quantiles u, per channel; all inputs float32 or all float64; differentiable with respect
-    to the four (C,) parameters."""
+def proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act, proxy_eps):
+    """(mean, 1 / sqrt(var + proxy_eps)) of act(weight * (proxy_bias + (1 + proxy_weight) * u)
+    + bias) over the quantiles u, per channel; all inputs float32 or all float64;
+    differentiable with respect to the four (C,) parameters."""
     return torch.ops.proxynorm.proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles,
-                                           act)
+                                           act, proxy_eps)
 
 
 def _statistics_dtype(x):
@@ -82,43 +85,13 @@ def _fake_backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd
             *(x.new_empty(channels, dtype=dtype) for _ in range(4)))
 
 
-def _fake_proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act):
+def _fake_proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act, proxy_eps):
     return torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _fake_proxy_stats_backward(grad_mean, grad_var, weight, bias, proxy_weight, proxy_bias,
-                               quantiles, mean, act):
+def _fake_proxy_stats_backward(grad_mean, grad_rstd, weight, bias, proxy_weight, proxy_bias,
+                               quantiles, mean, rstd, act):
     return tuple(torch.empty_like(weight) for _ in range(4))
-
-
-def _setup_context(ctx, inputs, output):
-    x, groups, weight, bias, proxy_mean, proxy_rstd, act, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, proxy_mean, proxy_rstd, mean, rstd)
-    ctx.groups, ctx.act = groups, act
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, weight, bias, proxy_mean, proxy_rstd, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd = (
-        torch.ops.proxynorm.group_norm_proxy_act_backward(
-            grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, ctx.groups,
-            ctx.act))
-    return grad_x, None, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd, None, None
-
-
-def _setup_proxy_stats_context(ctx, inputs, output):
-    *parameters, quantiles, act = inputs
-    ctx.save_for_backward(*parameters, quantiles, output[0])
-    ctx.act = act
-
-
-def _proxy_stats_backward(ctx, grad_mean, grad_var):
-    *parameters, quantiles, mean = ctx.saved_tensors
-    grads = torch.ops.proxynorm.proxy_stats_backward(grad_mean, grad_var, *parameters,
-                                                     quantiles, mean, ctx.act)
-    return (*grads, None, None)
 
 
 def _register():
@@ -126,7 +99,3 @@ def _register():
     torch.library.register_fake("proxynorm::group_norm_proxy_act_backward", _fake_backward)
     torch.library.register_fake("proxynorm::proxy_stats", _fake_proxy_stats)
     torch.library.register_fake("proxynorm::proxy_stats_backward", _fake_proxy_stats_backward)
-    torch.library.register_autograd(
-        "proxynorm::group_norm_proxy_act", _backward, setup_context=_setup_context)
-    torch.library.register_autograd(
-        "proxynorm::proxy_stats", _proxy_stats_backward, setup_context=_setup_proxy_stats_context)

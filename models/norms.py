@@ -309,16 +309,19 @@ class GroupNormProxyAct(GroupNormAct):
                 f"{type(self).__name__} needs more than 1 value per group, got an input of "
                 f"shape {tuple(x.shape)} with {self.num_groups} groups")
         dtype = statistics_dtype(x.dtype)
-        parameters = (self.weight, self.bias, self.proxy_weight, self.proxy_bias)
+        # the ops take float32 vectors for a bfloat16 model; a no-op .to still costs a
+        # call, which a small layer notices
+        parameters = tuple(p if p.dtype == dtype else p.to(dtype) for p in (
+            self.weight, self.bias, self.proxy_weight, self.proxy_bias))
         stats_op = custom_ops.fused_proxy_stats(op)
         if stats_op is None:
             mean, var = proxy_stats(*parameters, self.act, self.num_proxy_samples)
-        else:  # keeps no (C, n) proxy for backward: it would outweigh a small micro-batch
-            mean, var = stats_op(*(p.to(dtype) for p in parameters),
-                                 proxy_quantiles(self.num_proxy_samples, x.device, dtype),
-                                 self.act_name)
-        return op(x, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), mean,
-                  torch.rsqrt(var + self.proxy_eps), self.act_name, self.eps)
+            rstd = torch.rsqrt(var + self.proxy_eps)
+        else:  # one op, and no (C, n) proxy kept for backward: it would outweigh a small batch
+            mean, rstd = stats_op(*parameters,
+                                  proxy_quantiles(self.num_proxy_samples, x.device, dtype),
+                                  self.act_name, self.proxy_eps)
+        return op(x, self.num_groups, *parameters[:2], mean, rstd, self.act_name, self.eps)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, proxy_eps={self.proxy_eps}, fused={self.fused}"

@@ -12,7 +12,7 @@ import custom_ops
 from custom_ops import cpu
 from models.norms import get_norm_act
 from models.activations import get_act
-from models.proxy import proxy_quantiles, proxy_stats
+from models.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
 from test_norms import ACT_FORMULAS, randomise, reference_proxy_norm
 
 if not hasattr(torch.library, "register_autograd"):  # torch 2.0 (IPU hosts): no CPU op
@@ -26,7 +26,8 @@ SHAPES = [  # (shape, groups): N = 1, C not a multiple of the vector width, H x 
     ((2, 6, 4, 3), 6),
     ((2, 8, 37), 4),
     ((2, 4, 3, 5, 2), 2),
-    ((2, 64, 17, 17), 32),
+    ((4, 40, 7, 7), 8),  # short rows of SiLU/GELU in several chunks, split inside groups
+    ((2, 64, 17, 17), 32),  # rows long enough for SiLU/GELU to skip the chunk buffer
 ]
 
 
@@ -128,16 +129,18 @@ def random_proxy_parameters(channels, dtype, requires_grad=True):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("channels,samples", [(13, 200), (1, 37), (70, 16)])
 def test_proxy_stats_op_equals_pytorch_expression(act, channels, samples):
-    """The C++ statistics against models/proxy.py, values and all four gradients."""
+    """The C++ statistics against models/proxy.py and the layer's rsqrt(var + proxy_eps),
+    values and all four gradients; proxy_eps is not the default, so the op must use it."""
     params = random_proxy_parameters(channels, torch.float32)
     u = proxy_quantiles(samples, "cpu", torch.float32)
-    mean, var = cpu.proxy_stats(*params, u, act)
+    mean, rstd = cpu.proxy_stats(*params, u, act, 0.1)
     ref_mean, ref_var = proxy_stats(*params, get_act(act), samples)
+    ref_rstd = torch.rsqrt(ref_var + 0.1)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rstd, ref_rstd, rtol=1e-5, atol=1e-6)
     grads = [torch.randn(channels), torch.randn(channels)]
-    for g, g_ref in zip(torch.autograd.grad((mean, var), params, grads),
-                        torch.autograd.grad((ref_mean, ref_var), params, grads)):
+    for g, g_ref in zip(torch.autograd.grad((mean, rstd), params, grads),
+                        torch.autograd.grad((ref_mean, ref_rstd), params, grads)):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -145,17 +148,34 @@ def test_proxy_stats_op_equals_pytorch_expression(act, channels, samples):
 def test_proxy_stats_op_gradcheck_float64(act):
     params = random_proxy_parameters(5, torch.float64)
     u = proxy_quantiles(37, "cpu", torch.float64)
-    assert torch.autograd.gradcheck(lambda *p: cpu.proxy_stats(*p, u, act), params)
+    assert torch.autograd.gradcheck(lambda *p: cpu.proxy_stats(*p, u, act, 0.1), params)
 
 
 def test_proxy_stats_opcheck_and_bad_input():
     params = random_proxy_parameters(6, torch.float32)
     u = proxy_quantiles(200, "cpu", torch.float32)
-    torch.library.opcheck(torch.ops.proxynorm.proxy_stats.default, (*params, u, "gelu"))
+    torch.library.opcheck(torch.ops.proxynorm.proxy_stats.default,
+                          (*params, u, "gelu", PROXY_EPS))
     with pytest.raises(RuntimeError, match="quantiles must be a non-empty"):
-        cpu.proxy_stats(*params, u.double(), "relu")
+        cpu.proxy_stats(*params, u.double(), "relu", PROXY_EPS)
     with pytest.raises(RuntimeError, match=r"proxy_bias must be a \(6,\) Float tensor"):
-        cpu.proxy_stats(*params[:3], torch.zeros(5), u, "relu")
+        cpu.proxy_stats(*params[:3], torch.zeros(5), u, "relu", PROXY_EPS)
+
+
+def test_backward_is_not_differentiable():
+    """Both backward ops have no derivative: a second backward raises rather than drop
+    their terms."""
+    x = torch.randn(2, 6, 3, 2, requires_grad=True)
+    vectors = [(torch.rand(6) + 0.5).requires_grad_() for _ in range(4)]
+    out = cpu.group_norm_proxy_act(x, 3, *vectors, "silu", 1e-5)
+    grad_x, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="group_norm_proxy_act is differentiable only once"):
+        grad_x.sum().backward()
+    u = proxy_quantiles(200, "cpu", torch.float32)
+    mean, rstd = cpu.proxy_stats(*vectors, u, "silu", PROXY_EPS)
+    grad_weight, = torch.autograd.grad((mean * rstd).sum(), vectors[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="proxy_stats is differentiable only once"):
+        grad_weight.sum().backward()
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
@@ -228,16 +248,18 @@ def test_missing_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
 def test_torch_compile_traces_through_the_fake_kernel():
     fused, eager = layer_pair("gelu", 8, 2)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), fused)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 9, 9)
-    out = compiled(x)
-    out.sum().backward()
-    grad = fused.proxy_weight.grad.clone()
-    fused.proxy_weight.grad = None
+    # eager first: it fills the quantile cache, whose Python-float fill fullgraph cannot
+    # trace, so the test does not depend on other tests having run before it
     expected = model(x)
     expected.sum().backward()
+    grad = fused.proxy_weight.grad.clone()
+    fused.proxy_weight.grad = None
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(grad, fused.proxy_weight.grad)
+    torch.testing.assert_close(fused.proxy_weight.grad, grad)
 
 
 def test_op_rejects_bad_input_with_one_line():

@@ -1,8 +1,11 @@
-// torch.ops.proxynorm: the schemas, the input checks and the choice of kernel copy.
-// Autograd and the fake (meta) kernels are registered from Python (custom_ops/cpu.py),
-// as in PyTorch's custom operator tutorial.
+// torch.ops.proxynorm: the schemas, the input checks, the choice of kernel copy and the
+// autograd of the two forward ops. Autograd is C++ rather than Python's register_autograd
+// because a Python autograd node per call costs more than the kernels at a small
+// micro-batch; the fake (meta) kernels are registered from Python (custom_ops/cpu.py).
 #include <ATen/Functions.h>
 #include <ATen/Version.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <string>
@@ -128,22 +131,23 @@ std::tuple<at::Tensor, at::Tensor> proxy_stats(const at::Tensor& weight,
                                                const at::Tensor& proxy_weight,
                                                const at::Tensor& proxy_bias,
                                                const at::Tensor& quantiles,
-                                               std::string_view act) {
+                                               std::string_view act, double proxy_eps) {
   check_proxy_parameters(weight, quantiles);
   const int64_t C = weight.size(0);
   const auto t = weight.scalar_type();
-  at::Tensor mean = at::empty({C}, weight.options()), var = at::empty({C}, weight.options());
+  at::Tensor mean = at::empty({C}, weight.options()), rstd = at::empty({C}, weight.options());
   kernels().proxy_stats(weight.contiguous(), channel_vector(bias, "bias", C, t),
                         channel_vector(proxy_weight, "proxy_weight", C, t),
                         channel_vector(proxy_bias, "proxy_bias", C, t),
-                        quantiles.contiguous(), parse_act(act), mean, var);
-  return {mean, var};
+                        quantiles.contiguous(), parse_act(act), proxy_eps, mean, rstd);
+  return {mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_stats_backward(
-    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& weight,
+    const at::Tensor& grad_mean, const at::Tensor& grad_rstd, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
-    const at::Tensor& quantiles, const at::Tensor& mean, std::string_view act) {
+    const at::Tensor& quantiles, const at::Tensor& mean, const at::Tensor& rstd,
+    std::string_view act) {
   check_proxy_parameters(weight, quantiles);
   const int64_t C = weight.size(0);
   const auto t = weight.scalar_type();
@@ -153,12 +157,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_stats_backward(
   at::Tensor grad_proxy_bias = at::empty({C}, weight.options());
   kernels().proxy_stats_backward(
       channel_vector(grad_mean.to(t), "grad_mean", C, t),
-      channel_vector(grad_var.to(t), "grad_var", C, t), weight.contiguous(),
+      channel_vector(grad_rstd.to(t), "grad_rstd", C, t), weight.contiguous(),
       channel_vector(bias, "bias", C, t), channel_vector(proxy_weight, "proxy_weight", C, t),
       channel_vector(proxy_bias, "proxy_bias", C, t), quantiles.contiguous(),
-      channel_vector(mean, "mean", C, t), parse_act(act), grad_weight, grad_bias,
-      grad_proxy_weight, grad_proxy_bias);
+      channel_vector(mean, "mean", C, t), channel_vector(rstd, "rstd", C, t), parse_act(act),
+      grad_weight, grad_bias, grad_proxy_weight, grad_proxy_bias);
   return {grad_weight, grad_bias, grad_proxy_weight, grad_proxy_bias};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// As Python's @once_differentiable: the backward ops have no derivative of their own, so
+// a second backward through them raises when it is asked for instead of dropping terms.
+variable_list once_differentiable(variable_list grads, const char* op) {
+  if (!at::GradMode::is_enabled()) return grads;
+  for (auto& g : grads) {
+    if (g.defined()) g = g.detach().requires_grad_();
+  }
+  return std::make_shared<torch::autograd::DelayedError>(
+             std::string("proxynorm::") + op + " is differentiable only once", grads.size())
+      ->apply(std::move(grads));
+}
+
+// The backward recomputes the elementwise chain, so it keeps x, the (C,) vectors and the
+// (N, groups) statistics, never a full-size intermediate.
+struct GroupNormProxyActFunction : torch::autograd::Function<GroupNormProxyActFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t groups,
+                               const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd,
+                               std::string_view act, double eps) {
+    static const auto op =
+        find_op<decltype(group_norm_proxy_act)>("proxynorm::group_norm_proxy_act");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the CPU or the fake kernel
+    auto [out, mean, rstd] = op.call(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps);
+    ctx->save_for_backward({x, weight, bias, proxy_mean, proxy_rstd, mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["act"] = std::string(act);
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(group_norm_proxy_act_backward)>(
+        "proxynorm::group_norm_proxy_act_backward");
+    const variable_list s = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                ctx->saved_data["groups"].toInt(), ctx->saved_data["act"].toStringView());
+    return once_differentiable({grad_x, {}, grad_weight, grad_bias, grad_proxy_mean,
+                                grad_proxy_rstd, {}, {}},
+                               "group_norm_proxy_act");
+  }
+};
+
+// The backward recomputes the (C, n) proxy, so it keeps only (C,) vectors and the quantiles.
+struct ProxyStatsFunction : torch::autograd::Function<ProxyStatsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& proxy_weight,
+                               const at::Tensor& proxy_bias, const at::Tensor& quantiles,
+                               std::string_view act, double proxy_eps) {
+    static const auto op = find_op<decltype(proxy_stats)>("proxynorm::proxy_stats");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [mean, rstd] = op.call(weight, bias, proxy_weight, proxy_bias, quantiles, act,
+                                proxy_eps);
+    ctx->save_for_backward({weight, bias, proxy_weight, proxy_bias, quantiles, mean, rstd});
+    ctx->saved_data["act"] = std::string(act);
+    return {mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(proxy_stats_backward)>(
+        "proxynorm::proxy_stats_backward");
+    const variable_list s = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_weight, grad_bias, grad_proxy_weight, grad_proxy_bias] =
+        op.call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                ctx->saved_data["act"].toStringView());
+    return once_differentiable({grad_weight, grad_bias, grad_proxy_weight, grad_proxy_bias,
+                                {}, {}, {}},
+                               "proxy_stats");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_proxy_act_autograd(
+    const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd, std::string_view act,
+    double eps) {
+  const auto outputs = GroupNormProxyActFunction::apply(x, groups, weight, bias, proxy_mean,
+                                                        proxy_rstd, act, eps);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_stats_autograd(
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& proxy_weight,
+    const at::Tensor& proxy_bias, const at::Tensor& quantiles, std::string_view act,
+    double proxy_eps) {
+  const auto outputs = ProxyStatsFunction::apply(weight, bias, proxy_weight, proxy_bias,
+                                                 quantiles, act, proxy_eps);
+  return {outputs[0], outputs[1]};
 }
 
 }  // namespace
@@ -174,11 +277,11 @@ TORCH_LIBRARY(proxynorm, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "proxy_stats(Tensor weight, Tensor bias, Tensor proxy_weight, Tensor proxy_bias, "
-      "Tensor quantiles, str act) -> (Tensor, Tensor)");
+      "Tensor quantiles, str act, float proxy_eps) -> (Tensor, Tensor)");
   m.def(
-      "proxy_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor weight, Tensor bias, "
-      "Tensor proxy_weight, Tensor proxy_bias, Tensor quantiles, Tensor mean, str act) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "proxy_stats_backward(Tensor grad_mean, Tensor grad_rstd, Tensor weight, Tensor bias, "
+      "Tensor proxy_weight, Tensor proxy_bias, Tensor quantiles, Tensor mean, Tensor rstd, "
+      "str act) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(proxynorm, CPU, m) {
@@ -186,4 +289,9 @@ TORCH_LIBRARY_IMPL(proxynorm, CPU, m) {
   m.impl("group_norm_proxy_act_backward", &proxynorm::group_norm_proxy_act_backward);
   m.impl("proxy_stats", &proxynorm::proxy_stats);
   m.impl("proxy_stats_backward", &proxynorm::proxy_stats_backward);
+}
+
+TORCH_LIBRARY_IMPL(proxynorm, Autograd, m) {
+  m.impl("group_norm_proxy_act", &proxynorm::group_norm_proxy_act_autograd);
+  m.impl("proxy_stats", &proxynorm::proxy_stats_autograd);
 }

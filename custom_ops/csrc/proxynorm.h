@@ -26,20 +26,21 @@ using BackwardFn = void (*)(const at::Tensor& grad_out, const at::Tensor& x,
                             at::Tensor& grad_bias, at::Tensor& grad_proxy_mean,
                             at::Tensor& grad_proxy_rstd);
 
-// The proxy's per-channel mean and population variance, from the four (C,) parameters
-// and the n quantiles, all float or all double.
+// The proxy's per-channel mean and rstd = 1 / sqrt(population variance + proxy_eps), from
+// the four (C,) parameters and the n quantiles, all float or all double.
 using ProxyStatsFn = void (*)(const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& proxy_weight, const at::Tensor& proxy_bias,
-                              const at::Tensor& quantiles, Act act, at::Tensor& mean,
-                              at::Tensor& var);
+                              const at::Tensor& quantiles, Act act, double proxy_eps,
+                              at::Tensor& mean, at::Tensor& rstd);
 
 // Recomputes the proxy from the parameters; writes the four parameter gradients.
-using ProxyStatsBackwardFn = void (*)(const at::Tensor& grad_mean, const at::Tensor& grad_var,
+using ProxyStatsBackwardFn = void (*)(const at::Tensor& grad_mean, const at::Tensor& grad_rstd,
                                       const at::Tensor& weight, const at::Tensor& bias,
                                       const at::Tensor& proxy_weight,
                                       const at::Tensor& proxy_bias,
                                       const at::Tensor& quantiles, const at::Tensor& mean,
-                                      Act act, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                      const at::Tensor& rstd, Act act,
+                                      at::Tensor& grad_weight, at::Tensor& grad_bias,
                                       at::Tensor& grad_proxy_weight,
                                       at::Tensor& grad_proxy_bias);
 
