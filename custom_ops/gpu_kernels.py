@@ -87,22 +87,31 @@ def group_moments_kernel(chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, group
 
 
 @triton.jit
-def forward_kernel(x_ptr, weight_ptr, bias_ptr, proxy_mean_ptr, proxy_rstd_ptr, mean_ptr,
-                   rstd_ptr, out_ptr, groups, channels_per_group, spatial, group_size,
-                   chunks_per_group, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    """3. out = (act(w (x - mean) rstd + b) - proxy_mean) * proxy_rstd, chunk by chunk."""
+def group_chunk(groups, channels_per_group, spatial, group_size, chunks_per_group,
+                BLOCK: tl.constexpr):
+    """This program's chunk of BLOCK values of one (sample, group) ng: ng, the values' mask,
+    their channels and their addresses in x (64-bit: they can pass 2^31)."""
     chunk = tl.program_id(0)
     ng = chunk // chunks_per_group
     offsets = (chunk % chunks_per_group) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < group_size
     c = (ng % groups) * channels_per_group + offsets // spatial
+    return ng, mask, c, ng.to(tl.int64) * group_size + offsets
+
+
+@triton.jit
+def forward_kernel(x_ptr, weight_ptr, bias_ptr, proxy_mean_ptr, proxy_rstd_ptr, mean_ptr,
+                   rstd_ptr, out_ptr, groups, channels_per_group, spatial, group_size,
+                   chunks_per_group, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """3. out = (act(w (x - mean) rstd + b) - proxy_mean) * proxy_rstd, chunk by chunk."""
+    ng, mask, c, at = group_chunk(groups, channels_per_group, spatial, group_size,
+                                  chunks_per_group, BLOCK)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
     scale = tl.load(weight_ptr + c, mask=mask, other=0.0) * rstd
     shift = tl.load(bias_ptr + c, mask=mask, other=0.0)
     proxy_mean = tl.load(proxy_mean_ptr + c, mask=mask, other=0.0)
     proxy_rstd = tl.load(proxy_rstd_ptr + c, mask=mask, other=0.0)
-    at = ng.to(tl.int64) * group_size + offsets
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     out = (act_value((x - mean) * scale + shift, ACT) - proxy_mean) * proxy_rstd
     tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -148,11 +157,8 @@ def grad_x_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, proxy_rstd_ptr, mea
                   BLOCK: tl.constexpr):
     """Backward 3. grad_x = g act'(a) (rstd w proxy_rstd) + xc coef_x + coef_1, recomputing
     a from x, chunk by chunk as the forward."""
-    chunk = tl.program_id(0)
-    ng = chunk // chunks_per_group
-    offsets = (chunk % chunks_per_group) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < group_size
-    c = (ng % groups) * channels_per_group + offsets // spatial
+    ng, mask, c, at = group_chunk(groups, channels_per_group, spatial, group_size,
+                                  chunks_per_group, BLOCK)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
     coef_x = tl.load(coef_x_ptr + ng)
@@ -160,7 +166,6 @@ def grad_x_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, proxy_rstd_ptr, mea
     weight = tl.load(weight_ptr + c, mask=mask, other=0.0)
     shift = tl.load(bias_ptr + c, mask=mask, other=0.0)
     k = rstd * weight * tl.load(proxy_rstd_ptr + c, mask=mask, other=0.0)
-    at = ng.to(tl.int64) * group_size + offsets
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_out_ptr + at, mask=mask, other=0.0).to(tl.float32)
     xc = x - mean
