@@ -221,6 +221,22 @@ struct Shape {
   RowIndex row(int64_t r) const { return RowIndex(r, C, D); }
 };
 
+// The pre-activations a = (x - mu) scale + shift of the whole rows [r0, r1) into `a`, row
+// after row, for `activate` to run over at full vector width; row(i) gives each row's
+// mu, scale and shift.
+template <typename T, typename RowFn, typename acc_t>
+inline void write_preactivations(const Shape& s, const T* x, int64_t r0, int64_t r1,
+                                 const RowFn& row, acc_t* a) {
+  using V = Vectorized<acc_t>;
+  for (RowIndex i = s.row(r0); i.r < r1; ++i) {
+    const auto p = row(i);
+    row_loop<false, true>(s.S, x + i.r * s.S, x, a + (i.r - r0) * s.S,
+                          [&](const V& xv, const V&) {
+      return at::vec::fmadd(xv - p.mu, p.scale, p.shift);
+    });
+  }
+}
+
 template <typename T, typename A>
 void forward_kernel(const at::Tensor& x_t, const at::Tensor& weight, const at::Tensor& bias,
                     const at::Tensor& proxy_mean, const at::Tensor& proxy_rstd,
@@ -295,13 +311,7 @@ void forward_kernel(const at::Tensor& x_t, const at::Tensor& weight, const at::T
     }
     std::vector<acc_t> a(kChunkValues);
     for_each_chunk(begin, end, s.S, [&](int64_t r0, int64_t r1) {
-      for (RowIndex i = s.row(r0); i.r < r1; ++i) {
-        const Row p = row(i);
-        row_loop<false, true>(s.S, x + i.r * s.S, x, a.data() + (i.r - r0) * s.S,
-                              [&](const V& xv, const V&) {
-          return at::vec::fmadd(xv - p.mu, p.scale, p.shift);
-        });
-      }
+      write_preactivations(s, x, r0, r1, row, a.data());
       activate<A, false>((r1 - r0) * s.S, a.data(), static_cast<acc_t*>(nullptr));
       for (RowIndex i = s.row(r0); i.r < r1; ++i) {
         const Row p = row(i);
@@ -387,13 +397,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor& x_t,
     }
     std::vector<acc_t> a(kChunkValues), d(kChunkValues);  // a, then act(a); act'(a)
     for_each_chunk(begin, end, s.S, [&](int64_t r0, int64_t r1) {
-      for (RowIndex i = s.row(r0); i.r < r1; ++i) {
-        const Row p = row(i);
-        row_loop<false, true>(s.S, x + i.r * s.S, x, a.data() + (i.r - r0) * s.S,
-                              [&](const V& xv, const V&) {
-          return at::vec::fmadd(xv - p.mu, p.scale, p.shift);
-        });
-      }
+      write_preactivations(s, x, r0, r1, row, a.data());
       activate<A, true>((r1 - r0) * s.S, a.data(), d.data());
       for (RowIndex i = s.row(r0); i.r < r1; ++i) {
         const Row p = row(i);
