@@ -22,7 +22,7 @@
 #                  Norm (python -m train.plan; about 2 minutes): JSON, table in docs/memory.md
 #   make accuracy  the accuracy study on cluttered digits (every norm x micro-batch 2/8/64 x
 #                  3 seeds; about 3 CPU hours, 1.5 hours on 2 cores; resumable): JSON,
-#                  README table, docs/ figures
+#                  README headline table, the full grid in docs/evidence.md, docs/ figures
 #   make analysis  power decomposition of the random network (six norms; Gaussian and
 #                  digits inputs; figures in docs/) and the batch-dependence probe; JSON in
 #                  analysis/results/ (about 2 minutes)
@@ -97,7 +97,7 @@ plan: install
 	$(PYTHON) -m benchmarks.plan
 
 accuracy: install
-	$(PYTHON) -m benchmarks.accuracy --data cluttered_digits --figures docs
+	$(PYTHON) -m benchmarks.accuracy --data cluttered_digits --figures docs --headline
 
 analysis: install
 	$(PYTHON) -m analysis.power --inputs gaussian

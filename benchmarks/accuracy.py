@@ -4,7 +4,8 @@
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
         [--mixup ALPHA ...] [--holdout] [--every-split]
-        [--data-path DIR] [--figures DIR] [--output JSON] [--markdown FILE --section NAME]
+        [--data-path DIR] [--figures DIR] [--headline] [--output JSON]
+        [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
 
 Each cell (config, epochs, lr, regularisation, micro-batch, seed) is one training run of a
@@ -38,11 +39,13 @@ run is added to `--output` (benchmarks/results/accuracy.json) at once (written t
 temporary file, then renamed), so an interrupted study keeps what it finished; by default
 a cell already in the JSON with the same settings is skipped (`--no-resume` runs it again
 and replaces it), so running the same command again finishes a partial grid. The table
-between the `--section` markers of `--markdown` (README.md, `accuracy`) is rebuilt from the
-whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the seeds,
-per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's runs:
-accuracy_vs_microbatch.png and training_curves.png. `--report-only` runs nothing and
-rebuilds the table and figures from what the JSON holds (while a study is still running).
+between the `--section` markers of `--markdown` (docs/evidence.md, `accuracy`) is rebuilt
+from the whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the
+seeds, per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's
+runs: accuracy_vs_microbatch.png and training_curves.png; `--headline` rewrites README.md's
+headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
+and each row's paired distance below the best BatchNorm. `--report-only` runs nothing and
+rebuilds the tables and figures from what the JSON holds (while a study is still running).
 """
 import argparse
 import concurrent.futures
@@ -62,6 +65,7 @@ from benchmarks.readme import README, markdown_table, replace_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "accuracy.json")
+EVIDENCE = os.path.join(ROOT, "docs", "evidence.md")
 NORMS = ["batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn"]
 FAMILIES = {  # --data: the config family, `FAMILY_NORM` in configs.yml
     "digits": "digits_resnet",
@@ -348,6 +352,66 @@ def table(report):
     return markdown_table(header, rows) + "\n\n" + note
 
 
+NORM_WORDS = {"batch": "BatchNorm", "sync_batch": "BatchNorm", "group": "GroupNorm",
+              "layer": "LayerNorm", "instance": "InstanceNorm",
+              "group_pn": "GroupNorm + Proxy Norm", "layer_pn": "LayerNorm + Proxy Norm",
+              "none": "no normalisation"}
+
+
+def headline(runs):
+    """The README's headline table of one study's runs (one recipe per norm): a row per
+    (norm, micro-batch), best first, with each row's distance below the best BatchNorm row
+    as the mean of the per-seed differences (a seed fixes the batches, so the comparison
+    is paired) and their range."""
+    groups = {}
+    for run in runs:
+        if run["val_accuracy"] is not None and run["status"] in ("finished", "max_steps"):
+            key = (run["norm"], None if run.get("split_invariant") else run["micro_batch_size"])
+            groups.setdefault(key, {})[run["seed"]] = run
+    if not groups:
+        return "No runs yet."
+    mean = {key: mean_std([r["val_accuracy"] for r in by_seed.values()])[0]
+            for key, by_seed in groups.items()}
+    # on a tie (sync_batch over all replicas is BatchNorm over the whole global batch) the
+    # synchronised one is the reference
+    batchnorms = sorted((key for key in groups if key[0] in ("batch", "sync_batch")),
+                        key=lambda k: k[0] != "sync_batch")
+    best = max(batchnorms, key=mean.get) if batchnorms else None
+    rows = []
+    for key in sorted(groups, key=lambda k: (-mean[k], k != best)):
+        (norm, micro_batch), by_seed = key, groups[key]
+        run = next(iter(by_seed.values()))
+        replicas = run["global_batch"] // run["micro_batch_size"]
+        if norm == "sync_batch":
+            over = f"{run['global_batch']} samples (synchronised over {replicas} replicas)"
+        elif norm == "batch":
+            over = f"{micro_batch} samples (" + (
+                "one replica)" if replicas == 1 else f"per replica, {replicas} replicas)")
+        else:
+            over = "1 sample"
+        below = "–"
+        if best is not None and key != best:
+            paired = [100 * (groups[best][seed]["val_accuracy"] - r["val_accuracy"])
+                      for seed, r in by_seed.items() if seed in groups[best]]
+            if paired:
+                below = f"{sum(paired) / len(paired):.2f}"
+                if len(paired) > 1:
+                    below += f" ({min(paired):.2f} to {max(paired):.2f})"
+        accuracies = [r["val_accuracy"] for r in by_seed.values()]
+        rows.append([f"{NORM_WORDS.get(norm, norm)} (`{norm}`)", over, regularisation(run),
+                     f"{percent(accuracies)} ({len(accuracies)})", below])
+    header = ["norm", "statistics over", "extra regularisation",
+              "final validation accuracy (%)", "below the best BatchNorm (points)"]
+    first = runs[0]
+    seeds = sorted({run["seed"] for run in runs})
+    note = (f"{first['data']}, `{first['model']}`, global batch {first['global_batch']}, "
+            f"{first['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean ± standard "
+            f"deviation (n - 1) over the seeds, their number in brackets. Below the best "
+            f"BatchNorm: the mean of the per-seed differences (a seed fixes the batches) and "
+            f"their range; negative is above it.")
+    return markdown_table(header, rows) + "\n\n" + note
+
+
 def study_runs(report, cells):
     """The report's finished runs of `cells` (a study's plan), in plan order."""
     by_key = {cell_key(run): run for run in report["runs"]}
@@ -432,7 +496,7 @@ def command_line(argv):
         if skip:
             skip = False
             continue
-        if arg in ("--no-readme", "--no-resume", "--resume", "--report-only"):
+        if arg in ("--no-readme", "--no-resume", "--resume", "--report-only", "--headline"):
             continue
         if arg in ("--output", "--jobs", "--markdown", "--section", "--figures"):
             skip = True
@@ -486,15 +550,18 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the table and figures from the JSON")
     parser.add_argument("--output", default=RESULTS, help="JSON path")
-    parser.add_argument("--markdown", default=README,
-                        help="the markdown file whose table to rewrite (default README.md)")
+    parser.add_argument("--markdown", default=EVIDENCE,
+                        help="the markdown file whose table to rewrite (default docs/evidence.md)")
     parser.add_argument("--section", default="accuracy",
                         help="the table's marker name in --markdown (<!-- NAME:start -->)")
     parser.add_argument("--figures", metavar="DIR",
                         help="also draw this study's accuracy_vs_microbatch.png and "
                              "training_curves.png into DIR")
+    parser.add_argument("--headline", action="store_true",
+                        help="also rewrite README.md's headline table (accuracy_headline) "
+                             "from this study's runs")
     parser.add_argument("--no-readme", action="store_true",
-                        help="do not rewrite the table in --markdown")
+                        help="do not rewrite any table (--markdown's, nor the headline)")
     args = parser.parse_args(argv)
     try:
         return study(args, command_line(argv))
@@ -569,6 +636,8 @@ def study(args, command):
     if not args.no_readme:
         try:
             replace_section(args.section, text, args.markdown)
+            if args.headline:
+                replace_section("accuracy_headline", headline(runs), README)
         except ValueError as error:
             raise StudyError(str(error)) from None
     return status

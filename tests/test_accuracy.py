@@ -109,6 +109,28 @@ def test_table_shows_mean_and_std_over_seeds():
         "| 0.1 | label smoothing 0.1, mixup 0.2 | 90.00 (1) |")
 
 
+def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm():
+    def run(norm, micro_batch, seed, value, status="finished"):
+        return {"data": "cluttered_digits", "model": "m", "norm": norm, "global_batch": 64,
+                "epochs": 24, "micro_batch_size": micro_batch, "seed": seed, "status": status,
+                "val_accuracy": value, "split_invariant": norm != "batch",
+                "mixup_alpha": 0.2}
+    runs = [run("batch", 8, 0, 0.97), run("batch", 8, 1, 0.98),
+            run("sync_batch", 8, 0, 0.98), run("sync_batch", 8, 1, 0.99),
+            run("group_pn", 8, 0, 0.96), run("group_pn", 8, 1, 0.985),
+            run("group_pn", 8, 2, None, status="diverged")]
+    lines = accuracy.headline(runs).splitlines()
+    assert lines[2:5] == [
+        "| BatchNorm (`sync_batch`) | 64 samples (synchronised over 8 replicas) | mixup 0.2 "
+        "| 98.50 ± 0.71 (2) | – |",
+        "| BatchNorm (`batch`) | 8 samples (per replica, 8 replicas) | mixup 0.2 "
+        "| 97.50 ± 0.71 (2) | 1.00 (1.00 to 1.00) |",
+        "| GroupNorm + Proxy Norm (`group_pn`) | 1 sample | mixup 0.2 "
+        "| 97.25 ± 1.77 (2) | 1.25 (0.50 to 2.00) |"]
+    assert "24 epochs, seeds 0, 1, 2" in lines[-1]
+    assert accuracy.headline([run("group", 8, 0, None, status="diverged")]) == "No runs yet."
+
+
 def test_bad_micro_batch_is_one_line(tmp_path, capsys):
     status = accuracy.main(["--global-batch", "16", "--micro-batches", "3", "--no-readme",
                             "--output", str(tmp_path / "a.json")])
