@@ -455,8 +455,9 @@ def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
 
 
 def plot_training_curves(runs, path):
-    """Validation accuracy and training loss against the step, mean over seeds, a line per
-    (norm, micro-batch) of the runs."""
+    """Validation error and training loss against the step, mean over seeds, a line per
+    (norm, micro-batch) of the runs; both on log scales, so that the last few tenths of a
+    point between the norms show beside the first epochs' tens."""
     from matplotlib.figure import Figure
 
     groups = {}
@@ -465,24 +466,25 @@ def plot_training_curves(runs, path):
             f"{run['norm']}, micro-batch {run['micro_batch_size']}"
         groups.setdefault(label, []).append(run["curve"])
     figure = Figure(figsize=(11, 4.5))
-    accuracy_axis, loss_axis = figure.subplots(1, 2)
+    error_axis, loss_axis = figure.subplots(1, 2)
     for label, curves in groups.items():
         length = min(len(curve) for curve in curves)
         steps = [curves[0][i]["step"] for i in range(length)]
-        accuracy = [mean_std([100 * c[i]["val_accuracy"] for c in curves])[0]
-                    for i in range(length)]
+        error = [mean_std([100 * (1 - c[i]["val_accuracy"]) for c in curves])[0]
+                 for i in range(length)]
         loss = [mean_std([c[i]["train_loss"] for c in curves])[0]
                 if all(c[i]["train_loss"] is not None for c in curves) else math.nan
                 for i in range(length)]  # None: no training record before that validation
-        accuracy_axis.plot(steps, accuracy, marker=".", label=label)
+        error_axis.plot(steps, error, marker=".", label=label)
         loss_axis.plot(steps, loss, marker=".", label=label)
-    accuracy_axis.set_ylabel("validation accuracy (%)")
+    error_axis.set_ylabel("validation error (%, 100 - accuracy)")
+    error_axis.set_yscale("log")
     loss_axis.set_ylabel("training loss (mean since the last validation)")
     loss_axis.set_yscale("log")
-    for axis in (accuracy_axis, loss_axis):
+    for axis in (error_axis, loss_axis):
         axis.set_xlabel("optimiser step")
         axis.grid(alpha=0.3)
-    accuracy_axis.legend(fontsize=7, loc="lower right")
+    error_axis.legend(fontsize=7, loc="upper right")
     figure.suptitle(f"{runs[0]['data']}, {runs[0]['model']}: mean over seeds "
                     f"({', '.join(map(str, sorted({r['seed'] for r in runs})))})")
     figure.tight_layout()
