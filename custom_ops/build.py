@@ -84,7 +84,7 @@ def main():
         return
     import torch
 
-    if not hasattr(torch.library, "register_autograd"):
+    if not hasattr(torch.library, "register_fake"):
         print(f"custom_ops: CPU op skipped (needs torch >= 2.4, this is {torch.__version__}); "
               f"Proxy Norm layers use the eager path on CPU")
         return

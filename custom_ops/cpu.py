@@ -39,7 +39,7 @@ def load():
 
 
 def _load():
-    if not hasattr(torch.library, "register_autograd"):
+    if not hasattr(torch.library, "register_fake"):
         reason = f"needs torch >= 2.4, this is {torch.__version__}"
     elif not os.path.exists(LIBRARY):
         reason = f"{os.path.relpath(LIBRARY)} is missing (run `make custom_ops`)"
