@@ -42,7 +42,8 @@ and replaces it), so running the same command again finishes a partial grid. The
 between the `--section` markers of `--markdown` (docs/evidence.md, `accuracy`) is rebuilt
 from the whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the
 seeds, per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's
-runs: accuracy_vs_microbatch.png and training_curves.png; `--headline` rewrites README.md's
+runs: accuracy_vs_microbatch.png and training_curves.png, and error_vs_budget.png where the
+JSON holds the same cells trained for other numbers of epochs; `--headline` rewrites README.md's
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
 and each row's paired distance below the best BatchNorm. `--report-only` runs nothing and
 rebuilds the tables and figures from what the JSON holds (while a study is still running).
@@ -454,11 +455,57 @@ def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     write_png(figure, path)
 
 
+def budget_runs(report, cells):
+    """The report's finished runs of `cells` (a study's plan) at any number of epochs: the
+    same recipe, split and seed trained for longer or shorter."""
+    wanted = {cell_key({**cell, "epochs": None}) for cell, _ in cells}
+    return [run for run in report["runs"] if run["status"] in ("finished", "max_steps")
+            and cell_key({**run, "epochs": None}) in wanted]
+
+
+def plot_error_vs_budget(runs, path):
+    """Final validation error (mean +- std over seeds) against the number of epochs trained,
+    a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget."""
+    from matplotlib.figure import Figure
+
+    from matplotlib.ticker import ScalarFormatter
+
+    groups = {}
+    for run in runs:
+        key = (run["norm"], 0 if run.get("split_invariant") else run["micro_batch_size"])
+        groups.setdefault(key, {}).setdefault(run["epochs"], []).append(
+            100 * (1 - run["val_accuracy"]))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
+    order = {norm: i for i, norm in enumerate(NORMS)}
+    for norm, micro_batch in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
+        by_epochs = groups[norm, micro_batch]
+        epochs = sorted(by_epochs)
+        stats = [mean_std(by_epochs[e]) for e in epochs]
+        axis.errorbar(epochs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
+                      marker="o", label=norm + (f", micro-batch {micro_batch}"
+                                                if micro_batch else ""))
+    budgets = sorted({run["epochs"] for run in runs})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(budgets, [str(e) for e in budgets])
+    axis.set_yscale("log")
+    for formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+        formatter(ScalarFormatter())
+    axis.set_xlabel("epochs trained (cosine schedule over the whole run)")
+    axis.set_ylabel("final validation error (%, 100 - accuracy)")
+    axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}: mean ± std over seeds")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    write_png(figure, path)
+
+
 def plot_training_curves(runs, path):
     """Validation error and training loss against the step, mean over seeds, a line per
     (norm, micro-batch) of the runs; both on log scales, so that the last few tenths of a
     point between the norms show beside the first epochs' tens."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     groups = {}
     for run in runs:
@@ -479,6 +526,8 @@ def plot_training_curves(runs, path):
         loss_axis.plot(steps, loss, marker=".", label=label)
     error_axis.set_ylabel("validation error (%, 100 - accuracy)")
     error_axis.set_yscale("log")
+    for formatter in (error_axis.yaxis.set_major_formatter, error_axis.yaxis.set_minor_formatter):
+        formatter(ScalarFormatter())
     loss_axis.set_ylabel("training loss (mean since the last validation)")
     loss_axis.set_yscale("log")
     for axis in (error_axis, loss_axis):
@@ -635,6 +684,11 @@ def study(args, command):
         path = os.path.join(args.figures, "training_curves.png")
         plot_training_curves(runs, path)
         print(f"wrote {path}")
+        budgets = budget_runs(report, cells)
+        if len({run["epochs"] for run in budgets}) > 1:
+            path = os.path.join(args.figures, "error_vs_budget.png")
+            plot_error_vs_budget(budgets, path)
+            print(f"wrote {path}")
     if not args.no_readme:
         try:
             replace_section(args.section, text, args.markdown)

@@ -131,6 +131,23 @@ def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm(
     assert accuracy.headline([run("group", 8, 0, None, status="diverged")]) == "No runs yet."
 
 
+def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
+    cell = {"config": "c", "model": "m", "norm": "group_pn", "data_path": None,
+            "global_batch": 64, "micro_batch_size": 8, "seed": 0, "epochs": 12,
+            "max_steps": 0, "lr": 0.2, "holdout": False, "mixup_alpha": 0.2}
+    extra = {"data": "d", "status": "finished", "val_accuracy": 0.9, "split_invariant": True}
+    longer = {**cell, **extra, "epochs": 24}
+    shorter = {**cell, **extra, "epochs": 3, "val_accuracy": 0.5}
+    other_recipe = {**longer, "mixup_alpha": 0.0}
+    other_seed = {**longer, "seed": 1}
+    failed = {**shorter, "seed": 0, "epochs": 6, "status": "diverged", "val_accuracy": None}
+    report = {"runs": [longer, shorter, other_recipe, other_seed, failed]}
+    assert accuracy.budget_runs(report, [(cell, {})]) == [longer, shorter]
+    path = tmp_path / "error_vs_budget.png"
+    accuracy.plot_error_vs_budget([longer, shorter], str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bad_micro_batch_is_one_line(tmp_path, capsys):
     status = accuracy.main(["--global-batch", "16", "--micro-batches", "3", "--no-readme",
                             "--output", str(tmp_path / "a.json")])
