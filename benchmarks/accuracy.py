@@ -359,17 +359,24 @@ NORM_WORDS = {"batch": "BatchNorm", "sync_batch": "BatchNorm", "group": "GroupNo
               "none": "no normalisation"}
 
 
-def headline(runs):
+def headline(runs, planned=()):
     """The README's headline table of one study's runs (one recipe per norm): a row per
     (norm, micro-batch), best first, with each row's distance below the best BatchNorm row
     as the mean of the per-seed differences (a seed fixes the batches, so the comparison
-    is paired) and their range."""
+    is paired) and their range. Rows of `planned` cells (the study's plan) with no finished
+    run yet follow, marked so."""
+    def row_key(run):
+        return run["norm"], None if run.get("split_invariant") else run["micro_batch_size"]
+
     groups = {}
     for run in runs:
         if run["val_accuracy"] is not None and run["status"] in ("finished", "max_steps"):
-            key = (run["norm"], None if run.get("split_invariant") else run["micro_batch_size"])
-            groups.setdefault(key, {})[run["seed"]] = run
-    if not groups:
+            groups.setdefault(row_key(run), {})[run["seed"]] = run
+    missing = {}
+    for cell in planned:
+        if row_key(cell) not in groups:
+            missing.setdefault(row_key(cell), cell)
+    if not groups and not missing:
         return "No runs yet."
     mean = {key: mean_std([r["val_accuracy"] for r in by_seed.values()])[0]
             for key, by_seed in groups.items()}
@@ -378,18 +385,23 @@ def headline(runs):
     batchnorms = sorted((key for key in groups if key[0] in ("batch", "sync_batch")),
                         key=lambda k: k[0] != "sync_batch")
     best = max(batchnorms, key=mean.get) if batchnorms else None
+
+    def statistics_over(run):
+        replicas = run["global_batch"] // run["micro_batch_size"]
+        if run["norm"] == "sync_batch":
+            return f"{run['global_batch']} samples (synchronised over {replicas} replicas)"
+        if run["norm"] == "batch":
+            return f"{run['micro_batch_size']} samples (" + (
+                "one replica)" if replicas == 1 else f"per replica, {replicas} replicas)")
+        return "1 sample"
+
+    def label(norm):
+        return f"{NORM_WORDS.get(norm, norm)} (`{norm}`)"
+
     rows = []
     for key in sorted(groups, key=lambda k: (-mean[k], k != best)):
-        (norm, micro_batch), by_seed = key, groups[key]
+        by_seed = groups[key]
         run = next(iter(by_seed.values()))
-        replicas = run["global_batch"] // run["micro_batch_size"]
-        if norm == "sync_batch":
-            over = f"{run['global_batch']} samples (synchronised over {replicas} replicas)"
-        elif norm == "batch":
-            over = f"{micro_batch} samples (" + (
-                "one replica)" if replicas == 1 else f"per replica, {replicas} replicas)")
-        else:
-            over = "1 sample"
         below = "–"
         if best is not None and key != best:
             paired = [100 * (groups[best][seed]["val_accuracy"] - r["val_accuracy"])
@@ -399,12 +411,15 @@ def headline(runs):
                 if len(paired) > 1:
                     below += f" ({min(paired):.2f} to {max(paired):.2f})"
         accuracies = [r["val_accuracy"] for r in by_seed.values()]
-        rows.append([f"{NORM_WORDS.get(norm, norm)} (`{norm}`)", over, regularisation(run),
+        rows.append([label(key[0]), statistics_over(run), regularisation(run),
                      f"{percent(accuracies)} ({len(accuracies)})", below])
+    for key, cell in missing.items():
+        rows.append([label(key[0]), statistics_over(cell), regularisation(cell),
+                     "not run yet", "–"])
     header = ["norm", "statistics over", "extra regularisation",
               "final validation accuracy (%)", "below the best BatchNorm (points)"]
-    first = runs[0]
-    seeds = sorted({run["seed"] for run in runs})
+    first = runs[0] if runs else next(iter(missing.values()))
+    seeds = sorted({run["seed"] for run in [*runs, *planned]})
     note = (f"{first['data']}, `{first['model']}`, global batch {first['global_batch']}, "
             f"{first['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean ± standard "
             f"deviation (n - 1) over the seeds, their number in brackets. Below the best "
@@ -693,7 +708,8 @@ def study(args, command):
         try:
             replace_section(args.section, text, args.markdown)
             if args.headline:
-                replace_section("accuracy_headline", headline(runs), README)
+                replace_section("accuracy_headline",
+                                headline(runs, [cell for cell, _ in cells]), README)
         except ValueError as error:
             raise StudyError(str(error)) from None
     return status

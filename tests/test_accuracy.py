@@ -129,6 +129,12 @@ def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm(
         "| 97.25 ± 1.77 (2) | 1.25 (0.50 to 2.00) |"]
     assert "24 epochs, seeds 0, 1, 2" in lines[-1]
     assert accuracy.headline([run("group", 8, 0, None, status="diverged")]) == "No runs yet."
+    # a planned row with no finished run yet is shown, last, as such
+    planned = [run("batch", 2, 0, None, status=None), run("group_pn", 8, 0, None, status=None)]
+    lines = accuracy.headline(runs, planned).splitlines()
+    assert lines[5] == ("| BatchNorm (`batch`) | 2 samples (per replica, 32 replicas) | mixup 0.2 "
+                        "| not run yet | – |")
+    assert len(lines) == 8
 
 
 def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
