@@ -21,7 +21,7 @@
 #   make plan      memory per IPU of ResNet-50 and EfficientNet-B0 with BatchNorm and Proxy
 #                  Norm (python -m train.plan; about 2 minutes): JSON, table in docs/memory.md
 #   make accuracy  the accuracy study on cluttered digits (every norm x micro-batch 2/8/64 x
-#                  3 seeds; about 3 CPU hours, 1.5 hours on 2 cores; resumable): JSON,
+#                  3 seeds, 24 epochs; about 6 CPU hours, 3 hours on 2 cores; resumable): JSON,
 #                  README headline table, the full grid in docs/evidence.md, docs/ figures
 #   make analysis  power decomposition of the random network (six norms; Gaussian and
 #                  digits inputs; figures in docs/) and the batch-dependence probe; JSON in
