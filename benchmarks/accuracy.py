@@ -61,7 +61,7 @@ import shlex
 import sys
 import tempfile
 
-from benchmarks.measure import write_json, write_png
+from benchmarks.measure import log2_x_axis, write_json, write_png
 from benchmarks.readme import README, markdown_table, replace_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +235,11 @@ def validation_curve(path):
     return curve
 
 
+def finished(run):
+    """Whether a run trained its whole recipe (or its --max-steps): not diverged or cut short."""
+    return run["status"] in ("finished", "max_steps")
+
+
 def mean_std(values):
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     mean = sum(values) / len(values)
@@ -314,7 +319,7 @@ def table(report):
         for micro_batch in micro_batches:
             done = by_micro_batch.get(micro_batch if shared is None else shared, [])
             accuracies = [r["val_accuracy"] for r in done if r["val_accuracy"] is not None
-                          and r["status"] in ("finished", "max_steps")]
+                          and finished(r)]
             failed = len(done) - len(accuracies)
             cell = f"{percent(accuracies)} ({len(accuracies)})" if accuracies else "–"
             if failed:
@@ -370,7 +375,7 @@ def headline(runs, planned=()):
 
     groups = {}
     for run in runs:
-        if run["val_accuracy"] is not None and run["status"] in ("finished", "max_steps"):
+        if run["val_accuracy"] is not None and finished(run):
             groups.setdefault(row_key(run), {})[run["seed"]] = run
     missing = {}
     for cell in planned:
@@ -432,7 +437,7 @@ def study_runs(report, cells):
     """The report's finished runs of `cells` (a study's plan), in plan order."""
     by_key = {cell_key(run): run for run in report["runs"]}
     return [by_key[cell_key(cell)] for cell, _ in cells if cell_key(cell) in by_key
-            and by_key[cell_key(cell)]["status"] in ("finished", "max_steps")]
+            and finished(by_key[cell_key(cell)])]
 
 
 def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
@@ -458,9 +463,7 @@ def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
         axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
                       marker="o", linestyle="--" if once else "-",
                       label=norm + (" (any split)" if once else ""))
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(micro_batches, [str(mb) for mb in micro_batches])
-    axis.set_xlabel(f"micro-batch (global batch {runs[0]['global_batch']})")
+    log2_x_axis(axis, micro_batches, f"micro-batch (global batch {runs[0]['global_batch']})")
     axis.set_ylabel("final validation accuracy (%)")
     axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}, {runs[0]['epochs']} epochs: "
                    f"mean ± std over seeds")
@@ -470,20 +473,27 @@ def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     write_png(figure, path)
 
 
+def plain_log_y(axis):
+    """A log y axis whose tick labels read as plain numbers (2, 3, 10), not powers of ten."""
+    from matplotlib.ticker import ScalarFormatter
+
+    axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
+
+
 def budget_runs(report, cells):
     """The report's finished runs of `cells` (a study's plan) at any number of epochs: the
     same recipe, split and seed trained for longer or shorter."""
     wanted = {cell_key({**cell, "epochs": None}) for cell, _ in cells}
-    return [run for run in report["runs"] if run["status"] in ("finished", "max_steps")
-            and cell_key({**run, "epochs": None}) in wanted]
+    return [run for run in report["runs"]
+            if finished(run) and cell_key({**run, "epochs": None}) in wanted]
 
 
 def plot_error_vs_budget(runs, path):
     """Final validation error (mean +- std over seeds) against the number of epochs trained,
     a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget."""
     from matplotlib.figure import Figure
-
-    from matplotlib.ticker import ScalarFormatter
 
     groups = {}
     for run in runs:
@@ -500,13 +510,9 @@ def plot_error_vs_budget(runs, path):
         axis.errorbar(epochs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
                       marker="o", label=norm + (f", micro-batch {micro_batch}"
                                                 if micro_batch else ""))
-    budgets = sorted({run["epochs"] for run in runs})
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(budgets, [str(e) for e in budgets])
-    axis.set_yscale("log")
-    for formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
-        formatter(ScalarFormatter())
-    axis.set_xlabel("epochs trained (cosine schedule over the whole run)")
+    log2_x_axis(axis, sorted({run["epochs"] for run in runs}),
+                "epochs trained (cosine schedule over the whole run)")
+    plain_log_y(axis)
     axis.set_ylabel("final validation error (%, 100 - accuracy)")
     axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}: mean ± std over seeds")
     axis.grid(alpha=0.3, which="both")
@@ -520,7 +526,6 @@ def plot_training_curves(runs, path):
     (norm, micro-batch) of the runs; both on log scales, so that the last few tenths of a
     point between the norms show beside the first epochs' tens."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
 
     groups = {}
     for run in runs:
@@ -540,9 +545,7 @@ def plot_training_curves(runs, path):
         error_axis.plot(steps, error, marker=".", label=label)
         loss_axis.plot(steps, loss, marker=".", label=label)
     error_axis.set_ylabel("validation error (%, 100 - accuracy)")
-    error_axis.set_yscale("log")
-    for formatter in (error_axis.yaxis.set_major_formatter, error_axis.yaxis.set_minor_formatter):
-        formatter(ScalarFormatter())
+    plain_log_y(error_axis)
     loss_axis.set_ylabel("training loss (mean since the last validation)")
     loss_axis.set_yscale("log")
     for axis in (error_axis, loss_axis):
@@ -621,8 +624,9 @@ def main(argv=None):
     parser.add_argument("--section", default="accuracy",
                         help="the table's marker name in --markdown (<!-- NAME:start -->)")
     parser.add_argument("--figures", metavar="DIR",
-                        help="also draw this study's accuracy_vs_microbatch.png and "
-                             "training_curves.png into DIR")
+                        help="also draw this study's accuracy_vs_microbatch.png, "
+                             "training_curves.png and, where the JSON holds other budgets, "
+                             "error_vs_budget.png into DIR")
     parser.add_argument("--headline", action="store_true",
                         help="also rewrite README.md's headline table (accuracy_headline) "
                              "from this study's runs")

@@ -49,6 +49,14 @@ def rounded(value, significant):
     return value
 
 
+def log2_x_axis(axis, ticks, label):
+    """A base-2 log x axis with a tick, labelled in plain numbers, at each of `ticks`
+    (micro-batches, epochs)."""
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ticks, [str(tick) for tick in ticks])
+    axis.set_xlabel(label)
+
+
 def write_png(figure, path, dpi=110):
     """A matplotlib figure as a PNG, written whole or not at all."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_ops
-from benchmarks.measure import cpu_name, saved_bytes, write_json, write_png
+from benchmarks.measure import cpu_name, log2_x_axis, saved_bytes, write_json, write_png
 from benchmarks.readme import markdown_table, replace_section
 from models import get_model, list_models
 
@@ -216,10 +216,7 @@ def plot(report, path):
         axes[0][column].set_ylabel("training images/s")
         axes[1][column].set_ylabel("saved activations, MiB/image")
         for ax in axes[:, column]:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(report["environment"]["micro_batches"],
-                          [str(mb) for mb in report["environment"]["micro_batches"]])
-            ax.set_xlabel("micro-batch")
+            log2_x_axis(ax, report["environment"]["micro_batches"], "micro-batch")
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()

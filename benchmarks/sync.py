@@ -35,7 +35,7 @@ import types
 
 import torch
 
-from benchmarks.measure import cpu_name, write_json, write_png
+from benchmarks.measure import cpu_name, log2_x_axis, write_json, write_png
 from benchmarks.readme import ROOT, markdown_table, replace_section
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sync.json")
@@ -247,10 +247,7 @@ def plot(report, path):
             ax.plot(*zip(*points), marker="o", label=norm)
         ax.set_title(f"{launch_result['model']}, {launch_result['processes']} processes",
                      fontsize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(report["environment"]["micro_batches"],
-                      [str(mb) for mb in report["environment"]["micro_batches"]])
-        ax.set_xlabel("micro-batch per process")
+        log2_x_axis(ax, report["environment"]["micro_batches"], "micro-batch per process")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training images/s")
     axes[0][-1].legend(fontsize=8)
