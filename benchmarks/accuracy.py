@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
-        [--mixup ALPHA ...] [--holdout] [--every-split]
+        [--mixup ALPHA ...] [--model NAME] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--headline] [--output JSON]
         [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
@@ -18,7 +18,8 @@ global batch), `cpu_threads` 1, wandb disabled and the run folder a temporary on
 afterwards (its validation curve is kept in the JSON). `lr` stays the config's (it is not
 rescaled for the global batch; `--lr` sets another, several make a search, as several
 `--epochs` do; `--label-smoothing` and `--mixup` set the extra regularisation the same way,
-a cell for each combination). The sample order depends only on the seed and the global
+a cell for each combination; `--model` trains another model with the same recipe, its
+runs a row of their own). The sample order depends only on the seed and the global
 batch, so at one seed every micro-batch sees the same batches: only the normalisation's
 statistics domain differs.
 
@@ -165,7 +166,8 @@ def plan(args):
                 overrides["clutter_holdout"] = True
             for option, value in (("norm", norm), ("epochs", epochs), ("lr", lr),
                                   ("label_smoothing", smoothing), ("mixup_alpha", mixup),
-                                  ("data_path", args.data_path), ("engine", args.engine)):
+                                  ("model", args.model), ("data_path", args.data_path),
+                                  ("engine", args.engine)):
                 if value is not None:
                     overrides[option] = value
             try:
@@ -604,6 +606,9 @@ def main(argv=None):
                         help="override the configs' label_smoothing (several: a search)")
     parser.add_argument("--mixup", nargs="+", type=float,
                         help="override the configs' mixup_alpha (several: a search)")
+    parser.add_argument("--model", help="override the configs' model (models.list_models(): "
+                                            "cifar_preact_resnet56, say); its runs are rows "
+                                            "of their own")
     parser.add_argument("--data-path", help="dataset folder (CIFAR-10: data/cifar10)")
     parser.add_argument("--engine", help="override the configs' engine (cpu, cuda)")
     parser.add_argument("--holdout", action="store_true",

@@ -168,7 +168,7 @@ def test_other_config_families_are_planned_without_training():
                    "micro_batches": [8, 64], "seeds": [0], "epochs": None, "max_steps": 0,
                    "lr": None, "data_path": "data/cifar10", "engine": None, "threads": 1,
                    "holdout": False, "every_split": True, "label_smoothing": None,
-                   "mixup": None}
+                   "mixup": None, "model": None}
     cells = accuracy.plan(argparse.Namespace(data="cifar10", **parser_args))
     # cifar10_preact_resnet20 has no layer config: its first config with norm overridden
     assert [(c["config"], c["norm"], c["replicas"]) for c, _ in cells] == [
@@ -197,6 +197,18 @@ def test_other_config_families_are_planned_without_training():
     assert [(c["label_smoothing"], c["mixup_alpha"]) for c, _ in cells] == [(0, 0.2), (0.1, 0.2)]
     assert [(o["label_smoothing"], o["mixup_alpha"]) for _, o in cells] == [(0, 0.2), (0.1, 0.2)]
     assert len({accuracy.cell_key(c) for c, _ in cells}) == 2
+    # another model with the same recipe: its own cells, the model carried into the run
+    deeper = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
+                                    "every_split": False, "micro_batches": [8],
+                                    "model": "cifar_preact_resnet56"}))
+    ((cell, overrides),) = deeper
+    assert (cell["model"], overrides["model"]) == ("cifar_preact_resnet56",) * 2
+    shipped = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
+                                    "every_split": False, "micro_batches": [8]}))
+    assert shipped[0][0]["model"] == "cifar_preact_resnet20"
+    assert accuracy.cell_key(cell) != accuracy.cell_key(shipped[0][0])
 
 
 def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):
