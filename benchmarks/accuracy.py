@@ -50,6 +50,7 @@ and each row's paired distance below the best BatchNorm. `--report-only` runs no
 rebuilds the tables and figures from what the JSON holds (while a study is still running).
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -341,6 +342,10 @@ def table(report):
     environment = report.get("environment", {})
     threads = sorted({run.get("recipe", {}).get("cpu_threads") for run in runs} - {None})
     threads = " or ".join(map(str, threads)) or "?"
+    # a seed reproduces a run only on the same kind of CPU (its kernels round differently)
+    machines = collections.Counter(run.get("cpu", "an unrecorded CPU") for run in runs)
+    machines = ", ".join(f"{count} on {cpu}" if len(machines) > 1 else cpu
+                         for cpu, count in machines.most_common())
     note = (f"Final validation accuracy (%), mean ± standard deviation (n - 1) over seeds "
             f"({', '.join(map(str, seeds))}), the number of seeds in brackets; \"–\": not run "
             f"yet. The global batch is micro-batch x replicas (gradient accumulation 1): "
@@ -355,7 +360,7 @@ def table(report):
     note += (f"Each config's recipe (optimiser, lr, schedule, epochs, regularisation: label "
              f"smoothing and mixup beyond the weight decay every run has) as in configs.yml, lr "
              f"not rescaled for the global batch; {threads} CPU thread(s) per run "
-             f"({environment.get('cpu', 'CPU')}, torch {environment.get('torch', '?')}). "
+             f"({machines}; torch {environment.get('torch', '?')}). "
              + " ".join(f"`{command}`" for command in commands) + ".")
     return markdown_table(header, rows) + "\n\n" + note
 
@@ -665,7 +670,8 @@ def study(args, command):
     def record(cell, result):
         key = cell_key(cell)
         report["runs"] = [run for run in report["runs"] if cell_key(run) != key]
-        report["runs"].append({**cell, **result, "command": command})
+        report["runs"].append({**cell, **result, "command": command,
+                               "cpu": report["environment"]["cpu"]})
         write_json(report, args.output)
         accuracy = result["val_accuracy"]
         print(f"{len(report['runs'])} in JSON: {cell['config']} norm {cell['norm']} micro-batch "

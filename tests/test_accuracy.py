@@ -62,6 +62,14 @@ def test_tiny_grid_writes_its_cells_a_table_and_figures(tmp_path, capsys):
     assert "`python -m benchmarks.accuracy --norms batch group_pn" in text
     assert "1 CPU thread(s) per run" in text
     assert text in capsys.readouterr().out
+    # every run records its machine; runs from several machines are counted by machine
+    cpu = accuracy.environment()["cpu"]
+    assert {run["cpu"] for run in report["runs"]} == {cpu}
+    assert f"({cpu}; torch " in text
+    older = {**report["runs"][0], "seed": 1}
+    del older["cpu"]
+    mixed = accuracy.table({**report, "runs": [*report["runs"], older]})
+    assert f"(3 on {cpu}, 1 on an unrecorded CPU; torch " in mixed
 
 
 def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, capsys):
