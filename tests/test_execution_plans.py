@@ -183,11 +183,15 @@ def test_torchrun_validates_the_whole_set_once(tmp_path):
     assert distributed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
 
 
-def test_torchrun_resumes_like_one_process(tmp_path):
-    """2 steps under torchrun, then 2 more resumed from its checkpoint == 4 in one process."""
+def test_torchrun_resumes_like_an_uninterrupted_run(tmp_path):
+    """2 steps under torchrun, then 2 more resumed from its checkpoint == 4 without a stop.
+    The reference is the same plan: over several steps the plans' last-bit differences can
+    grow past 1e-5 (on some CPUs they do, from step 2, with Proxy Norm), so the plans are
+    compared one step at a time above, and here only the resume."""
     run_dir = tmp_path / "torchrun"
     train_run(run_dir, "group_pn", PLANS["2x4x2"], processes=2, extra=["--max-steps", "2"])
     resumed = train_run(run_dir, "group_pn", PLANS["2x4x2"], processes=2,
                         extra=["--max-steps", "4", "--resume", "auto"])
-    whole = train_run(tmp_path / "whole", "group_pn", PLANS["16x1x1"], extra=["--max-steps", "4"])
+    whole = train_run(tmp_path / "whole", "group_pn", PLANS["2x4x2"], processes=2,
+                      extra=["--max-steps", "4"])
     assert_same_weights(resumed, whole)
