@@ -343,9 +343,9 @@ def table(report):
     threads = sorted({run.get("recipe", {}).get("cpu_threads") for run in runs} - {None})
     threads = " or ".join(map(str, threads)) or "?"
     # a seed reproduces a run only on the same kind of CPU (its kernels round differently)
-    machines = collections.Counter(run.get("cpu", "an unrecorded CPU") for run in runs)
-    machines = ", ".join(f"{count} on {cpu}" if len(machines) > 1 else cpu
-                         for cpu, count in machines.most_common())
+    runs_by_cpu = collections.Counter(run.get("cpu", "an unrecorded CPU") for run in runs)
+    machines = ", ".join(f"{count} on {cpu}" if len(runs_by_cpu) > 1 else cpu
+                         for cpu, count in runs_by_cpu.most_common())
     note = (f"Final validation accuracy (%), mean ± standard deviation (n - 1) over seeds "
             f"({', '.join(map(str, seeds))}), the number of seeds in brackets; \"–\": not run "
             f"yet. The global batch is micro-batch x replicas (gradient accumulation 1): "
