@@ -127,6 +127,7 @@ def test_killing_torchrun_stops_its_workers_with_a_checkpoint(tmp_path):
         launcher.wait()
     saved = load(str(run_dir / LAST))  # CheckpointError unless whole and ours
     assert saved["step"] >= 1
+    assert (run_dir / "summary.json").exists(), log_path.read_text()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == saved["step"]
     assert "SIGTERM: stopping after this step" in log_path.read_text()

@@ -286,3 +286,17 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_being_written():
                 os.kill(os.getpid(), signal.SIGINT)  # the second, inside torch.save
                 finished = True
     assert finished
+
+
+def test_a_sigterm_after_the_stop_changes_nothing():
+    """A torchrun worker can get its launcher's death signal more than once; the repeat
+    must not kill it while it writes its summary and leaves the process group."""
+    child = ("import os, signal\n"
+             "from train.loop import StopSignals\n"
+             "with StopSignals() as stop:\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\n"
+             "print('summary written')\n")
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "summary written\n", done.stderr

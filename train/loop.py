@@ -88,7 +88,7 @@ def check_module_names(config, model):
 class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step; a second
     SIGINT interrupts at once, or, inside `deferred()` (a checkpoint being written), as soon
-    as the block ends."""
+    as the block ends; a second SIGTERM, even one after the block, changes nothing."""
 
     def __init__(self):
         self.signal = None
@@ -101,6 +101,13 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.signal == signal.SIGTERM:
+            # the stop under way (checkpoint, summary, leaving the process group) is what a
+            # repeat asks for: Linux can send a torchrun worker its parent-death SIGTERM more
+            # than once (again as each launcher thread it is handed to exits), and the
+            # default action would kill it before rank 0 writes summary.json or while a peer
+            # waits in the last barrier
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     @contextlib.contextmanager
     def deferred(self):
