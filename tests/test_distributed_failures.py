@@ -9,14 +9,13 @@ line instead of a hang.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.processes import alive, children
+from tests.processes import alive, children, free_port
 from train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,12 +30,6 @@ def wait_for(condition, seconds):
             return True
         time.sleep(0.2)
     return condition()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CHILD = """

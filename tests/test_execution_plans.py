@@ -10,7 +10,6 @@ these tests launch) each process is one replica, and the two must agree as well.
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.processes import free_port
 from train.config import resolve_config
 from train.distributed import Context
 from train.engine import PyTorchEngine
@@ -93,12 +93,6 @@ def test_sync_batch_over_all_replicas_is_batch_norm_over_the_global_batch():
 
 
 # -- torchrun ---------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def train_run(run_dir, norm, plan, processes=1, extra=()):
     """Trains one step of digits_resnet_NORM with `plan` and returns the checkpoint's

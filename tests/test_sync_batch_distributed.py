@@ -1,6 +1,5 @@
 """sync_batch across two real processes (gloo on 127.0.0.1) equals BatchNorm on the
 concatenated batch: outputs, input gradients, parameter gradients, running statistics."""
-import socket
 from datetime import timedelta
 
 import torch
@@ -10,14 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.norms import get_norm_act
+from tests.processes import free_port
 
 WORLD = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank, port):
