@@ -2,8 +2,9 @@
 #
 #   make install   create .venv, install requirements.txt (once; again when it changes) and
 #                  build the custom ops
-#   make custom_ops  the fused Proxy Norm ops: the CPU op (custom_ops/build/), and the IPU
-#                  op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
+#   make custom_ops  the fused Proxy Norm ops: the CPU op (into ~/.cache/proxynorm/, or
+#                  $PROXYNORM_CACHE; the library builds it on first use otherwise), and the
+#                  IPU op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
 #   make train     install, then train the default config (digits_resnet_group_pn: real
 #                  handwritten digits, offline, on the CPU); TRAIN_ARGS="..." adds flags
 #   make test      install, add the test tools (requirements-dev.txt), then the fast test
@@ -66,9 +67,9 @@ $(DEV_INSTALLED): requirements-dev.txt $(INSTALLED)
 	touch $@
 
 custom_ops: $(INSTALLED)
-	$(PYTHON) -m custom_ops.build
+	$(PYTHON) -m proxynorm.ops.build
 ifneq ($(POPLAR_SDK),)
-	$(MAKE) -C custom_ops/ipu
+	$(MAKE) -C proxynorm/ops/ipu
 else
 	@echo "custom_ops: IPU op skipped (no Poplar SDK: popc is not on PATH and POPLAR_SDK_ENABLED is unset)"
 endif
@@ -113,4 +114,4 @@ test-torch20: .venv-torch20/.installed
 	.venv-torch20/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf custom_ops/build custom_ops/ipu/build
+	rm -rf proxynorm/ops/ipu/build

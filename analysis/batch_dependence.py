@@ -23,7 +23,7 @@ from analysis.power import RESULTS
 from benchmarks.measure import write_json
 from models import get_model
 from models.layers import DropPath
-from models.norms import BATCH_INDEPENDENT, NORMS
+from proxynorm.norms import BATCH_INDEPENDENT, NORMS
 
 
 def set_mode(model, train):

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from analysis import checkpoint
 from benchmarks.measure import write_json, write_png
-from models.norms import get_norm_act
+from proxynorm.norms import get_norm_act
 
 NORMS = ("batch", "instance", "layer", "group", "layer_pn", "group_pn")
 TERMS = ("channel_squared_mean", "instance_mean_variance", "mean_instance_variance",

@@ -18,7 +18,7 @@ intermediates and arithmetic are what keep a variant below it.
 
 Writes benchmarks/results/layer.json and the table between the `layer` markers of
 docs/fused_op.md. With --device cuda each step is timed between torch.cuda.synchronize()
-calls, a fused variant runs whatever custom_ops.fused_op picks for a CUDA input (recorded
+calls, a fused variant runs whatever ops.fused_op picks for a CUDA input (recorded
 as unavailable where that is nothing, rather than timing the eager path twice), and the
 results go to benchmarks/results/layer_cuda.json, the docs only with --readme.
 """
@@ -29,10 +29,10 @@ import time
 
 import torch
 
-import custom_ops
+from proxynorm import ops
 from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes, write_json
 from benchmarks.readme import ROOT, markdown_table, replace_section
-from models.norms import get_norm_act
+from proxynorm.norms import get_norm_act
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (32, 512, 7, 7), (2, 256, 56, 56)]
 GROUPS = 32
@@ -63,7 +63,7 @@ def build(norm, act, how, channels, device):
 
 def unavailable(how, x):
     """Why a variant cannot run on x, or None: a fused variant needs a fused op for x."""
-    if how == "fused" and custom_ops.fused_op(x) is None:
+    if how == "fused" and ops.fused_op(x) is None:
         return f"no fused op for {x.device.type} {x.dtype} input"
     return None
 
@@ -212,7 +212,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.layer: --device cuda, but no CUDA device is available")
-    if device.type == "cpu" and not custom_ops.cpu.load():
+    if device.type == "cpu" and not ops.cpu.load():
         raise SystemExit("benchmarks.layer: the fused CPU op is not built; run `make custom_ops`")
     torch.set_num_threads(args.threads)
     results = measure(args.repeats, device)

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import custom_ops
+from proxynorm import ops
 from benchmarks.measure import cpu_name, log2_x_axis, saved_bytes, write_json, write_png
 from benchmarks.readme import markdown_table, replace_section
 from models import get_model, list_models
@@ -242,7 +242,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.model: --device cuda, but no CUDA device is available")
-    if device.type == "cpu" and not custom_ops.cpu.load():
+    if device.type == "cpu" and not ops.cpu.load():
         raise SystemExit("benchmarks.model: the fused CPU op is not built; run `make custom_ops`")
     torch.set_num_threads(args.threads)
     results = []

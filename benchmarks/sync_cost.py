@@ -70,7 +70,7 @@ FABRICS = [
             "ResNet-50 v1.5 training 42,029 images/s on a Bow Pod16, i.e. 2,627 per IPU "
             "(graphcore.ai/performance-results); EfficientNet-B0: no published figure, "
             "assumed equal to ResNet-50 per image (on A100 the two are within 1%)",
-            "the IPU path all-reduces float32 moments (custom_ops/ipu/replica_all_reduce), "
+            "the IPU path all-reduces float32 moments (proxynorm/ops/ipu/replica_all_reduce), "
             "half the measured float64 bytes",
             "assumed: 1 us per tree level within a Pod, 5 us between Pods",
         ]),

@@ -1,7 +1,7 @@
 """Models and their normalisation layers: `get_model(name, norm=...)`, `list_models()` and
 `convert_norms(model, norm=...)` for any other CNN.
 
-Every family takes every normalisation in `models.norms.NORMS` by name; models build their
+Every family takes every normalisation in `proxynorm.norms.NORMS` by name; models build their
 norm layers through `get_norm_act` only (via `models.layers.NormAct`) and never import a
 norm class. Families:
   resnet18/34/50/101/152, resnext50_32x4d     torchvision's ResNet v1.5 / ResNeXt (resnet.py)
@@ -34,10 +34,10 @@ from typing import Optional
 from torch import nn
 
 from models import efficientnet, preact_resnet, resnet, torchvision_models
-from models.activations import check_act, unknown_name_error
-from models.convert import ConversionError, ConversionReport, convert_norms
+from proxynorm.activations import check_act, unknown_name_error
+from proxynorm.convert import ConversionError, ConversionReport, convert_norms
 from models.layers import NormAct
-from models.norms import DEFAULT_GROUPS, NORMS
+from proxynorm.norms import DEFAULT_GROUPS, NORMS
 
 Family = namedtuple("Family", "builder act groups eps")
 

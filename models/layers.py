@@ -7,8 +7,8 @@ so an impossible combination names the layer it happened in. Must run on torch 2
 import torch
 from torch import nn
 
-from models.activations import get_act
-from models.norms import get_norm_act
+from proxynorm.activations import get_act
+from proxynorm.norms import get_norm_act
 
 
 class NormAct:

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from models.convert import convert_norms
+from proxynorm.convert import convert_norms
 
 PREFIX = "torchvision:"
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from analysis import batch_dependence, checkpoint, power
 from models import get_model
-from models.norms import get_norm_act
+from proxynorm.norms import get_norm_act
 
 
 def test_terms_add_up_to_the_power_and_match_an_independent_computation():

@@ -1,4 +1,4 @@
-"""models/convert.py: torchvision CNNs converted to our norms, and `--model torchvision:NAME`.
+"""proxynorm/convert.py: torchvision CNNs converted to our norms, and `--model torchvision:NAME`.
 
 The BatchNorm -> activation pairs are counted here independently of the converter (plain
 torch.fx.symbolic_trace and a short list of activation types). Inputs are tiny (batch 4
@@ -12,8 +12,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from models import ConversionError, convert_norms, get_model
-from models.convert import default_groups
-from models.norms import BATCH_INDEPENDENT, GroupNormAct, GroupNormProxyAct
+from proxynorm.convert import default_groups
+from proxynorm.norms import BATCH_INDEPENDENT, GroupNormAct, GroupNormProxyAct
 from tests.test_train import train
 
 TORCHVISION = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",

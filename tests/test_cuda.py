@@ -1,6 +1,6 @@
 """The CUDA path against the CPU: same layers, same models, same numbers.
 
-On CUDA the Proxy Norm layers run the fused Triton op (custom_ops/gpu.py) where Triton is
+On CUDA the Proxy Norm layers run the fused Triton op (proxynorm/ops/gpu.py) where Triton is
 installed, else the eager PyTorch expression; BatchNorm runs cuDNN or the replica-chunked
 path. Skipped without a GPU.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import get_model
-from models.norms import get_norm_act
+from proxynorm.norms import get_norm_act
 from test_norms import randomise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""The fused GPU op (custom_ops/gpu.py, Triton kernels) against the eager expression, the CPU
+"""The fused GPU op (proxynorm/ops/gpu.py, Triton kernels) against the eager expression, the CPU
 op and an independent float64 formula.
 
 On a GPU host the kernels run compiled on CUDA tensors. Elsewhere the tests that take
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import custom_ops
-from custom_ops import cpu, gpu
-from models.activations import get_act
-from models.norms import get_norm_act
+from proxynorm import ops
+from proxynorm.ops import cpu, gpu
+from proxynorm.activations import get_act
+from proxynorm.norms import get_norm_act
 from test_norms import ACT_FORMULAS, randomise
 
 pytest.importorskip("triton", minversion="3.0")
@@ -224,7 +224,7 @@ def test_gradients_are_deterministic(device):
 def test_layer_through_the_gpu_op_equals_eager_layer(act, name, groups, monkeypatch, device):
     """A GroupNormProxyAct layer end to end on the GPU op: fused_op hands it this op for a
     CUDA input; here the test hands it over, so that it also runs on CPU tensors under the
-    interpreter. The proxy statistics stay the eager models.proxy.proxy_stats beside it."""
+    interpreter. The proxy statistics stay the eager proxynorm.proxy.proxy_stats beside it."""
     calls = []
 
     def gpu_op(x):
@@ -234,7 +234,7 @@ def test_layer_through_the_gpu_op_equals_eager_layer(act, name, groups, monkeypa
     fused = randomise(get_norm_act(name, 8, act=act, groups=groups)).to(device)
     eager = get_norm_act(name, 8, act=act, groups=groups, fused=False).to(device)
     eager.load_state_dict(fused.state_dict())
-    monkeypatch.setattr(custom_ops, "fused_op", gpu_op)
+    monkeypatch.setattr(ops, "fused_op", gpu_op)
     x = (torch.randn(2, 8, 5, 6) * 2 + 0.5).to(device)
     grad_out = torch.randn(x.shape, device=device)
     results = []
@@ -262,15 +262,15 @@ def test_fused_op_picks_the_gpu_op_for_cuda_inputs(monkeypatch):
         x = torch.empty(2, 8, 4, 4, device="cuda")
         half, bfloat16, double = (x.to(t) for t in (torch.float16, torch.bfloat16, torch.float64))
     for tensor in (x, half, bfloat16):
-        assert custom_ops.fused_op(tensor) is gpu.group_norm_proxy_act
-    assert custom_ops.fused_op(double) is None  # float64 stays on the eager path
-    assert custom_ops.fused_proxy_stats(gpu.group_norm_proxy_act) is None
-    assert custom_ops.fused_op(torch.randn(2, 8, 4, 4)) is not gpu.group_norm_proxy_act
+        assert ops.fused_op(tensor) is gpu.group_norm_proxy_act
+    assert ops.fused_op(double) is None  # float64 stays on the eager path
+    assert ops.fused_proxy_stats(gpu.group_norm_proxy_act) is None
+    assert ops.fused_op(torch.randn(2, 8, 4, 4)) is not gpu.group_norm_proxy_act
     monkeypatch.setattr(gpu, "compiling", lambda: True)  # Inductor fuses the eager maths
-    assert custom_ops.fused_op(x) is None
+    assert ops.fused_op(x) is None
     monkeypatch.setattr(gpu, "compiling", lambda: False)
     monkeypatch.setenv("PROXYNORM_FUSED", "0")
-    assert custom_ops.fused_op(x) is None
+    assert ops.fused_op(x) is None
 
 
 @pytest.mark.skipif(INTERPRETER or torch.cuda.is_available(),
@@ -290,15 +290,15 @@ def test_without_triton_the_gpu_op_is_unavailable_with_one_warning(monkeypatch, 
     and fused_op leaves the layer on the eager path."""
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton now fails
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delitem(sys.modules, "custom_ops.gpu")
-    monkeypatch.setattr(custom_ops, "gpu", custom_ops.gpu)  # restored after the test
-    fresh = importlib.import_module("custom_ops.gpu")
-    assert fresh is not gpu and custom_ops.gpu is fresh
+    monkeypatch.delitem(sys.modules, "proxynorm.ops.gpu")
+    monkeypatch.setattr(ops, "gpu", ops.gpu)  # restored after the test
+    fresh = importlib.import_module("proxynorm.ops.gpu")
+    assert fresh is not gpu and ops.gpu is fresh
     with FakeTensorMode():
         x = torch.empty(2, 8, 4, 4, device="cuda")
-    with caplog.at_level(logging.WARNING, logger="custom_ops.gpu"):
+    with caplog.at_level(logging.WARNING, logger="proxynorm.ops.gpu"):
         assert not fresh.available() and not fresh.available()
-        assert custom_ops.fused_op(x) is None
+        assert ops.fused_op(x) is None
     assert [r.getMessage() for r in caplog.records] == [
         "the fused Proxy Norm GPU op is not available (Triton is not installed); using the "
         "eager path"]

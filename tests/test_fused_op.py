@@ -1,4 +1,4 @@
-"""The fused CPU op (custom_ops/) against the eager layer and an independent formula."""
+"""The fused CPU op (proxynorm/ops/) against the eager layer and an independent formula."""
 import logging
 import os
 import subprocess
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import custom_ops
-from custom_ops import cpu
-from models.norms import get_norm_act
-from models.activations import get_act
-from models.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
+from proxynorm import ops
+from proxynorm.ops import cpu
+from proxynorm.norms import get_norm_act
+from proxynorm.activations import get_act
+from proxynorm.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
 from test_norms import ACT_FORMULAS, randomise, reference_proxy_norm
 
 if not hasattr(torch.library, "register_fake"):  # torch 2.0 (IPU hosts): no CPU op
@@ -129,7 +129,7 @@ def random_proxy_parameters(channels, dtype, requires_grad=True):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("channels,samples", [(13, 200), (1, 37), (70, 16)])
 def test_proxy_stats_op_equals_pytorch_expression(act, channels, samples):
-    """The C++ statistics against models/proxy.py and the layer's rsqrt(var + proxy_eps),
+    """The C++ statistics against proxynorm/proxy.py and the layer's rsqrt(var + proxy_eps),
     values and all four gradients; proxy_eps is not the default, so the op must use it."""
     params = random_proxy_parameters(channels, torch.float32)
     u = proxy_quantiles(samples, "cpu", torch.float32)
@@ -225,23 +225,25 @@ def test_environment_switch_forces_the_eager_path(monkeypatch):
     layer, _ = layer_pair("relu", 8, 2)
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     monkeypatch.setenv("PROXYNORM_FUSED", "0")
-    assert custom_ops.fused_op(x) is None
+    assert ops.fused_op(x) is None
     assert len([s for s in saved_tensor_sizes(layer, x) if s >= x.numel()]) > 1
     monkeypatch.setenv("PROXYNORM_FUSED", "1")
-    assert custom_ops.fused_op(x) is cpu.group_norm_proxy_act
-    assert custom_ops.fused_op(x.half()) is None  # float16 is not a CPU op dtype
+    assert ops.fused_op(x) is cpu.group_norm_proxy_act
+    assert ops.fused_op(x.half()) is None  # float16 is not a CPU op dtype
 
 
-def test_missing_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu, "LIBRARY", str(tmp_path / "libproxynorm_cpu.so"))
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
+    """Not built and not buildable (an empty cache, no compiler): one line, the eager path."""
+    monkeypatch.setenv("PROXYNORM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr(cpu, "_loaded", None)
     layer, eager = layer_pair("gelu", 8, 2)
     x = torch.randn(2, 8, 4, 4)
-    with caplog.at_level(logging.WARNING, logger="custom_ops.cpu"):
+    with caplog.at_level(logging.WARNING, logger="proxynorm.ops.cpu"):
         out = layer(x)
         layer(x)
     assert [r.getMessage().count("\n") for r in caplog.records] == [0]  # one line, once
-    assert "make custom_ops" in caplog.records[0].getMessage()
+    assert "no C++ compiler 'no-such-compiler'" in caplog.records[0].getMessage()
     torch.testing.assert_close(out, eager(x))
 
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import custom_ops
+from proxynorm import ops
 from datasets.pipeline import EpochOrder
-from models.norms import BatchNormAct, SyncBatchNormAct
+from proxynorm.norms import BatchNormAct, SyncBatchNormAct
 from train.config import ConfigError, resolve_config
 from train.engine import NonFiniteLoss, classification_loss, count_correct, make_engine
 from train.ipu_engine import (PopTorchEngine, check_config, cross_entropy, ipu_optimizer,
@@ -222,7 +222,7 @@ def test_sync_batch_of_one_replica_runs(poptorch):
 def test_sync_batch_across_replicas(poptorch, monkeypatch, bn_group_size, group):
     """Groups of bn_group_size of the 4 replicas (0 or 4: all, the all-reduce's 0), and
     replicas that keep their own, in-place updated, buffers in training."""
-    monkeypatch.setattr(custom_ops.ipu, "is_built", lambda: True)
+    monkeypatch.setattr(ops.ipu, "is_built", lambda: True)
     engine = small_engine(small_config(norm="sync_batch", bn_group_size=bn_group_size))
     assert ipu_group_sizes(engine) == {group}
     assert {m.stats_chunks for m in engine.model.modules() if isinstance(m, BatchNormAct)} == {1}
@@ -258,7 +258,7 @@ def poprun(monkeypatch, total, local):
 def test_sync_batch_groups_under_poprun(poptorch, monkeypatch):
     """4 instances of 2 replicas: groups within an instance, or all replicas (the one group
     known to span instances); nothing in between."""
-    monkeypatch.setattr(custom_ops.ipu, "is_built", lambda: True)
+    monkeypatch.setattr(ops.ipu, "is_built", lambda: True)
     poprun(monkeypatch, 8, 2)
     assert ipu_group_sizes(small_engine(small_config(norm="sync_batch", replicas=8,
                                                      bn_group_size=2))) == {2}
@@ -272,7 +272,7 @@ def test_sync_batch_groups_under_poprun(poptorch, monkeypatch):
 
 
 def test_sync_batch_across_replicas_needs_the_ipu_ops(poptorch, monkeypatch):
-    monkeypatch.setattr(custom_ops.ipu, "is_built", lambda: False)
+    monkeypatch.setattr(ops.ipu, "is_built", lambda: False)
     with pytest.raises(ConfigError) as error:
         small_engine(small_config(norm="sync_batch", bn_group_size=2))
     message = str(error.value)

@@ -1,4 +1,4 @@
-"""The IPU ops (custom_ops/ipu): PopART GroupNormProxyAct against the CPU reference, and
+"""The IPU ops (proxynorm/ops/ipu): PopART GroupNormProxyAct against the CPU reference, and
 ReplicaAllReduceSum with SyncBatchNormAct's IPU code path.
 
 Tests marked ipu compile small PopTorch models on the IPU Model and compare the op's output
@@ -22,14 +22,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import custom_ops
-from custom_ops import ipu
-from models import proxy
-from models.activations import ACTS, FUSED_ACTS, get_act
-from models.norms import SyncBatchNormAct
+from proxynorm import ops
+from proxynorm.ops import ipu
+from proxynorm import proxy
+from proxynorm.activations import ACTS, FUSED_ACTS, get_act
+from proxynorm.norms import SyncBatchNormAct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OP_DIR = os.path.join(REPO, "custom_ops", "ipu")
+OP_DIR = os.path.join(REPO, "proxynorm", "ops", "ipu")
 BUILT_LIBRARY = os.path.join(OP_DIR, "build", "libproxynorm_ipu.so")
 INPUT_NAMES = ("x", "weight", "bias", "proxy_mean", "proxy_rstd")
 ACT_FNS = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
@@ -38,8 +38,8 @@ ACT_FNS = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu, "identity": lambd
 # --- anywhere: the Python side without poptorch -------------------------------------------
 
 def test_imports_and_reports_its_build_without_poptorch():
-    code = ("import sys; from custom_ops import ipu; "
-            "assert 'poptorch' not in sys.modules, 'importing custom_ops.ipu imported poptorch'; "
+    code = ("import sys; from proxynorm.ops import ipu; "
+            "assert 'poptorch' not in sys.modules, 'importing ops.ipu imported poptorch'; "
             "print(ipu.is_built(), ipu.LIBRARY)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True)
@@ -122,29 +122,29 @@ def test_makefile_writes_the_library_python_loads():
 def test_layers_pick_the_ipu_op_while_poptorch_traces(monkeypatch, caplog):
     import types
 
-    import custom_ops
+    from proxynorm import ops
 
     tracing = types.SimpleNamespace(isRunningOnIpu=lambda: True)
     monkeypatch.setitem(sys.modules, "poptorch", tracing)
-    monkeypatch.setattr(custom_ops, "_warned_ipu", False)
+    monkeypatch.setattr(ops, "_warned_ipu", False)
     x = torch.zeros(2, 4, 3)
     monkeypatch.setattr(ipu, "is_built", lambda: False)
-    with caplog.at_level("WARNING", logger="custom_ops"):
-        assert custom_ops.fused_op(x) is None and custom_ops.fused_op(x) is None
+    with caplog.at_level("WARNING", logger="proxynorm.ops"):
+        assert ops.fused_op(x) is None and ops.fused_op(x) is None
     assert len(caplog.records) == 1 and "make custom_ops" in caplog.records[0].getMessage()
     monkeypatch.setattr(ipu, "is_built", lambda: True)
-    assert custom_ops.fused_op(x) is ipu.group_norm_proxy_act
+    assert ops.fused_op(x) is ipu.group_norm_proxy_act
     monkeypatch.setenv("PROXYNORM_FUSED", "0")
-    assert custom_ops.fused_op(x) is None
+    assert ops.fused_op(x) is None
     tracing.isRunningOnIpu = lambda: False  # PopTorch imported, running on the CPU
     monkeypatch.setenv("PROXYNORM_FUSED", "1")
-    assert custom_ops.fused_op(x) is not ipu.group_norm_proxy_act
+    assert ops.fused_op(x) is not ipu.group_norm_proxy_act
 
 
 # --- the reference ------------------------------------------------------------------------
 
 def eager(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
-    """The op's definition, written independently of models.proxy."""
+    """The op's definition, written independently of proxynorm.proxy."""
     channel = (1, -1) + (1,) * (x.dim() - 2)
     xg = x.reshape(x.shape[0], groups, -1)
     mean = xg.mean(-1, keepdim=True)
@@ -334,7 +334,7 @@ def test_float16_forward_matches_cpu():
 class EmulatedReplicas:
     """`replicas` IPU replicas as threads, each running its own copy of a layer.
 
-    all_reduce stands in for custom_ops.ipu.replica_all_reduce_sum: every replica hands in
+    all_reduce stands in for ops.ipu.replica_all_reduce_sum: every replica hands in
     its tensor and gets the sum over its group of consecutive replicas, summed in replica
     order (so every member gets the same values, as from GCL). Its backward is the same
     exchange of the incoming gradient, as the PopART grad op does: each replica runs the
@@ -466,7 +466,7 @@ def test_ipu_sync_batch_matches_batch_norm_over_the_group(ipu_tracing, monkeypat
     initial running mean, as the float32 shifted sums must survive)."""
     replicas, channels = 4, shape[1]
     emulated = EmulatedReplicas(replicas)
-    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
+    monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
     base = batch_norm_layer(channels, momentum)
     layers = [copy.deepcopy(base).train() for _ in range(replicas)]
     for layer in layers:
@@ -521,7 +521,7 @@ def test_ipu_sync_batch_statistics_survive_a_large_mean(ipu_tracing, monkeypatch
     E[x^2] - E[x]^2 would lose to rounding (a relative error of about 2^-24 * 1000^2)."""
     replicas, shape = 2, (4, 3, 5, 5)
     emulated = EmulatedReplicas(replicas)
-    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
+    monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
     offset = torch.tensor([1000.0, -1500.0, 800.0]).view(1, 3, 1, 1)
     base = batch_norm_layer(shape[1], 0.1)
     with torch.no_grad():
@@ -547,7 +547,7 @@ def test_ipu_sync_batch_float16(ipu_tracing, monkeypatch):
     """16.16 precision: float16 activations and parameters, float32 statistics."""
     replicas, shape = 2, (4, 3, 5, 5)
     emulated = EmulatedReplicas(replicas)
-    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
+    monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
     base = batch_norm_layer(shape[1], 0.1)
     layers = [copy.deepcopy(base).half().train() for _ in range(replicas)]
     for layer in layers:
@@ -581,7 +581,7 @@ def test_ipu_sync_batch_path_only_while_training_across_replicas(ipu_tracing, mo
     def no_all_reduce(t, group_size):
         raise AssertionError("all-reduce called")
 
-    monkeypatch.setattr(custom_ops.ipu, "replica_all_reduce_sum", no_all_reduce)
+    monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", no_all_reduce)
     layer = batch_norm_layer(4, 0.1)
     x = torch.randn(6, 4, 3, 3) + 2.0
     expected = torch.relu(F.batch_norm(x, layer.running_mean.clone(), layer.running_var.clone(),

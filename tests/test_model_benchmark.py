@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from benchmarks import model as benchmark
-from custom_ops import cpu
+from proxynorm.ops import cpu
 from benchmarks.measure import saved_bytes
 
 

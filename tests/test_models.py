@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from models import get_model, list_models, model_options
 from models.efficientnet import ARCHS as EFFICIENTNETS, conv_groups, make_divisible
 from models.layers import DropPath, NormAct
-from models.norms import BATCH_INDEPENDENT, NORMS
+from proxynorm.norms import BATCH_INDEPENDENT, NORMS
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -1,4 +1,4 @@
-"""models/norms.py against PyTorch's own ops and an independent float64 Proxy Norm."""
+"""proxynorm/norms.py against PyTorch's own ops and an independent float64 Proxy Norm."""
 import io
 import math
 from statistics import NormalDist
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
-from models.norms import (BATCH_INDEPENDENT, NORMS, BatchNormAct, GroupNormAct,
+from proxynorm.norms import (BATCH_INDEPENDENT, NORMS, BatchNormAct, GroupNormAct,
                           GroupNormProxyAct, SyncBatchNormAct, get_norm_act)
-from models.proxy import proxy_norm_act
+from proxynorm.proxy import proxy_norm_act
 
 ACT_FORMULAS = {  # written out, not taken from torch.nn
     "relu": lambda t: t.clamp(min=0),

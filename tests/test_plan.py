@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from custom_ops import cpu
+from proxynorm.ops import cpu
 from models import get_model
 from train import plan
 from train.config import resolve_config

@@ -1,12 +1,12 @@
-"""models/proxy.py against independent formulas (stdlib quantiles, closed-form moments)."""
+"""proxynorm/proxy.py against independent formulas (stdlib quantiles, closed-form moments)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.norms import get_norm_act
-from models.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
+from proxynorm.norms import get_norm_act
+from proxynorm.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
 
 
 def test_quantiles_match_the_normal_inverse_cdf():
@@ -84,7 +84,7 @@ def test_a_layer_first_run_under_another_device_leaves_no_foreign_tensor_cached(
     """What PopTorch's tracer does to a factory call without a device (it puts the tensor on
     the IPU), torch.device("meta") does here: the table must still be built on the host, so
     the next run, on the CPU, works."""
-    from models import proxy
+    from proxynorm import proxy
 
     monkeypatch.setattr(proxy, "_quantile_cache", {})
     layer = get_norm_act("group_pn", 8, act="relu", groups=2)

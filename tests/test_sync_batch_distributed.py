@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from models.norms import get_norm_act
+from proxynorm.norms import get_norm_act
 from tests.processes import free_port
 
 WORLD = 2

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import sync, sync_cost
 from models import get_model
-from models.norms import BatchNormAct
+from proxynorm.norms import BatchNormAct
 
 
 @pytest.fixture(scope="module")

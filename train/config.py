@@ -427,8 +427,8 @@ def resolve_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFI
 def check_combination(config):
     """Checks that involve more than one key (or the model registry)."""
     from models import check_model_name, list_models  # models/ is below train/
-    from models.activations import ACTS
-    from models.norms import NORMS
+    from proxynorm.activations import ACTS
+    from proxynorm.norms import NORMS
     from models.torchvision_models import PREFIX
 
     torchvision = str(config["model"]).startswith(PREFIX)

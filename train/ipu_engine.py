@@ -18,7 +18,7 @@ Where it differs from the PyTorch engine, by necessity:
 - norm sync_batch across replicas needs the IPU ops library (`make custom_ops`): each
   SyncBatchNormAct sums its float32 moments over groups of bn_group_size replicas (0 = all)
   with one custom all-reduce whose gradient is the all-reduce of the gradient
-  (custom_ops/ipu/replica_all_reduce.cpp; PopART's ReplicatedAllReduce has no gradient op at
+  (proxynorm/ops/ipu/replica_all_reduce.cpp; PopART's ReplicatedAllReduce has no gradient op at
   SDK 3.0-3.4, willow/src/op/collectives/replicatedallreduce.cpp). bn_group_size must divide
   the replicas; under poprun a group must also lie within one instance (divide its replicas)
   unless it holds all replicas, the one cross-instance group GCL is known to form (the
@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import custom_ops
+from proxynorm import ops
 from datasets.pipeline import EpochOrder, collate, ignore_interrupts, make_loader
-from models.norms import BatchNormAct, SyncBatchNormAct
+from proxynorm.norms import BatchNormAct, SyncBatchNormAct
 from train.config import ConfigError, global_batch_size
 from train.engine import NonFiniteLoss, count_correct
 from train.optim import build_optimizer, param_groups
@@ -132,7 +132,7 @@ def ipu_options(config, poptorch, popdist=None, training=True):
         # pipelined inference runs at least one batch per stage per call
         options.deviceIterations(stages)
     # PopART's default computes variances as E[x^2] - E[x]^2 (sessionoptions.hpp); our op
-    # and PopART's norms read this option (custom_ops/ipu/proxynorm_ipu.cpp)
+    # and PopART's norms read this option (proxynorm/ops/ipu/proxynorm_ipu.cpp)
     options.enableStableNorm(config["stable_norm"])
     half = config["precision"].startswith("16.")
     options.Precision.setPartialsType(torch.float16 if half else torch.float32)
@@ -260,9 +260,9 @@ class PopTorchEngine:
         else:
             self.instance, self.instances, self.local_replicas = 0, 1, config["replicas"]
         check_config(config, self.local_replicas)
-        if sync_batch_group(config) != 1 and not custom_ops.ipu.is_built():
+        if sync_batch_group(config) != 1 and not ops.ipu.is_built():
             raise ConfigError(f"norm sync_batch across IPU replicas needs the IPU ops library "
-                              f"{os.path.relpath(custom_ops.ipu.LIBRARY)}: run `make custom_ops` "
+                              f"{os.path.relpath(ops.ipu.LIBRARY)}: run `make custom_ops` "
                               f"on this Poplar SDK host")
 
         self.device = torch.device("cpu")  # the loop hands host tensors; PopTorch moves them

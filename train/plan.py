@@ -18,9 +18,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import custom_ops
+from proxynorm import ops
 from datasets import Data
-from models.norms import NORMS
+from proxynorm.norms import NORMS
 from train.config import (ConfigError, Option, _Parser, closest, describe_configs,
                           parse_command_line, parse_flag_value)
 
@@ -245,7 +245,7 @@ def plan(config, norms=PLAN_NORMS):
         except ConfigError as error:  # e.g. BatchNorm cannot train at micro-batch 1
             fits[norm] = {"error": str(error)}
     activation_precision, weight_precision = config["precision"].split(".")
-    fused = custom_ops.fused_enabled() and custom_ops.cpu.load()
+    fused = ops.fused_enabled() and ops.cpu.load()
     return {
         "config": config["config"], "model": config["model"], "norm": config["norm"],
         "data": config["data"], "num_classes": data.num_classes,

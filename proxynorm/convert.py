@@ -1,7 +1,7 @@
 """Bring your own model: rewrite any CNN's BatchNorms into our norm-act modules.
 
 `convert_norms(model, norm="group_pn")` is `nn.SyncBatchNorm.convert_sync_batchnorm` for
-every name in `models.norms.NORMS`. A module swap cannot do it: Proxy Norm needs the
+every name in `proxynorm.norms.NORMS`. A module swap cannot do it: Proxy Norm needs the
 activation inside the norm layer, and which activation follows which BatchNorm is only
 visible in the graph (torchvision's ResNet calls one `relu` module after bn1, after bn2
 and after the residual add). So the model is traced with torch.fx and rewritten:
@@ -12,7 +12,7 @@ and after the residual add). So the model is traced with torch.fx and rewritten:
       transition, MobileNet's linear bottleneck)       -> the no-activation variant
       (`apply_act=False`: for the Proxy Norm names the scale-only group/layer norm)
 
-Supported activations are models.activations.ACTS (relu, silu, exact gelu, relu6,
+Supported activations are proxynorm.activations.ACTS (relu, silu, exact gelu, relu6,
 hardswish), as modules, functions or tensor methods, in place or not. Proxy Norm computes
 its statistics through the activation itself, so any other activation is a new entry in
 that registry, not new maths here.
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from models.activations import ACTS, unknown_name_error
-from models.norms import DEFAULT_GROUPS, NORMS, get_norm_act
+from proxynorm.activations import ACTS, unknown_name_error
+from proxynorm.norms import DEFAULT_GROUPS, NORMS, get_norm_act
 
 # exact types only: a subclass may do more in its forward (timm's BatchNormAct2d applies
 # an activation, ours splits replicas) and would silently lose it
@@ -126,7 +126,7 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
     running statistics and momentum go to `batch`/`sync_batch`; nothing else changes.
     Activations that no BatchNorm feeds (after a residual add) stay plain activations.
 
-    norm: a name from models.norms.NORMS. groups: GroupNorm groups for `group`/`group_pn`:
+    norm: a name from proxynorm.norms.NORMS. groups: GroupNorm groups for `group`/`group_pn`:
     None picks, per layer, the largest divisor of its channels not above DEFAULT_GROUPS
     (32) that leaves 2 channels per group (the report lists layers that got fewer than
     32); an int (it must divide every layer's channels) or a callable channels -> groups.

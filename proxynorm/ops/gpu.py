@@ -1,7 +1,7 @@
-"""The fused GPU op from Python: the Triton kernels (custom_ops/gpu_kernels.py) and autograd.
+"""The fused GPU op from Python: the Triton kernels (proxynorm/ops/gpu_kernels.py) and autograd.
 
 `group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps) -> out`
-computes what the CPU op does (custom_ops/cpu.py), with mean and rstd GroupNorm's
+computes what the CPU op does (proxynorm/ops/cpu.py), with mean and rstd GroupNorm's
 (N, groups) statistics: out = (act(weight * (x - mean) * rstd + bias) - proxy_mean)
 * proxy_rstd. Its backward saves only x, the (N, groups) statistics and the per-channel
 vectors, and recomputes the elementwise chain. x is float32, bfloat16 or float16 (the
@@ -63,7 +63,7 @@ def _find_triton_problem():
 
 
 def _kernels():
-    return importlib.import_module("custom_ops.gpu_kernels")
+    return importlib.import_module("proxynorm.ops.gpu_kernels")
 
 
 def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):

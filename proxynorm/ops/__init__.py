@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from custom_ops import cpu, gpu, ipu
+from proxynorm.ops import cpu, gpu, ipu
 
 _warned_ipu = False
 

@@ -1,7 +1,7 @@
 // torch.ops.proxynorm: the schemas, the input checks, the choice of kernel copy and the
 // autograd of the two forward ops. Autograd is C++ rather than Python's register_autograd
 // because a Python autograd node per call costs more than the kernels at a small
-// micro-batch; the fake (meta) kernels are registered from Python (custom_ops/cpu.py).
+// micro-batch; the fake (meta) kernels are registered from Python (proxynorm/ops/cpu.py).
 #include <ATen/Functions.h>
 #include <ATen/Version.h>
 #include <torch/csrc/autograd/custom_function.h>

@@ -1,9 +1,9 @@
-"""The Triton kernels of the fused GPU op (custom_ops/gpu.py), the twins of
-custom_ops/csrc/proxynorm_kernel.cpp.
+"""The Triton kernels of the fused GPU op (proxynorm/ops/gpu.py), the twins of
+proxynorm/ops/csrc/proxynorm_kernel.cpp.
 
 Imported on first use, never at start-up: importing Triton is slow and fails where it is
 absent. Whether the kernels compile for the GPU or run in Triton's interpreter on CPU
-tensors is decided as they are decorated, by TRITON_INTERPRET=1 (see custom_ops/gpu.py).
+tensors is decided as they are decorated, by TRITON_INTERPRET=1 (see proxynorm/ops/gpu.py).
 
 x is contiguous (N, C, S), S the spatial positions, so a (sample, group) is one run of
 group_size = D * S values, D = C / G channels. Work is split into chunks of BLOCK values of

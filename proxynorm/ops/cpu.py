@@ -8,7 +8,7 @@ recomputes the elementwise chain. The per-channel vectors are float32 (float64 f
 x); out has x's dtype and is contiguous.
 
 `torch.ops.proxynorm.proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act,
-proxy_eps) -> (mean, rstd)` computes models.proxy.proxy_stats's per-channel proxy mean and
+proxy_eps) -> (mean, rstd)` computes proxynorm.proxy.proxy_stats's per-channel proxy mean and
 rstd = 1 / sqrt(var + proxy_eps) of its population variance var in one pass per channel;
 its backward recomputes the (C, n) proxy, so autograd keeps only (C,) vectors (at a small
 micro-batch the proxy would outweigh the activations).
@@ -18,20 +18,40 @@ node per call would cost more than a small layer's kernels); the fake kernels (f
 torch.compile) are registered here, as in PyTorch's custom operator tutorial. Neither
 backward is differentiable: a double backward through them raises.
 """
+import hashlib
 import logging
 import os
 
 import torch
 
-LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "libproxynorm_cpu.so")
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 _loaded = None
 
 
+def cache_dir():
+    """Where built ops live: $PROXYNORM_CACHE, else proxynorm/ in the user's cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("PROXYNORM_CACHE") or os.path.join(base, "proxynorm")
+
+
+def library_path():
+    """The CPU op's library for this torch and these sources (and build flags)."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in [os.path.join(SOURCE_DIR, name) for name in sorted(os.listdir(SOURCE_DIR))] \
+            + [os.path.join(here, "build.py")]:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+    folder = f"cpu-torch{torch.__version__}-{digest.hexdigest()[:16]}"
+    return os.path.join(cache_dir(), folder, "libproxynorm_cpu.so")
+
+
 def load():
-    """Whether the op is registered; loads it on first use. A missing build logs one
-    warning line (once per process) and the callers fall back to the eager path."""
+    """Whether the op is registered; builds it (once per torch and sources, see build.py)
+    and loads it on first use. Where it cannot be built (no compiler, torch < 2.4) one
+    warning line says why, once per process, and the callers use the eager path."""
     global _loaded
     if _loaded is None:
         _loaded = _load()
@@ -39,17 +59,17 @@ def load():
 
 
 def _load():
-    if not hasattr(torch.library, "register_fake"):
-        reason = f"needs torch >= 2.4, this is {torch.__version__}"
-    elif not os.path.exists(LIBRARY):
-        reason = f"{os.path.relpath(LIBRARY)} is missing (run `make custom_ops`)"
-    else:
-        torch.ops.load_library(LIBRARY)
-        _register()
-        return True
-    logging.getLogger(__name__).warning(
-        "the fused Proxy Norm CPU op is not available (%s); using the eager path", reason)
-    return False
+    from proxynorm.ops import build
+
+    try:
+        library = build.build()
+    except build.BuildError as error:
+        logging.getLogger(__name__).warning(
+            "the fused Proxy Norm CPU op is not available (%s); using the eager path", error)
+        return False
+    torch.ops.load_library(library)
+    _register()
+    return True
 
 
 def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):

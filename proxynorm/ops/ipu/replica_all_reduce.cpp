@@ -1,8 +1,8 @@
 // A differentiable sum over groups of IPU replicas, as a PopART custom op for
 // PopTorch: poptorch.custom_op([x], "ReplicaAllReduceSum",
 // "ai.graphcore.proxynorm", 1, ...). Built into the same library as
-// proxynorm_ipu.cpp by custom_ops/ipu/Makefile; the Python side is
-// custom_ops.ipu.replica_all_reduce_sum, which SyncBatchNormAct calls once per
+// proxynorm_ipu.cpp by proxynorm/ops/ipu/Makefile; the Python side is
+// ops.ipu.replica_all_reduce_sum, which SyncBatchNormAct calls once per
 // layer to share its batch statistics across replicas.
 //
 //   input  : 0 x, any shape, float32 or float16
@@ -14,7 +14,7 @@
 //
 // Gradient: for y_r = sum_q x_q over a group, dL/dx_r = sum_q dL/dy_q, i.e. the
 // same all-reduce of the incoming gradient over the same groups (the rule that
-// models/norms.py's AllReduceSum uses under torchrun). PopART's own
+// proxynorm/norms.py's AllReduceSum uses under torchrun). PopART's own
 // ReplicatedAllReduce has no grad op at SDK 3.0-3.4 (willow/src/op/collectives/
 // replicatedallreduce.cpp defines none, so autodiff drops its gradient), which is
 // why this op exists.

@@ -1,7 +1,7 @@
 // GroupNorm (no affine of its own) + affine + activation + Proxy Norm, fused into one
 // PopART custom op for PopTorch: poptorch.custom_op(..., "GroupNormProxyAct",
-// "ai.graphcore.proxynorm", 1, ...). Built by custom_ops/ipu/Makefile; see
-// custom_ops/ipu/__init__.py for the Python side.
+// "ai.graphcore.proxynorm", 1, ...). Built by proxynorm/ops/ipu/Makefile; see
+// proxynorm/ops/ipu/__init__.py for the Python side.
 //
 //   inputs : 0 x (N, C, *spatial), 1 weight (C), 2 bias (C), 3 proxy_mean (C),
 //            4 proxy_rstd (C); float32 or float16 each

@@ -1,10 +1,10 @@
 """The activations a norm-act layer can apply, by name.
 
 Proxy Norm computes its statistics by pushing its Gaussian proxy through the activation
-module itself (models/proxy.py), so every entry works with every norm. The fused ops
-(custom_ops) implement FUSED_ACTS; a Proxy Norm layer with another activation runs the
+module itself (proxynorm/proxy.py), so every entry works with every norm. The fused ops
+(proxynorm.ops) implement FUSED_ACTS; a Proxy Norm layer with another activation runs the
 eager PyTorch expression of the same maths. relu6 and hardswish are there for converted
-MobileNets (models/convert.py).
+MobileNets (proxynorm/convert.py).
 """
 import difflib
 

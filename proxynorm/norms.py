@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-import custom_ops
-from models.activations import FUSED_ACTS, check_act, get_act, unknown_name_error
-from models.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_quantiles,
+from proxynorm import ops
+from proxynorm.activations import FUSED_ACTS, check_act, get_act, unknown_name_error
+from proxynorm.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_quantiles,
                           proxy_stats, statistics_dtype)
 
 NORMS = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
@@ -133,7 +133,7 @@ class SyncBatchNormAct(BatchNormAct):
     1 = none (the default: plain per-replica BatchNorm, PopART's own op). While PopTorch
     traces a training graph with ipu_group_size != 1, the layer computes float32 moments
     of its micro-batch, sums them over the group with one differentiable all-reduce
-    (custom_ops.ipu.replica_all_reduce_sum: its gradient is the all-reduce of the
+    (ops.ipu.replica_all_reduce_sum: its gradient is the all-reduce of the
     gradient, so each replica's input gets the gradient of every group member's loss),
     normalises with the group's mean and variance and updates the running statistics
     from them: every replica of a group then holds the same running statistics.
@@ -148,7 +148,7 @@ class SyncBatchNormAct(BatchNormAct):
                          bn_group_size, process_group)
 
     def forward(self, x):
-        if self.training and self.ipu_group_size != 1 and custom_ops.tracing_for_ipu():
+        if self.training and self.ipu_group_size != 1 and ops.tracing_for_ipu():
             self._check_input_dim(x)
             return self.act(self._ipu_sync_batch_norm(x))
         return super().forward(x)
@@ -177,7 +177,7 @@ class SyncBatchNormAct(BatchNormAct):
         m2 = (xf - mean[None, :, None]).square().sum(dim=(0, 2))
         d = mean - shift
         local = torch.stack([torch.full_like(d, float(n)), d * n, m2 + d * d * n])
-        total = custom_ops.ipu.replica_all_reduce_sum(local, self.ipu_group_size)
+        total = ops.ipu.replica_all_reduce_sum(local, self.ipu_group_size)
         total = poptorch.recomputationCheckpoint(total)
         count, sum_d, sum_d2 = total.unbind(0)
         mean_d = sum_d / count
@@ -271,11 +271,11 @@ class GroupNormAct(nn.GroupNorm):
 class GroupNormProxyAct(GroupNormAct):
     """GroupNorm -> affine -> activation -> Proxy Norm, all within one sample.
 
-    The maths lives in models/proxy.py. Parameters per channel: weight (gamma), bias
+    The maths lives in proxynorm/proxy.py. Parameters per channel: weight (gamma), bias
     (beta), proxy_weight and proxy_bias (the proxy's own affine, initialised to 0).
     There are no buffers: train and eval compute the same function.
 
-    The layer runs the fused op (custom_ops) when one is available for its input, which
+    The layer runs the fused op (proxynorm.ops) when one is available for its input, which
     saves only the input for backward; `fused=False` (or PROXYNORM_FUSED=0) forces the
     eager PyTorch expression of the same maths, as does an activation the fused ops do not
     implement (FUSED_ACTS; e.g. relu6, hardswish).
@@ -299,7 +299,7 @@ class GroupNormProxyAct(GroupNormAct):
 
     def forward(self, x):
         check_input(self, x, self.num_channels)
-        op = custom_ops.fused_op(x) if self.fused and self.act_name in FUSED_ACTS else None
+        op = ops.fused_op(x) if self.fused and self.act_name in FUSED_ACTS else None
         if op is None:
             return proxy_norm_act(x, self.num_groups, self.weight, self.bias,
                                   self.proxy_weight, self.proxy_bias, self.act, self.eps,
@@ -313,7 +313,7 @@ class GroupNormProxyAct(GroupNormAct):
         # call, which a small layer notices
         parameters = tuple(p if p.dtype == dtype else p.to(dtype) for p in (
             self.weight, self.bias, self.proxy_weight, self.proxy_bias))
-        stats_op = custom_ops.fused_proxy_stats(op)
+        stats_op = ops.fused_proxy_stats(op)
         if stats_op is None:
             mean, var = proxy_stats(*parameters, self.act, self.num_proxy_samples)
             rstd = torch.rsqrt(var + self.proxy_eps)

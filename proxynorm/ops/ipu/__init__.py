@@ -4,11 +4,11 @@ GroupNorm + affine + activation + Proxy Norm as one op, and a differentiable sum
 groups of IPU replicas (what sync_batch shares its statistics with).
 
 Build (Poplar SDK hosts only, SDK environment enabled): `make custom_ops`, or
-`make -C custom_ops/ipu`, writes custom_ops/ipu/build/libproxynorm_ipu.so. In a PopTorch model:
-    from custom_ops import ipu
+`make -C proxynorm/ops/ipu`, writes proxynorm/ops/ipu/build/libproxynorm_ipu.so. In a PopTorch model:
+    from proxynorm.ops import ipu
     out = ipu.group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, "relu", eps)
     total = ipu.replica_all_reduce_sum(t, group_size)   # 0 = all replicas
-proxy_mean = m and proxy_rstd = 1 / sqrt(v + 0.03) come from models.proxy.proxy_stats, left in
+proxy_mean = m and proxy_rstd = 1 / sqrt(v + 0.03) come from proxynorm.proxy.proxy_stats, left in
 PyTorch: PopTorch traces them and PopART's autograd carries their gradients to the parameters.
 The library loads on first use (or load()). This module imports without poptorch or torch;
 is_built() says whether the library exists. tests/test_ipu_op.py checks the ops on the IPU
@@ -80,7 +80,7 @@ def replica_all_reduce_sum(t, group_size=0):
     numbered across instances. The gradient of the sum is the sum of the gradients (the
     same all-reduce of the incoming gradient): every replica of a group gets the gradient
     of every group member's loss, as torch.distributed all-reduce with autograd gives
-    (models.norms.AllReduceSum). PopART's own ReplicatedAllReduce drops its gradient at
+    (proxynorm.norms.AllReduceSum). PopART's own ReplicatedAllReduce drops its gradient at
     SDK 3.0-3.4, hence this op (replica_all_reduce.cpp).
 
     t is float32 or float16, any shape; group_size must divide the replicas (checked when
