@@ -10,7 +10,7 @@ import difflib
 import logging
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from proxynorm.convert import convert_norms
 
@@ -62,17 +62,18 @@ def build(name, norm, num_classes, groups=None, act=None, in_channels=3, norm_kw
     norm_kwargs = dict(norm_kwargs or {})
     eps = norm_kwargs.pop("eps", None)
     model = _torchvision().models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        adapt_input_channels(model, in_channels, f"{PREFIX}{name}")
     model, report = convert_norms(model, norm, groups=groups, eps=eps, norm_kwargs=norm_kwargs,
                                   report=True)
     logging.getLogger(__name__).info("%s%s: %s", PREFIX, name, report)
-    if in_channels != 3:
-        adapt_input_channels(model, in_channels, f"{PREFIX}{name}")
     return model
 
 
 def adapt_input_channels(model, in_channels, label):
-    """Rebuild the Conv2d modules that read the image of a traced `model` for in_channels."""
-    inputs = [node for node in model.graph.nodes if node.op == "placeholder"]
+    """Rebuild, in place, the Conv2d modules of `model` that read the image for
+    in_channels (found in a torch.fx trace of the model)."""
+    inputs = [node for node in fx.symbolic_trace(model).graph.nodes if node.op == "placeholder"]
     users = list(inputs[0].users) if len(inputs) == 1 else []
     convs = [model.get_submodule(node.target) for node in users if node.op == "call_module"]
     if not users or len(convs) != len(users) or not all(

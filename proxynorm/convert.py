@@ -1,13 +1,18 @@
 """Bring your own model: rewrite any CNN's BatchNorms into our norm-act modules.
 
 `convert_norms(model, norm="group_pn")` is `nn.SyncBatchNorm.convert_sync_batchnorm` for
-every name in `proxynorm.norms.NORMS`. A module swap cannot do it: Proxy Norm needs the
-activation inside the norm layer, and which activation follows which BatchNorm is only
-visible in the graph (torchvision's ResNet calls one `relu` module after bn1, after bn2
-and after the residual add). So the model is traced with torch.fx and rewritten:
+every name in `proxynorm.norms.NORMS`, and returns the user's model: its class, submodule
+tree, indexing and state_dict keys stay, only modules are swapped. A plain module swap
+cannot do all of it: Proxy Norm needs the activation inside the norm layer, and which
+activation follows which BatchNorm is only visible in the graph (torchvision's ResNet
+calls one `relu` module after bn1, after bn2 and after the residual add). So the model is
+traced with torch.fx for the analysis only:
 
-  BatchNorm whose only user is a supported activation  -> one norm-act module (the
-      activation node is removed and its users read the norm-act's output)
+  BatchNorm whose only user is a supported activation  -> one norm-act module, and the
+      activation leaves the forward: an activation module called there alone becomes
+      nn.Identity; a shared one, a function or a tensor method is left out of the forward
+      of the module that calls it (its own code traced by torch.fx, installed on that
+      instance as `forward`; every other module keeps its class's forward)
   any other BatchNorm (before a residual add, in a projection shortcut, DenseNet's
       transition, MobileNet's linear bottleneck)       -> the no-activation variant
       (`apply_act=False`: for the Proxy Norm names the scale-only group/layer norm)
@@ -18,7 +23,10 @@ its statistics through the activation itself, so any other activation is a new e
 that registry, not new maths here.
 """
 import copy
+import inspect
 import itertools
+import types
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple, Union
 
@@ -62,6 +70,9 @@ class ConversionReport:
     norm_act:     {name: activation}: BatchNorm + following activation -> one norm-act module
     norm_only:    [name]: no activation follows -> the no-activation variant
     left:         {name: reason}: left as they were (strict=False only)
+    forwards:     [name]: modules whose own forward was regenerated without the
+                  activations their norm-act modules now apply (shared activation
+                  modules, F.relu, x.relu(); see convert_norms)
     groups:       {name: (channels, groups)} where the default group count is below
                   DEFAULT_GROUPS (see default_groups; groups=None only)
     dropped_bias: [name]: a nonzero BatchNorm shift with no place in the scale-only
@@ -71,6 +82,7 @@ class ConversionReport:
     norm_act: dict = field(default_factory=dict)
     norm_only: list = field(default_factory=list)
     left: dict = field(default_factory=dict)
+    forwards: list = field(default_factory=list)
     groups: dict = field(default_factory=dict)
     dropped_bias: list = field(default_factory=list)
 
@@ -111,22 +123,28 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
                   groups: Union[int, Callable[[int], int], None] = None,
                   eps: Optional[float] = None, strict: bool = True, report: bool = False,
                   norm_kwargs: Optional[dict] = None
-                  ) -> Union[fx.GraphModule, Tuple[fx.GraphModule, "ConversionReport"]]:
+                  ) -> Union[nn.Module, Tuple[nn.Module, "ConversionReport"]]:
     """A copy of `model` whose BatchNorms are `norm` layers from get_norm_act.
 
         model, report = convert_norms(torchvision.models.resnet50(), "group_pn", report=True)
+        model.fc = nn.Linear(2048, 10)        # still a ResNet: same class, modules, names
 
     model: any nn.Module that torch.fx can trace around its BatchNorms (torchvision's
-    classification CNNs can). It is not modified: the result is a new torch.fx
-    GraphModule with the original's module names, so its state_dict keys are the
-    original's (less modules its forward never calls). Containers become plain modules
-    that the forward no longer calls (hooks on them do not fire; on leaves they do).
-    Load pretrained weights before converting: BatchNorm's weight and bias become the
-    new norm's affine (the Proxy Norm names' scale-only norm keeps the weight only), its
-    running statistics and momentum go to `batch`/`sync_batch`; nothing else changes.
-    Activations that no BatchNorm feeds (after a residual add) stay plain activations.
+    classification CNNs can). It is not modified: the result is a deep copy of the same
+    class with the same submodule tree (`model.layer1[0].conv1` indexes as before), in
+    which each BatchNorm is replaced by the new norm under the same name, so the
+    state_dict keys are the original's (Proxy Norm adds `proxy_weight`/`proxy_bias`
+    beside a BatchNorm's `weight`/`bias`; the running statistics go). An activation that
+    a norm-act module now applies is gone from the forward: a module called there alone
+    becomes nn.Identity; otherwise (a shared module, F.relu, x.relu()) the calling
+    module's forward is regenerated without that call and set on the instance (see
+    `ConversionReport.forwards`). Load pretrained weights before converting:
+    BatchNorm's weight and bias become the new norm's affine (the Proxy Norm names'
+    scale-only norm keeps the weight only), its running statistics and momentum go to
+    `batch`/`sync_batch`; nothing else changes. Activations that no BatchNorm feeds (after
+    a residual add) stay.
 
-    norm: a name from proxynorm.norms.NORMS. groups: GroupNorm groups for `group`/`group_pn`:
+    norm: a name from proxynorm.NORMS. groups: GroupNorm groups for `group`/`group_pn`:
     None picks, per layer, the largest divisor of its channels not above DEFAULT_GROUPS
     (32) that leaves 2 channels per group (the report lists layers that got fewer than
     32); an int (it must divide every layer's channels) or a callable channels -> groups.
@@ -152,10 +170,9 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
         raise unknown_name_error("norm", norm, NORMS)
     model = copy.deepcopy(model)
     result = ConversionReport(norm)
-    graph_module = _trace(model, strict, result)
-    if graph_module is not None:
-        _rewrite(graph_module, norm, groups, eps, dict(norm_kwargs or {}), strict, result)
-        model = graph_module
+    graph = _trace(model, strict, result)
+    if graph is not None:
+        _convert(model, graph, norm, groups, eps, dict(norm_kwargs or {}), strict, result)
     return (model, result) if report else model
 
 
@@ -261,7 +278,7 @@ def _describe(name, module):
 
 
 def _trace(model, strict, result):
-    """A GraphModule of `model`, or None (strict=False) when the model itself cannot be
+    """The fx graph of `model` in train mode, or None (strict=False) when the model itself cannot be
     traced. Modules that cannot be traced become leaves: silently when they hold no
     BatchNorm, else a ConversionError or (strict=False) their BatchNorms are `left`."""
     leaves = {}  # name -> reason
@@ -300,9 +317,7 @@ def _trace(model, strict, result):
         leaves[name] = reason
     else:  # unreachable: every round adds a leaf
         raise ConversionError("convert_norms: tracing did not settle")
-    graph_module = fx.GraphModule(model, train[0], class_name=type(model).__name__)
-    graph_module.training = model.training  # the submodules keep their own modes
-    return graph_module
+    return train[0]
 
 
 # ---- rewriting -------------------------------------------------------------------------
@@ -362,11 +377,12 @@ def _unsupported_kind(module):
             f"than BatchNorm's")
 
 
-def _rewrite(gm, norm, groups, eps, norm_kwargs, strict, result):
+def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
+    """Swap the BatchNorms of `model` (traced as `graph`) for `norm` layers, in place."""
     proxy = norm.endswith("_pn")
-    modules = dict(gm.named_modules())
+    modules = dict(model.named_modules())
     sites = {}  # BatchNorm module name -> its call nodes (a module may be called twice)
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
             sites.setdefault(node.target, []).append(node)
         elif node.op == "call_function" and node.target is F.batch_norm:
@@ -382,6 +398,7 @@ def _rewrite(gm, norm, groups, eps, norm_kwargs, strict, result):
             raise ConversionError(f"{name}: {reason}; pass strict=False to leave it as it is")
         result.left[name] = reason
 
+    layers, absorbed = {}, []  # new norm layers by name; activation nodes they now hold
     for name, nodes in sites.items():
         bn = modules[name]
         if type(bn) not in CONVERTIBLE:
@@ -402,19 +419,128 @@ def _rewrite(gm, norm, groups, eps, norm_kwargs, strict, result):
             refuse(name, "called more than once, followed by different activations")
             continue
         act = acts.pop()
-        layer = _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result)
-        parent, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(parent), attr, layer)
+        layers[name] = _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result)
         if act is None:
             result.norm_only.append(name)
-            continue
-        result.norm_act[name] = act
-        for node, (_, _, act_node) in zip(nodes, followers):
-            act_node.replace_all_uses_with(node)
-            gm.graph.erase_node(act_node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()  # activation modules whose every call was absorbed
-    gm.recompile()
+        else:
+            result.norm_act[name] = act
+            absorbed.extend(found[2] for found in followers)
+    # the forwards are traced before any module changes, then everything is swapped
+    identities, forwards = _plan_activation_removal(model, graph, absorbed, modules)
+    for name, layer in itertools.chain(layers.items(), ((n, nn.Identity()) for n in identities)):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+    for name, forward in forwards.items():
+        forward.install(model.get_submodule(name))
+        result.forwards.append(name)
+
+
+def _plan_activation_removal(model, graph, absorbed, modules):
+    """How the activations that norm-act modules now apply leave the forward.
+
+    Returns (names of activation modules to replace by nn.Identity: each is called once in
+    the whole model, at a site absorbed, under its only name; {module name: _Forward} for
+    the modules whose own forward calls the rest, regenerated without those calls).
+    """
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    identities, by_scope = [], {}
+    for node in absorbed:
+        if node.op == "call_module" and calls[node.target] == 1 \
+                and names[id(modules[node.target])] == 1:
+            identities.append(node.target)
+        else:
+            by_scope.setdefault(node.meta.get("convert_scope", ""), set()).add(node)
+    forwards = {}
+    for scope, drop in by_scope.items():
+        owner = modules[scope]
+        # the owner's own activation calls, in the order of the whole model's trace (one
+        # run of its forward per call of the owner) and of a trace of its forward alone
+        ran = [n for n in graph.nodes if n.meta.get("convert_scope", "") == scope
+               and _activation(n, modules) is not None]
+        local = _trace_own_forward(owner, scope)
+        own_modules = dict(owner.named_modules())
+        own = [n for n in local.nodes if _activation(n, own_modules) is not None]
+        dropped = {i % max(len(own), 1) for i, n in enumerate(ran) if n in drop}
+        calls_of_owner = len(ran) // len(own) if own and len(ran) % len(own) == 0 else 0
+        if not calls_of_owner or any(
+                (n in drop) != (i % len(own) in dropped) for i, n in enumerate(ran)):
+            raise ConversionError(
+                f"{_describe(scope, owner)}: its forward is called more than once and keeps "
+                f"an activation after a converted norm in one call but not in another")
+        for i in sorted(dropped):
+            node = own[i]
+            node.replace_all_uses_with(node.args[0])
+            local.erase_node(node)
+        local.lint()
+        forwards[scope] = _Forward.from_graph(local, type(owner).__name__)
+    return identities, forwards
+
+
+class _OwnForwardTracer(fx.Tracer):
+    """torch.fx's tracer with every submodule a leaf: the root's own forward only."""
+
+    def is_leaf_module(self, module, name):
+        return True
+
+
+def _trace_own_forward(module, name):
+    try:
+        return _OwnForwardTracer().trace(module)
+    except Exception as error:  # traced before as part of the model: should not happen
+        raise ConversionError(f"{_describe(name, module)}: torch.fx cannot trace its forward "
+                              f"alone ({type(error).__name__}: {error})") from None
+
+
+class _Forward:
+    """A module's own forward, traced by torch.fx without the activations that converted
+    norm-act modules now apply, set on the instance as its `forward`.
+
+    The module keeps its class, children and state_dict; the code calls the same
+    children by the same names. Picklable (torch.save of the whole model, deepcopy): it
+    is kept as its source and rebuilt on load.
+    """
+
+    def __init__(self, source, namespace, label):
+        self.source, self.label = source, label
+        self.namespace = dict(namespace)
+        scope = dict(self.namespace)
+        exec(compile(source, f"<forward of {label}, converted by proxynorm>", "exec"), scope)
+        self.function = scope["forward"]
+        parameters = list(inspect.signature(self.function).parameters.values())[1:]
+        self.signature = inspect.Signature(parameters)
+        self.module = None
+
+    @classmethod
+    def from_graph(cls, graph, label):
+        code = graph.python_code(root_module="self")
+        return cls(code.src, code.globals, label)
+
+    def install(self, module):
+        self.module = module
+        module.forward = self  # an instance attribute: nn.Module.__call__ calls it
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self):  # what inspect (torch.export, jit.trace) sees: forward's own
+        return self.signature
+
+    def __reduce__(self):
+        # modules (torch, math) travel by name; fx puts only importable objects in there
+        namespace = {key: ("module", value.__name__) if isinstance(value, types.ModuleType)
+                     else ("object", value) for key, value in self.namespace.items()}
+        return _rebuild_forward, (self.source, namespace, self.label, self.module)
+
+
+def _rebuild_forward(source, namespace, label, module):
+    import importlib
+
+    forward = _Forward(source, {key: importlib.import_module(value) if kind == "module"
+                                else value for key, (kind, value) in namespace.items()}, label)
+    forward.module = module
+    return forward
 
 
 def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result):

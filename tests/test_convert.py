@@ -4,6 +4,8 @@ The BatchNorm -> activation pairs are counted here independently of the converte
 torch.fx.symbolic_trace and a short list of activation types). Inputs are tiny (batch 4
 at 64x64, so the last stage keeps 2x2 positions); weights are random (never downloaded).
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,10 +136,73 @@ def test_report_counts_and_summary():
         "(relu 9); 11 BatchNorms without activation -> norms without activation; "
         "0 left as they were")
     assert not report.groups  # 32 divides every width
-    modules = dict(model.named_modules())
-    # a block's one relu module serves bn1 and the add: the first call went into bn1, the
-    # module stays for the second; the stem's relu served bn1 alone and is gone
-    assert "layer1.0.relu" in modules and "relu" not in modules
+    # a block's one relu module serves bn1 and the add: the block's forward loses the first
+    # call and the module stays for the second; the stem's relu served bn1 alone
+    assert type(model.layer1[0].relu) is nn.ReLU and type(model.relu) is nn.Identity
+    assert report.forwards == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+
+
+def test_the_converted_model_is_the_users_model(tmp_path):
+    """Same class and submodule tree, indexing and head replacement, the original's
+    state_dict keys less BatchNorm's buffers plus Proxy Norm's parameters, hooks on
+    containers, and whole-model save and deepcopy of the regenerated forwards."""
+    original = torchvision_model("resnet18")
+    model = convert_norms(original, "group_pn")
+    assert type(model) is torchvision.models.ResNet
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+    names = {n for n, _ in original.named_modules()} | {f"{bn}.act" for bn in batch_norms(original)}
+    assert {n for n, _ in model.named_modules()} == names  # every norm-act holds an `act`
+    assert isinstance(model.layer1[0].bn1, GroupNormProxyAct)
+    model.fc = nn.Linear(512, 3)
+    keys = {k for k in original.state_dict() if k.rsplit(".", 1)[-1] not in (
+        "running_mean", "running_var", "num_batches_tracked")}
+    keys |= {f"{name}.{p}" for name in batch_norm_act_pairs(original)
+             for p in ("proxy_weight", "proxy_bias")}
+    keys -= {k for k in keys if k.endswith(".bias") and k.rsplit(".", 1)[0] in batch_norms(
+        original) and k.rsplit(".", 1)[0] not in batch_norm_act_pairs(original)}  # scale-only
+    assert set(model.state_dict()) == keys
+    seen = []
+    hook = model.layer2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 3) and seen == [(2, 128, 4, 4)]
+        hook.remove()  # a lambda does not pickle
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        twin = copy.deepcopy(model)
+        for other in (loaded, twin):
+            assert torch.equal(other(x), out)
+            assert other.layer1[0].forward.module is other.layer1[0]  # bound to the copy
+
+
+def test_an_absorbed_activation_leaves_the_forward():
+    """Each norm-act applies its activation once: no second ReLU after it, in any block.
+    A ReLU after a Proxy Norm layer would zero its negative outputs."""
+    model = convert_norms(torchvision_model("resnet18"), "group_pn").eval()
+    relus = []
+    for name, module in model.named_modules():
+        if type(module) is nn.ReLU and not name.endswith(".act"):  # not a norm-act's own
+            # before the call: torchvision's ReLU works in place
+            module.register_forward_pre_hook(lambda m, i: relus.append(i[0].clone()))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    # each block's ReLU once, after its residual add (not also after its bn1)
+    assert len(relus) == 8
+    assert all((t < 0).any() for t in relus)  # sums, not Proxy Norm outputs re-activated
+
+
+def test_export_trace_and_compile_of_a_converted_model():
+    model = convert_norms(torchvision_model("resnet18"), "group_pn").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), expected)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), expected)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
 
 
 def test_default_groups_divide_the_channels():
