@@ -290,6 +290,7 @@ class GroupNormProxyAct(GroupNormAct):
         self.proxy_eps = proxy_eps
         self.num_proxy_samples = num_proxy_samples
         self.fused = fused
+        proxy_quantiles(num_proxy_samples)  # the host table, made here rather than in a trace
 
     def reset_parameters(self):
         super().reset_parameters()

@@ -30,20 +30,35 @@ def proxy_quantiles(num_samples=NUM_PROXY_SAMPLES, device="cpu", dtype=torch.flo
     must not keep, poptorch python/_poplar_executor.py; and aten::erfinv has no PopTorch
     handler), kept as a CPU float64 tensor and cached per (n, device, dtype) for CPU and
     CUDA. Other devices (PopTorch's IPU) get a fresh copy per call, which a traced graph
-    sees as an n-value constant.
+    sees as an n-value constant. Only plain tensors are cached: inside torch.export (and
+    the ONNX exporter that runs it) factory calls make fake tensors, which the graph keeps
+    as a constant but a later eager call must never get back.
     """
     device = torch.device(device)
-    if num_samples not in _quantile_cache:
-        normal = NormalDist()
-        _quantile_cache[num_samples] = torch.tensor(
-            [normal.inv_cdf((i + 0.5) / num_samples) for i in range(num_samples)],
-            dtype=torch.float64, device="cpu")
+    table = _quantile_cache.get(num_samples)
+    if table is None:
+        table = _cache(num_samples, torch.tensor(_normal_quantiles(num_samples),
+                                                 dtype=torch.float64, device="cpu"))
     if device.type not in ("cpu", "cuda"):
-        return _quantile_cache[num_samples].to(device=device, dtype=dtype)
+        return table.to(device=device, dtype=dtype)
     key = (num_samples, device, dtype)
     if key not in _quantile_cache:
-        _quantile_cache[key] = _quantile_cache[num_samples].to(device=device, dtype=dtype)
+        return _cache(key, table.to(device=device, dtype=dtype))
     return _quantile_cache[key]
+
+
+def _normal_quantiles(num_samples):
+    """The quantiles as Python floats; Dynamo cannot trace NormalDist (a C builtin), so
+    torch.compile(fullgraph=True) and strict torch.export need the table made beforehand:
+    GroupNormProxyAct makes its own when it is built."""
+    normal = NormalDist()
+    return [normal.inv_cdf((i + 0.5) / num_samples) for i in range(num_samples)]
+
+
+def _cache(key, table):
+    if type(table) is torch.Tensor:  # not a FakeTensor or another tracing subclass
+        _quantile_cache[key] = table
+    return table
 
 
 def proxy_stats(weight, bias, proxy_weight, proxy_bias, act, num_samples=NUM_PROXY_SAMPLES):
