@@ -14,6 +14,9 @@ norm class. Families:
   torchvision:NAME                             any torchvision classification model,
                                                its BatchNorms converted by convert_norms
                                                (torchvision_models.py, convert.py)
+  timm:NAME                                    any timm model with BatchNorms (timm's
+                                               BatchNormAct2d included), the same way
+                                               (timm_models.py; needs timm installed)
 
 Which activations Proxy Norm covers: in the pre-activation ResNets and EfficientNet every
 one (each follows its own norm); in the v1 ResNets all but the ReLU after each residual add,
@@ -31,9 +34,7 @@ from collections import namedtuple
 from functools import partial
 from typing import Optional
 
-from torch import nn
-
-from models import efficientnet, preact_resnet, resnet, torchvision_models
+from models import efficientnet, preact_resnet, resnet, timm_models, torchvision_models
 from proxynorm.activations import check_act, unknown_name_error
 from proxynorm.convert import ConversionError, ConversionReport, convert_norms
 from models.layers import NormAct
@@ -57,24 +58,35 @@ _MODELS = {
 # what get_model passes itself; the rest of a builder's parameters are the model's options
 _COMMON = ("norm_layer", "num_classes", "in_channels")
 
+# other libraries' models, converted by convert_norms: "PREFIX" + their own name
+SOURCES = (torchvision_models, timm_models)
+
 
 def list_models():
-    """Our families; get_model also takes "torchvision:NAME" (check_model_name)."""
+    """Our families; get_model also takes "torchvision:NAME" and "timm:NAME"
+    (check_model_name)."""
     return list(_MODELS)
+
+
+def model_source(name):
+    """The module of SOURCES whose prefix `name` has (torchvision_models for
+    "torchvision:resnet18"), or None for our own families."""
+    return next((source for source in SOURCES if str(name).startswith(source.PREFIX)), None)
 
 
 def check_model_name(name):
     """ValueError (naming close names) unless get_model knows `name`."""
-    if str(name).startswith(torchvision_models.PREFIX):
-        torchvision_models.check_name(name[len(torchvision_models.PREFIX):])
+    source = model_source(name)
+    if source is not None:
+        source.check_name(name[len(source.PREFIX):])
     else:
         _get_family(name)
 
 
 def model_options(name):
     """The family options `get_model(name, **kw)` accepts, with their defaults (none for
-    torchvision models)."""
-    if name.startswith(torchvision_models.PREFIX):
+    torchvision and timm models)."""
+    if model_source(name) is not None:
         return {}
     params = inspect.signature(_get_family(name).builder).parameters
     return {k: p.default for k, p in params.items() if k not in _COMMON}
@@ -88,11 +100,12 @@ def _get_family(name):
 
 def get_model(name: str, norm: str = "group_pn", num_classes: int = 1000,
               groups: Optional[int] = None, act: Optional[str] = None, in_channels: int = 3,
-              norm_kwargs: Optional[dict] = None, **kw) -> nn.Module:
+              norm_kwargs: Optional[dict] = None, report: bool = False, **kw):
     """Build model `name` with every normalisation layer of kind `norm`.
 
         model = get_model("resnet50v2", norm="group_pn", num_classes=1000)
         model = get_model("torchvision:mobilenet_v3_large", norm="layer_pn")
+        model, conversion = get_model("timm:efficientnet_b0", norm="group_pn", report=True)
 
     groups: GroupNorm groups for group/group_pn (None = the family default); act: the
     activation (None = the family default); norm_kwargs: options for every get_norm_act
@@ -101,15 +114,18 @@ def get_model(name: str, norm: str = "group_pn", num_classes: int = 1000,
     expand_ratio, drop_rate, drop_path_rate. A layer that cannot be built (e.g. channels
     not divisible by groups) raises a ValueError that names its module path.
 
-    "torchvision:NAME" builds torchvision's model NAME (random weights) and converts its
-    BatchNorms with convert_norms: groups=None picks a divisor of each layer's channels,
-    act and family options are refused (see models/torchvision_models.py).
+    "torchvision:NAME" and "timm:NAME" build that library's model NAME (random weights) and
+    convert its BatchNorms with convert_norms (strict: a part that cannot be converted is a
+    ValueError naming it): groups=None picks a divisor of each layer's channels, eps is
+    each BatchNorm's own unless norm_kwargs has "eps", act and family options are refused,
+    and a model without BatchNorm is refused (`norm` would not apply to it).
+    report=True returns (model, ConversionReport), the report None for our families.
     """
-    if name.startswith(torchvision_models.PREFIX):
-        if norm not in NORMS:
-            raise unknown_name_error("norm", norm, NORMS)
-        return torchvision_models.build(name[len(torchvision_models.PREFIX):], norm,
-                                        num_classes, groups, act, in_channels, norm_kwargs, **kw)
+    source = model_source(name)
+    if source is not None:
+        model, conversion = _converted(source, name[len(source.PREFIX):], norm, num_classes,
+                                       groups, act, in_channels, norm_kwargs, kw)
+        return (model, conversion) if report else model
     family = _get_family(name)
     if norm not in NORMS:
         raise unknown_name_error("norm", norm, NORMS)
@@ -124,4 +140,28 @@ def get_model(name: str, norm: str = "group_pn", num_classes: int = 1000,
     eps = norm_kwargs.pop("eps", family.eps)
     norm_layer = NormAct(norm, act, family.groups if groups is None else groups, eps,
                          norm_kwargs)
-    return family.builder(norm_layer, num_classes=num_classes, in_channels=in_channels, **kw)
+    model = family.builder(norm_layer, num_classes=num_classes, in_channels=in_channels, **kw)
+    return (model, None) if report else model
+
+
+def _converted(source, name, norm, num_classes, groups, act, in_channels, norm_kwargs, kw):
+    """(model, ConversionReport): `source`'s model `name` converted to `norm`."""
+    label = f"{source.PREFIX}{name}"
+    source.check_name(name)
+    if norm not in NORMS:
+        raise unknown_name_error("norm", norm, NORMS)
+    if kw:
+        raise TypeError(f"model '{label}' has no option {', '.join(sorted(kw))}; "
+                        f"{source.LABEL} models take none (they keep {source.LABEL}'s defaults)")
+    if act is not None:
+        raise ValueError(f"model '{label}' keeps {source.LABEL}'s activations: act must be unset "
+                         f"(null), got '{act}'")
+    norm_kwargs = dict(norm_kwargs or {})
+    eps = norm_kwargs.pop("eps", None)
+    model = source.create(name, num_classes, in_channels)
+    model, conversion = convert_norms(model, norm, groups=groups, eps=eps,
+                                      norm_kwargs=norm_kwargs, report=True)
+    if not conversion.norm_act and not conversion.norm_only:
+        raise ValueError(f"model '{label}' has no BatchNorm, so norm '{norm}' would not apply "
+                         f"to it (convert_norms converts BatchNorms; it keeps its own norms)")
+    return model, conversion

@@ -1,20 +1,19 @@
 """torchvision's classification CNNs with any normalisation: `get_model("torchvision:NAME")`.
 
 The model is torchvision's own (`torchvision.models.get_model(NAME, weights=None)`, never
-pretrained weights: nothing is downloaded) rewritten by `convert_norms`. It keeps
-torchvision's activations, widths and options: our family options (group_dim,
-expand_ratio, drop_rate, drop_path_rate, ...) and `act` are refused, not ignored.
-torchvision is imported only here, on first use (IPU hosts may lack it).
+pretrained weights: nothing is downloaded), which models.get_model rewrites with
+`convert_norms`. It keeps torchvision's activations, widths and options: our family
+options (group_dim, expand_ratio, drop_rate, drop_path_rate, ...) and `act` are refused,
+not ignored. torchvision is imported only here, on first use (IPU hosts may lack it).
+models/timm_models.py is the same for timm.
 """
 import difflib
-import logging
 
 import torch
 from torch import fx, nn
 
-from proxynorm.convert import convert_norms
-
 PREFIX = "torchvision:"
+LABEL = "torchvision"
 
 
 def _torchvision():
@@ -44,29 +43,14 @@ def check_name(name):
                          f"torchvision.models.list_models(module=torchvision.models))")
 
 
-def build(name, norm, num_classes, groups=None, act=None, in_channels=3, norm_kwargs=None,
-          **kw):
-    """torchvision model `name` with its BatchNorms converted to `norm` (strict: a part
-    that cannot be converted is a ValueError naming it). groups=None: per layer, the
-    largest divisor of its channels up to 32 (convert_norms); eps: each BatchNorm's own
-    unless norm_kwargs has "eps". in_channels other than 3 rebuilds the convolutions
-    that read the image (timm's rule for their weights: summed for 1 channel, else
-    repeated and scaled by 3 / in_channels)."""
-    check_name(name)
-    if kw:
-        raise TypeError(f"model '{PREFIX}{name}' has no option {', '.join(sorted(kw))}; "
-                        f"torchvision models take none (they keep torchvision's defaults)")
-    if act is not None:
-        raise ValueError(f"model '{PREFIX}{name}' keeps torchvision's activations: act must "
-                         f"be unset (null), got '{act}'")
-    norm_kwargs = dict(norm_kwargs or {})
-    eps = norm_kwargs.pop("eps", None)
+def create(name, num_classes, in_channels=3):
+    """torchvision's model `name` (random weights), its BatchNorms as torchvision builds
+    them. in_channels other than 3 rebuilds the convolutions that read the image (timm's
+    rule for their weights: summed for 1 channel, else repeated and scaled by
+    3 / in_channels)."""
     model = _torchvision().models.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3:
         adapt_input_channels(model, in_channels, f"{PREFIX}{name}")
-    model, report = convert_norms(model, norm, groups=groups, eps=eps, norm_kwargs=norm_kwargs,
-                                  report=True)
-    logging.getLogger(__name__).info("%s%s: %s", PREFIX, name, report)
     return model
 
 

@@ -16,15 +16,28 @@ traced with torch.fx for the analysis only:
   any other BatchNorm (before a residual add, in a projection shortcut, DenseNet's
       transition, MobileNet's linear bottleneck)       -> the no-activation variant
       (`apply_act=False`: for the Proxy Norm names the scale-only group/layer norm)
+  timm's BatchNormAct2d (and its SyncBatchNormAct): BatchNorm -> drop -> act in one
+      module, converted as a unit -> one norm-act module with the activation of its `act`
+      and its `drop` module kept as the new module's `drop` (between the affine and the
+      activation, as timm; after Proxy Norm for the Proxy Norm names, whose activation
+      must follow the affine directly); an Identity `act` is a plain BatchNorm.
 
-Supported activations are proxynorm.activations.ACTS (relu, silu, exact gelu, relu6,
-hardswish), as modules, functions or tensor methods, in place or not. Proxy Norm computes
-its statistics through the activation itself, so any other activation is a new entry in
-that registry, not new maths here.
+nn.Identity modules between a BatchNorm and its activation (timm's ResNet blocks put
+their unused `drop_block` there) are looked through, and for the Proxy Norm names drop
+layers too (timm's DropBlock2d, torch's Dropout): the activation joins the norm and the
+drop layer stays where it is, after the Proxy Norm layer now (the other norms keep
+BatchNorm -> drop -> activation as it was). Supported activations are
+proxynorm.activations.ACTS (relu, silu, exact gelu, relu6, hardswish), as modules
+(torch's, and timm's own: Swish, GELU, HardSwish and their memory-efficient variants),
+functions or tensor methods, in place or not. Proxy Norm computes its statistics through
+the activation itself, so any other activation is a new entry in that registry, not new
+maths here. timm is never imported here: its classes are looked up in `sys.modules`,
+where a model that holds one has put them.
 """
 import copy
 import inspect
 import itertools
+import sys
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,9 +51,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from proxynorm.activations import ACTS, unknown_name_error
 from proxynorm.norms import DEFAULT_GROUPS, NORMS, get_norm_act
 
-# exact types only: a subclass may do more in its forward (timm's BatchNormAct2d applies
-# an activation, ours splits replicas) and would silently lose it
+# exact types only: a subclass may do more in its forward (ours splits replicas) and
+# would silently lose it; timm's norm-act classes are known (_timm_norm_act)
 CONVERTIBLE = (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# timm's BatchNorm -> drop -> act modules, by (module, class name): looked up in
+# sys.modules, so that timm stays optional and is never imported for a model without it
+_TIMM_NORM_ACTS = (("timm.layers.norm_act", "BatchNormAct2d"),
+                   ("timm.layers.norm_act", "SyncBatchNormAct"))
+# timm's own activation modules (timm.layers.create_act picks torch's where torch has
+# them; these remain for gelu, exportable/scriptable configs and direct use)
+_TIMM_ACT_MODULES = ("timm.layers.activations", "timm.layers.activations_me")
+_TIMM_DROPS = (("timm.layers.drop", "DropBlock2d"),)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_TIMM_ACTS = {"Swish": "silu", "SwishMe": "silu", "GELU": "gelu", "HardSwish": "hardswish",
+              "HardSwishMe": "hardswish"}
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.ReLU6: "relu6",
                 nn.Hardswish: "hardswish"}
@@ -67,7 +91,10 @@ class ConversionError(ValueError):
 class ConversionReport:
     """What convert_norms did, by BatchNorm module name (names as in the original model).
 
-    norm_act:     {name: activation}: BatchNorm + following activation -> one norm-act module
+    norm_act:     {name: activation}: BatchNorm + following activation, or a timm
+                  BatchNormAct2d with an activation -> one norm-act module (the activation's
+                  registry name; for a BatchNormAct2d's activation outside the registry,
+                  kept as it is by the norms without Proxy Norm, its class name)
     norm_only:    [name]: no activation follows -> the no-activation variant
     left:         {name: reason}: left as they were (strict=False only)
     forwards:     [name]: modules whose own forward was regenerated without the
@@ -130,9 +157,9 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
         model.fc = nn.Linear(2048, 10)        # still a ResNet: same class, modules, names
 
     model: any nn.Module that torch.fx can trace around its BatchNorms (torchvision's
-    classification CNNs can). It is not modified: the result is a deep copy of the same
-    class with the same submodule tree (`model.layer1[0].conv1` indexes as before), in
-    which each BatchNorm is replaced by the new norm under the same name, so the
+    and timm's classification CNNs can). It is not modified: the result is a deep copy of
+    the same class with the same submodule tree (`model.layer1[0].conv1` indexes as
+    before), in which each BatchNorm is replaced by the new norm under the same name, so the
     state_dict keys are the original's (Proxy Norm adds `proxy_weight`/`proxy_bias`
     beside a BatchNorm's `weight`/`bias`; the running statistics go). An activation that
     a norm-act module now applies is gone from the forward: a module called there alone
@@ -142,7 +169,8 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
     BatchNorm's weight and bias become the new norm's affine (the Proxy Norm names'
     scale-only norm keeps the weight only), its running statistics and momentum go to
     `batch`/`sync_batch`; nothing else changes. Activations that no BatchNorm feeds (after
-    a residual add) stay.
+    a residual add) stay. timm's BatchNormAct2d becomes one norm-act module with its
+    activation and keeps its `act` and `drop` children (see the module docstring).
 
     norm: a name from proxynorm.NORMS. groups: GroupNorm groups for `group`/`group_pn`:
     None picks, per layer, the largest divisor of its channels not above DEFAULT_GROUPS
@@ -154,10 +182,11 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
     What it cannot convert raises one ConversionError (a ValueError) naming the module:
     a forward that torch.fx cannot trace or that traces differently in train and eval
     mode (a module without BatchNorms is then kept whole instead, which is always safe);
-    an activation after a BatchNorm that Proxy Norm cannot hold (Proxy Norm names only:
-    the other norms leave it after a norm without activation); a BatchNorm1d (its input
-    may be (N, C), which a per-sample norm cannot normalise), a BatchNorm subclass, a
-    call of F.batch_norm; a group count that does not divide a layer's channels.
+    an activation after a BatchNorm, or in a timm BatchNormAct2d, that Proxy Norm cannot
+    hold (Proxy Norm names only: the other norms leave it after, or in, a norm without
+    activation); a BatchNorm1d (its input may be (N, C), which a per-sample norm cannot
+    normalise), a BatchNorm subclass other than timm's BatchNormAct2d and SyncBatchNormAct,
+    a call of F.batch_norm; a group count that does not divide a layer's channels.
     strict=False leaves the BatchNorms concerned as they were (the whole model when its
     own forward cannot be traced) and lists them in the report's `left`; bad groups stay
     an error.
@@ -185,8 +214,9 @@ class _TraceFailure(Exception):
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with the modules in `leaves` kept whole, every BatchNorm and
-    GroupNorm a leaf, and each node tagged with the module whose forward made it."""
+    """torch.fx's tracer, with the modules in `leaves` kept whole, every BatchNorm,
+    GroupNorm and timm activation module a leaf (torch's are leaves already), and each node
+    tagged with the module whose forward made it."""
 
     def __init__(self, leaves):
         super().__init__()
@@ -196,6 +226,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, module, name):
         return (name in self.leaves or isinstance(module, (_BatchNorm, nn.GroupNorm))
+                or type(module).__module__ in _TIMM_ACT_MODULES
                 or super().is_leaf_module(module, name))
 
     def call_module(self, module, forward, args, kwargs):
@@ -278,9 +309,10 @@ def _describe(name, module):
 
 
 def _trace(model, strict, result):
-    """The fx graph of `model` in train mode, or None (strict=False) when the model itself cannot be
-    traced. Modules that cannot be traced become leaves: silently when they hold no
-    BatchNorm, else a ConversionError or (strict=False) their BatchNorms are `left`."""
+    """The fx graph of `model` in train mode, or None when the model itself cannot be
+    traced (strict=False, or no BatchNorm module in it: nothing to convert). Modules that
+    cannot be traced become leaves: silently when they hold no BatchNorm, else a
+    ConversionError or (strict=False) their BatchNorms are `left`."""
     leaves = {}  # name -> reason
     modules = dict(model.named_modules())
     for _ in range(len(modules) + 1):
@@ -299,7 +331,9 @@ def _trace(model, strict, result):
             module = modules[name]
             reason = ("its forward traces differently in train and eval mode (a graph "
                       "would freeze one of them)")
-        if name and not _has_batch_norm(module):
+        if not _has_batch_norm(module):
+            if not name:  # a model without BatchNorm modules (a ViT): nothing to convert
+                return None
             # nothing to convert inside: keep it whole, and its kind everywhere (the same
             # forward fails the same way; one retrace per module would be slow)
             leaves.update((other, reason) for other, m in modules.items()
@@ -325,16 +359,7 @@ def _trace(model, strict, result):
 def _activation(node, modules):
     """(registry name or None, description) if `node` is an activation, else None."""
     if node.op == "call_module":
-        module = modules[node.target]
-        kind = type(module)
-        if kind is nn.GELU and module.approximate != "none":
-            return None, f"{node.target} (GELU(approximate='{module.approximate}'))"
-        if kind in _ACT_MODULES:
-            return _ACT_MODULES[kind], node.target
-        if kind.__module__ == "torch.nn.modules.activation" and \
-                not issubclass(kind, _NOT_ACTIVATIONS):
-            return None, f"{node.target} ({kind.__name__})"
-        return None
+        return _activation_module(node.target, modules[node.target])
     if node.op == "call_function":
         target = node.target
         name = getattr(target, "__name__", str(target))
@@ -353,20 +378,59 @@ def _activation(node, modules):
     return None
 
 
+def _activation_module(name, module):
+    """(registry name or None, description) if `module` is an activation module, else None."""
+    kind = type(module)
+    if kind is nn.GELU and module.approximate != "none":
+        return None, f"{name} (GELU(approximate='{module.approximate}'))"
+    if kind in _ACT_MODULES:
+        return _ACT_MODULES[kind], name
+    if kind.__module__ in _TIMM_ACT_MODULES:
+        return _TIMM_ACTS.get(kind.__name__), f"{name} (timm's {kind.__name__})"
+    if kind.__module__ == "torch.nn.modules.activation" and \
+            not issubclass(kind, _NOT_ACTIVATIONS):
+        return None, f"{name} ({kind.__name__})"
+    return None
+
+
+def _timm_norm_act(module):
+    """Whether `module` is one of timm's BatchNorm -> drop -> act modules (exact type)."""
+    kind = type(module)
+    return any(kind is getattr(sys.modules.get(where), name, None)
+               for where, name in _TIMM_NORM_ACTS)
+
+
 def _only_input(node, source):
     """Whether `source` is the only tensor `node` reads (as its first argument)."""
     inputs = node.all_input_nodes
     return len(inputs) == 1 and inputs[0] is source and node.args and node.args[0] is source
 
 
-def _follower(bn_node, modules):
+def _passed_through(module, proxy):
+    """Whether a module between a BatchNorm and an activation leaves them a pair: nn.Identity
+    (timm's ResNet blocks call an unused `drop_block` there) and, for Proxy Norm, a drop
+    layer (timm's DropBlock2d, torch's Dropout), which then acts on the Proxy Norm layer's
+    output, where a timm BatchNormAct2d's drop goes too."""
+    kind = type(module)
+    return kind is nn.Identity or (proxy and (
+        kind in _DROPOUTS or any(kind is getattr(sys.modules.get(where), name, None)
+                                 for where, name in _TIMM_DROPS)))
+
+
+def _follower(bn_node, modules, proxy):
     """(act name or None, description, node) of the activation that is bn_node's only
-    user and reads nothing else, or None."""
-    users = list(bn_node.users)
-    if len(users) != 1 or not _only_input(users[0], bn_node):
-        return None
-    found = _activation(users[0], modules)
-    return None if found is None else (found[0], found[1], users[0])
+    user and reads nothing else, or None; modules that _passed_through are looked through."""
+    node = bn_node
+    while True:
+        users = list(node.users)
+        if len(users) != 1 or not _only_input(users[0], node):
+            return None
+        user = users[0]
+        if not (user.op == "call_module" and _passed_through(modules[user.target], proxy)):
+            break
+        node = user
+    found = _activation(user, modules)
+    return None if found is None else (found[0], found[1], user)
 
 
 def _unsupported_kind(module):
@@ -401,10 +465,27 @@ def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
     layers, absorbed = {}, []  # new norm layers by name; activation nodes they now hold
     for name, nodes in sites.items():
         bn = modules[name]
-        if type(bn) not in CONVERTIBLE:
+        is_timm = _timm_norm_act(bn)
+        # timm's SyncBatchNormAct has them only when timm's convert_sync_batchnorm made it
+        act_module, drop = (getattr(bn, "act", None), getattr(bn, "drop", None)) if is_timm \
+            else (None, None)
+        if act_module is not None and type(act_module) is not nn.Identity:
+            found = _activation_module(f"{name}.act", act_module) or (
+                None, f"{name}.act ({type(act_module).__name__}, not an activation it knows)")
+            if found[0] is None and proxy:
+                refuse(name, f"its activation {found[1]} is one that Proxy Norm cannot hold; "
+                             f"supported: {', '.join(a for a in ACTS if a != 'identity')}")
+                continue
+            # the other norms keep an activation outside the registry as it is
+            keep = None if found[0] is not None else act_module
+            layers[name] = _new_norm(name, bn, norm, found[0] or "identity", groups, eps,
+                                     norm_kwargs, result, drop, keep)
+            result.norm_act[name] = found[0] or type(act_module).__name__
+            continue
+        if type(bn) not in CONVERTIBLE and not is_timm:
             refuse(name, _unsupported_kind(bn))
             continue
-        followers = [_follower(node, modules) for node in nodes]
+        followers = [_follower(node, modules, proxy) for node in nodes]
         if proxy:
             for found in followers:
                 if found is not None and found[0] is None:
@@ -419,7 +500,7 @@ def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
             refuse(name, "called more than once, followed by different activations")
             continue
         act = acts.pop()
-        layers[name] = _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result)
+        layers[name] = _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result, drop)
         if act is None:
             result.norm_only.append(name)
         else:
@@ -543,7 +624,10 @@ def _rebuild_forward(source, namespace, label, module):
     return forward
 
 
-def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result):
+def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result, drop=None, keep=None):
+    """The `norm` layer for BatchNorm `bn` with activation `act` (None: none), its affine
+    and (batch names) statistics copied; drop: the module between norm and activation
+    (timm's); keep: an activation module outside the registry to apply as it is."""
     channels = bn.num_features
     group_count = None
     if norm in ("group", "group_pn"):
@@ -560,7 +644,7 @@ def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result):
     try:
         layer = get_norm_act(norm, channels, act=act or "identity", groups=group_count,
                              eps=bn.eps if eps is None else eps, apply_act=act is not None,
-                             **kwargs)
+                             drop=drop, **kwargs)
     except ValueError as error:
         raise ConversionError(f"{name}: {error}") from None
     except TypeError as error:
@@ -568,6 +652,8 @@ def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result):
     reference = next(itertools.chain(bn.parameters(), bn.buffers()), None)
     if reference is not None and reference.is_floating_point():
         layer.to(device=reference.device, dtype=reference.dtype)
+    if keep is not None:
+        layer.act = keep
     layer.train(bn.training)
     with torch.no_grad():
         for attr in ("weight", "bias"):

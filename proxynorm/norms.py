@@ -3,7 +3,10 @@
 `get_norm_act` is the only place that knows every norm (timm's norm-act pattern): models
 ask for a name from `NORMS` and never import a class. Each layer normalises, applies its
 affine and then its activation; `apply_act=False` gives the variant for positions that no
-activation follows (the last norm of a residual branch).
+activation follows (the last norm of a residual branch). A `drop` module (timm's
+`drop_layer`, e.g. DropBlock) goes where timm's BatchNormAct2d applies it: between the
+affine and the activation, except in Proxy Norm layers, whose activation must follow the
+affine directly (the proxy models exactly that): there it is applied to the layer's output.
 
 Statistics domains, which is what the comparison is about:
   batch        each replica's micro-batch (BatchNorm on a replicated IPU pod)
@@ -12,6 +15,7 @@ Statistics domains, which is what the comparison is about:
 
 This module must also run on torch 2.0 (PopTorch's pin): no newer torch API here.
 """
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -60,8 +64,9 @@ class BatchNormAct(nn.BatchNorm2d):
     """
 
     def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",
-                 apply_act=True, stats_chunks=1, bn_group_size=1, process_group=None):
+                 apply_act=True, stats_chunks=1, bn_group_size=1, process_group=None, drop=None):
         super().__init__(num_channels, eps=eps, momentum=momentum)
+        self.drop = drop  # None or a module, registered before `act` as in timm's tree
         self.act = get_act(act) if apply_act else nn.Identity()
         self.stats_chunks = stats_chunks
         self.bn_group_size = bn_group_size
@@ -95,7 +100,10 @@ class BatchNormAct(nn.BatchNorm2d):
             x = self._grouped_batch_norm(x, num_groups)
         else:
             x = super().forward(x)
-        return self.act(x)
+        return self._drop_act(x)
+
+    def _drop_act(self, x):
+        return self.act(x if self.drop is None else self.drop(x))
 
     def _grouped_batch_norm(self, x, num_groups):
         dtype = statistics_dtype(x.dtype)
@@ -143,14 +151,14 @@ class SyncBatchNormAct(BatchNormAct):
     ipu_group_size = 1
 
     def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",
-                 apply_act=True, stats_chunks=1, bn_group_size=0, process_group=None):
+                 apply_act=True, stats_chunks=1, bn_group_size=0, process_group=None, drop=None):
         super().__init__(num_channels, eps, momentum, act, apply_act, stats_chunks,
-                         bn_group_size, process_group)
+                         bn_group_size, process_group, drop)
 
     def forward(self, x):
         if self.training and self.ipu_group_size != 1 and ops.tracing_for_ipu():
             self._check_input_dim(x)
-            return self.act(self._ipu_sync_batch_norm(x))
+            return self._drop_act(self._ipu_sync_batch_norm(x))
         return super().forward(x)
 
     def _ipu_sync_batch_norm(self, x):
@@ -243,11 +251,12 @@ class GroupNormAct(nn.GroupNorm):
     groups=1 is the LayerNorm of CNNs (statistics over C and all spatial positions of a
     sample, not nn.LayerNorm over the last dim); groups=C is InstanceNorm. bias=False
     gives the scale-only norm that Proxy Norm networks use where no activation follows.
+    drop: None or a module applied between the affine and the activation (timm's order).
     The state_dict is an nn.GroupNorm's.
     """
 
     def __init__(self, num_channels, groups=DEFAULT_GROUPS, eps=DEFAULT_EPS, act="relu",
-                 apply_act=True, bias=True):
+                 apply_act=True, bias=True, drop=None):
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
         if num_channels % groups:
@@ -257,6 +266,7 @@ class GroupNormAct(nn.GroupNorm):
         super().__init__(groups, num_channels, eps=eps)
         if not bias:
             self.register_parameter("bias", None)
+        self.drop = drop  # None or a module, registered before `act` as in timm's tree
         self.act = get_act(act) if apply_act else nn.Identity()
 
     @property
@@ -265,7 +275,8 @@ class GroupNormAct(nn.GroupNorm):
 
     def forward(self, x):
         check_input(self, x, self.num_channels)
-        return self.act(super().forward(x))
+        x = super().forward(x)
+        return self.act(x if self.drop is None else self.drop(x))
 
 
 class GroupNormProxyAct(GroupNormAct):
@@ -279,11 +290,17 @@ class GroupNormProxyAct(GroupNormAct):
     saves only the input for backward; `fused=False` (or PROXYNORM_FUSED=0) forces the
     eager PyTorch expression of the same maths, as does an activation the fused ops do not
     implement (FUSED_ACTS; e.g. relu6, hardswish).
+
+    drop: None or a module applied to the output (after Proxy Norm), not between the
+    affine and the activation as in timm's BatchNormAct2d: the proxy is pushed through
+    exactly affine -> activation, so a mask in between would make its statistics those
+    of another function.
     """
 
     def __init__(self, num_channels, groups=DEFAULT_GROUPS, eps=DEFAULT_EPS, act="relu",
-                 proxy_eps=PROXY_EPS, num_proxy_samples=NUM_PROXY_SAMPLES, fused=True):
-        super().__init__(num_channels, groups, eps, act)
+                 proxy_eps=PROXY_EPS, num_proxy_samples=NUM_PROXY_SAMPLES, fused=True,
+                 drop=None):
+        super().__init__(num_channels, groups, eps, act, drop=drop)
         self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
         self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
         self.act_name = act
@@ -299,6 +316,10 @@ class GroupNormProxyAct(GroupNormAct):
             nn.init.zeros_(self.proxy_bias)
 
     def forward(self, x):
+        x = self._proxy_norm_act(x)
+        return x if self.drop is None else self.drop(x)
+
+    def _proxy_norm_act(self, x):
         check_input(self, x, self.num_channels)
         op = ops.fused_op(x) if self.fused and self.act_name in FUSED_ACTS else None
         if op is None:
@@ -329,7 +350,8 @@ class GroupNormProxyAct(GroupNormAct):
 
 
 def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Optional[int] = None,
-                 eps: Optional[float] = None, apply_act: bool = True, **kwargs) -> nn.Module:
+                 eps: Optional[float] = None, apply_act: bool = True,
+                 drop: Optional[nn.Module] = None, **kwargs) -> nn.Module:
     """One nn.Module doing the named normalisation, its affine and `act`.
 
         layer = get_norm_act("group_pn", 64, act="relu", groups=32)   # GN + Proxy Norm + ReLU
@@ -339,6 +361,9 @@ def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Option
     their own (layer: 1, instance: num_channels) or have none. eps defaults to 1e-5.
     apply_act=False: no activation follows; for the Proxy Norm names this is the
     scale-only group/layer norm (Proxy Norm needs an activation to act on).
+    drop: None or a module (timm's drop_layer, e.g. DropBlock2d), the layer's `drop`:
+    between the affine and the activation as in timm, after Proxy Norm in the Proxy Norm
+    layers (whose activation must follow the affine directly); for `none`, drop then act.
     kwargs go to the layer: stats_chunks, bn_group_size, process_group, momentum for the
     BatchNorms; proxy_eps, num_proxy_samples, fused for the Proxy Norms.
     """
@@ -349,16 +374,19 @@ def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Option
     if name == "none":
         if kwargs:
             raise TypeError(f"norm 'none' takes no options, got {sorted(kwargs)}")
-        return get_act(act) if apply_act else nn.Identity()
+        act = get_act(act) if apply_act else nn.Identity()
+        return act if drop is None else nn.Sequential(OrderedDict(drop=drop, act=act))
     if name in ("batch", "sync_batch"):
         layer = BatchNormAct if name == "batch" else SyncBatchNormAct
-        return layer(num_channels, eps=eps, act=act, apply_act=apply_act, **kwargs)
+        return layer(num_channels, eps=eps, act=act, apply_act=apply_act, drop=drop, **kwargs)
     groups = {"layer": 1, "layer_pn": 1, "instance": num_channels}.get(
         name, DEFAULT_GROUPS if groups is None else groups)
     if name.endswith("_pn"):
         if not apply_act:  # the scale-only norm has no proxy: its options do not apply
             for option in ("proxy_eps", "num_proxy_samples", "fused"):
                 kwargs.pop(option, None)
-            return GroupNormAct(num_channels, groups, eps, apply_act=False, bias=False, **kwargs)
-        return GroupNormProxyAct(num_channels, groups, eps, act=act, **kwargs)
-    return GroupNormAct(num_channels, groups, eps, act=act, apply_act=apply_act, **kwargs)
+            return GroupNormAct(num_channels, groups, eps, apply_act=False, bias=False,
+                                drop=drop, **kwargs)
+        return GroupNormProxyAct(num_channels, groups, eps, act=act, drop=drop, **kwargs)
+    return GroupNormAct(num_channels, groups, eps, act=act, apply_act=apply_act, drop=drop,
+                        **kwargs)

@@ -408,8 +408,13 @@ def test_get_model_torchvision():
 def test_train_a_torchvision_model(tmp_path, capsys):
     """digits has one input channel: the stem conv is rebuilt for it."""
     assert train(tmp_path / "run", "--model", "torchvision:resnet18", "--max-steps", 2) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith(
-        "digits_resnet_group_pn: max_steps, val_accuracy ")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("digits_resnet_group_pn: torchvision:resnet18 with group_pn on ")
+    assert lines[1] == (  # the conversion report, in the start-up lines
+        "torchvision:resnet18: convert_norms to group_pn: 9 BatchNorm+activation pairs -> "
+        "norm-act modules (relu 9); 11 BatchNorms without activation -> norms without "
+        "activation; 0 left as they were")
+    assert lines[-1].startswith("digits_resnet_group_pn: max_steps, val_accuracy ")
     assert train(tmp_path / "bad", "--model", "torchvision:resnet1") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(

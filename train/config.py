@@ -77,7 +77,8 @@ OPTION_GROUPS = [
     ]),
     ("model", [
         Option("model", "digits_preact_resnet", str, "model name (models.list_models()), or "
-               "torchvision:NAME for a torchvision classification model converted to `norm`"),
+               "torchvision:NAME / timm:NAME for a torchvision classification model / a timm "
+               "model converted to `norm`"),
         Option("norm", "group_pn", str, "normalisation: batch, sync_batch, group, layer, instance, "
                "group_pn, layer_pn, none"),
         Option("groups", None, int, "GroupNorm groups for group/group_pn (null: the model's)",
@@ -426,15 +427,14 @@ def resolve_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFI
 
 def check_combination(config):
     """Checks that involve more than one key (or the model registry)."""
-    from models import check_model_name, list_models  # models/ is below train/
+    from models import check_model_name, list_models, model_source  # models/ is below train/
     from proxynorm.activations import ACTS
     from proxynorm.norms import NORMS
-    from models.torchvision_models import PREFIX
 
-    torchvision = str(config["model"]).startswith(PREFIX)
+    source = model_source(config["model"])  # torchvision:NAME, timm:NAME
     for key, valid in (("model", list_models()), ("norm", NORMS), ("act", list(ACTS))):
         value = config[key]
-        if key == "model" and torchvision:
+        if key == "model" and source is not None:
             try:
                 check_model_name(value)
             except ValueError as error:
@@ -443,10 +443,10 @@ def check_combination(config):
             hint = closest(value, list(valid))
             hint = f" (did you mean '{hint}'?)" if hint else ""
             raise ConfigError(f"unknown {key} '{value}'{hint}; valid: {', '.join(valid)}")
-    if torchvision:  # torchvision's models keep their own activation and options
+    if source is not None:  # torchvision's and timm's models keep their own act and options
         for key in ("act", "group_dim", "expand_ratio", "drop_rate", "drop_path_rate"):
             if config[key] is not None:
-                raise ConfigError(f"{key} does not apply to {config['model']} (torchvision "
+                raise ConfigError(f"{key} does not apply to {config['model']} ({source.LABEL} "
                                   f"models keep their own); unset it (--{key.replace('_', '-')}"
                                   f" null)")
     if config["norm"] == "sync_batch" and config["bn_group_size"] > 1 and (

@@ -43,12 +43,13 @@ def load_data(config):
         clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
 
 
-def build_model(config, data, context=None):
+def build_model(config, data, context=None, report=False):
     """The config's model for this dataset; only BatchNorms get replica options (the
     batch-independent norms have no statistics to split and reject unknown options).
 
     In one process BatchNorm emulates the replicas (stats_chunks); under torchrun each
     process is one replica and sync_batch all-reduces within the context's process group.
+    report=True returns (model, the ConversionReport of a torchvision:/timm: model or None).
     """
     from models import get_model
 
@@ -63,13 +64,14 @@ def build_model(config, data, context=None):
     model_kwargs = {key: config[key] for key in ("group_dim", "expand_ratio", "drop_rate",
                                                  "drop_path_rate") if config[key] is not None}
     try:
-        model = get_model(config["model"], norm=config["norm"], num_classes=data.num_classes,
-                          groups=config["groups"], act=config["act"],
-                          in_channels=data.in_channels, norm_kwargs=norm_kwargs, **model_kwargs)
+        model, conversion = get_model(
+            config["model"], norm=config["norm"], num_classes=data.num_classes,
+            groups=config["groups"], act=config["act"], in_channels=data.in_channels,
+            norm_kwargs=norm_kwargs, report=True, **model_kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model {config['model']} with norm {config['norm']}: {error}") from None
     check_module_names(config, model)
-    return model
+    return (model, conversion) if report else model
 
 
 def check_module_names(config, model):
@@ -260,6 +262,8 @@ class Run:
                  f"{config['micro_batch_size']} x {config['gradient_accumulation']} x "
                  f"{config['replicas']}, {self.engine.device}{processes}; run folder "
                  f"{self.run_dir}")
+        if self.conversion is not None:  # the report's summary: its counts, by activation
+            self.say(f"{config['model']}: {str(self.conversion).splitlines()[0]}")
         if saved is not None:
             self.restore(saved, resume_path, changed)
         elif config["resume"] == "auto":
@@ -276,7 +280,8 @@ class Run:
         """(engine, process context): PopTorch where it is installed (its poprun instance,
         if any, is the context), else the PyTorch engine, alone or under torchrun."""
         if config["engine"] == "ipu" and poptorch_available():
-            engine = make_engine(config, build_model(config, self.data))
+            model, self.conversion = build_model(config, self.data, report=True)
+            engine = make_engine(config, model)
             return engine, distributed.Context(engine.instance, engine.instances,
                                                host_collectives=False)
         if config["compile_only"]:
@@ -284,7 +289,8 @@ class Run:
                               "PopTorch (a Poplar SDK host)")
         device = distributed.local_device(resolve_device(config["engine"]))
         context = distributed.setup(config, device)
-        engine = make_engine(config, build_model(config, self.data, context), context, device)
+        model, self.conversion = build_model(config, self.data, context, report=True)
+        engine = make_engine(config, model, context, device)
         return engine, context
 
     def say(self, line, file=None):
