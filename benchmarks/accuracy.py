@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
-        [--mixup ALPHA ...] [--model NAME] [--holdout] [--every-split]
+        [--mixup ALPHA ...] [--model NAME ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--headline] [--output JSON]
         [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
@@ -19,9 +19,17 @@ afterwards (its validation curve is kept in the JSON). `lr` stays the config's (
 rescaled for the global batch; `--lr` sets another, several make a search, as several
 `--epochs` do; `--label-smoothing` and `--mixup` set the extra regularisation the same way,
 a cell for each combination; `--model` trains another model with the same recipe, its
-runs a row of their own). The sample order depends only on the seed and the global
+runs a row of their own; several models run one after another, all of the first model's
+cells first). The sample order depends only on the seed and the global
 batch, so at one seed every micro-batch sees the same batches: only the normalisation's
 statistics domain differs.
+
+Every run also records its channel-wise collapse (`collapse`): analysis.power's
+`channel_squared_mean` share of the power of each pre-activation (a norm layer followed by
+an activation), in eval mode over the first 256 validation images, at initialisation (the
+model as built with the run's seed, before the first step) and at the end (the final
+weights): the layers' names, each layer's share, their mean and the deepest layer's. In
+eval mode BatchNorm uses its running statistics (at initialisation: none yet).
 
 Split-invariant norms (the batch-independent ones, and sync_batch over all replicas) give
 the same maths for every split (tests/test_execution_plans.py), so they run once per seed,
@@ -53,6 +61,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -82,6 +91,7 @@ KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
                 "max_steps": None, "lr": None, "holdout": False,
                 "label_smoothing": 0.0, "mixup_alpha": 0.0}
 REGULARISATION = {"label_smoothing": "label smoothing", "mixup_alpha": "mixup"}
+COLLAPSE_IMAGES = 256  # validation images over which each run's collapse is measured
 
 
 class StudyError(Exception):
@@ -144,7 +154,7 @@ def plan(args):
             raise StudyError(f"--micro-batches {micro_batch} does not divide --global-batch "
                              f"{args.global_batch}")
     cells = []
-    for name, norm in names:
+    for model, (name, norm) in itertools.product(args.model or [None], names):
         try:
             recipe = resolve_config(name, {"norm": norm} if norm else {}, configs=configs)
         except ConfigError as error:
@@ -167,7 +177,7 @@ def plan(args):
                 overrides["clutter_holdout"] = True
             for option, value in (("norm", norm), ("epochs", epochs), ("lr", lr),
                                   ("label_smoothing", smoothing), ("mixup_alpha", mixup),
-                                  ("model", args.model), ("data_path", args.data_path),
+                                  ("model", model), ("data_path", args.data_path),
                                   ("engine", args.engine)):
                 if value is not None:
                     overrides[option] = value
@@ -187,12 +197,19 @@ def plan(args):
 
 
 def train_cell(name, overrides, log_dir=None):
-    """One training run in this process; returns the summary's numbers (no run folder kept).
+    """One training run in this process; returns the summary's numbers and the collapse
+    shares at initialisation and at the end (no run folder kept).
 
     The run's own output goes to a log in its temporary folder; on a failure its tail is in
     the error."""
+    from analysis.checkpoint import first_validation_images
     from train.config import resolve_config
     from train.loop import run
+
+    started = {}
+
+    def keep_initial(training):  # before the first step: a copy of the model as built
+        started["run"], started["model"] = training, copy.deepcopy(training.engine.model)
 
     with tempfile.TemporaryDirectory(prefix="accuracy-", dir=log_dir) as folder:
         _running["folder"] = folder
@@ -201,23 +218,40 @@ def train_cell(name, overrides, log_dir=None):
         try:
             with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
                     contextlib.redirect_stderr(log):
-                summary, _ = run(config)
+                summary, _ = run(config, on_start=keep_initial)
         except Exception as error:
             with open(log_path) as log:
                 tail = log.read()[-2000:]
             raise RunFailed(f"{name} {overrides}: {type(error).__name__}: {error}; the run's "
                             f"output ended:\n{tail}") from None
         curve = validation_curve(os.path.join(folder, "run", "metrics.jsonl"))
+    images = first_validation_images(started["run"].data, COLLAPSE_IMAGES)
+    names, initial = collapse_shares(started["model"], images)
+    _, final = collapse_shares(started["run"].engine.model, images)
     keep = ("status", "val_accuracy", "best_val_accuracy", "steps", "epochs",
             "train_images_per_second", "wall_seconds", "steps_per_epoch", "device")
     result = {key: summary[key] for key in keep}
     result["completed_epochs"] = result.pop("epochs")
     result["curve"] = curve
+    result["collapse"] = {"images": len(images), "layers": names, "init": initial,
+                          "end": final}
     result["recipe"] = {key: config[key] for key in (
         "optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule",
         "warmup_epochs", "epochs", "label_smoothing", "mixup_alpha", "precision", "engine",
         "cpu_threads")}
     return result
+
+
+def collapse_shares(model, images):
+    """(layer names, shares) of `model`'s channel-wise collapse over `images` (analysis.power,
+    eval mode): the channel_squared_mean share of each pre-activation's power, in model
+    order, their mean and the deepest layer's."""
+    from analysis.power import decompose_model
+
+    layers = decompose_model(model.cpu().eval(), images, batch_size=64)
+    shares = [layer["shares"]["channel_squared_mean"] for layer in layers]
+    return [layer["layer"] for layer in layers], {
+        "layers": shares, "mean": sum(shares) / len(shares), "deepest": shares[-1]}
 
 
 def validation_curve(path):
@@ -611,9 +645,10 @@ def main(argv=None):
                         help="override the configs' label_smoothing (several: a search)")
     parser.add_argument("--mixup", nargs="+", type=float,
                         help="override the configs' mixup_alpha (several: a search)")
-    parser.add_argument("--model", help="override the configs' model (models.list_models(): "
-                                            "cifar_preact_resnet56, say); its runs are rows "
-                                            "of their own")
+    parser.add_argument("--model", nargs="+",
+                        help="override the configs' model (models.list_models(): "
+                             "cifar_preact_resnet56, say); its runs are rows of their own; "
+                             "several run in order, each model's cells before the next's")
     parser.add_argument("--data-path", help="dataset folder (CIFAR-10: data/cifar10)")
     parser.add_argument("--engine", help="override the configs' engine (cpu, cuda)")
     parser.add_argument("--holdout", action="store_true",
@@ -674,7 +709,8 @@ def study(args, command):
                                "cpu": report["environment"]["cpu"]})
         write_json(report, args.output)
         accuracy = result["val_accuracy"]
-        print(f"{len(report['runs'])} in JSON: {cell['config']} norm {cell['norm']} micro-batch "
+        print(f"{len(report['runs'])} in JSON: {cell['config']} model {cell['model']} norm "
+              f"{cell['norm']} epochs {cell['epochs']} micro-batch "
               f"{cell['micro_batch_size']} x {cell['replicas']} seed {cell['seed']}: "
               f"{result['status']}, val_accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.2%}'}, "
