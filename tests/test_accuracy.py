@@ -203,6 +203,31 @@ def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_depth_sweep_pairs_each_norm_with_its_proxy_norm_twin_by_seed():
+    def run(model, norm, seed, accuracy_, epochs=6, init=0.2):
+        return {"data": "cluttered_digits", "config": f"c_{norm}", "model": model, "norm": norm,
+                "seed": seed, "epochs": epochs, "global_batch": 64, "micro_batch_size": 8,
+                "max_steps": 0, "lr": 0.2, "mixup_alpha": 0.2, "status": "finished",
+                "val_accuracy": accuracy_, "collapse": {
+                    "init": {"mean": init, "deepest": 2 * init, "layers": [init]},
+                    "end": {"mean": init / 2, "deepest": init, "layers": [init / 2]}}}
+
+    runs = [run("resnet20", "group", 0, 0.90), run("resnet20", "group_pn", 0, 0.95),
+            run("resnet20", "group", 1, 0.92), run("resnet20", "group_pn", 1, 0.91),
+            run("resnet20", "group", 2, 0.80),  # its group_pn did not finish: no lift
+            run("resnet20", "group_pn", 2, 0.99, epochs=12),  # another budget: no partner
+            run("resnet56", "group_pn", 0, 0.97, init=0.05)]  # no plain group yet
+    sweep = accuracy.depth_sweep(runs)
+    assert list(sweep) == ["resnet20", "resnet56"]  # a depth with no run is absent
+    lifts = sweep["resnet20"]["lifts"]
+    assert list(lifts) == ["group"] and set(lifts["group"]) == {0, 1}
+    assert lifts["group"][0] == pytest.approx(5.0) and lifts["group"][1] == pytest.approx(-1.0)
+    assert sweep["resnet56"]["lifts"] == {}
+    assert sweep["resnet56"]["collapse"] == {"group_pn": {0: {
+        "init": {"mean": 0.05, "deepest": 0.1}, "end": {"mean": 0.025, "deepest": 0.05}}}}
+    assert set(sweep["resnet20"]["collapse"]["group"]) == {0, 1, 2}
+
+
 def test_bad_micro_batch_is_one_line(tmp_path, capsys):
     status = accuracy.main(["--global-batch", "16", "--micro-batches", "3", "--no-readme",
                             "--output", str(tmp_path / "a.json")])
