@@ -72,5 +72,11 @@ def validation_images(config, count):
                            **{key: config[key] for key in DATA_OPTIONS if key in config})
     except DataError as error:
         raise CheckpointError(str(error)) from None
+    return first_validation_images(data, count)
+
+
+def first_validation_images(data, count):
+    """The first `count` images (or all, if fewer) of a dataset's validation side, with its
+    validation transform, stacked into one tensor."""
     count = min(count, len(data.val))
     return torch.stack([data.val[(0, index)][0] for index in range(count)])

@@ -3,8 +3,8 @@
     python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
-        [--mixup ALPHA ...] [--model NAME] [--holdout] [--every-split]
-        [--data-path DIR] [--figures DIR] [--headline] [--output JSON]
+        [--mixup ALPHA ...] [--model NAME ...] [--holdout] [--every-split]
+        [--data-path DIR] [--figures DIR] [--depth-figure FILE] [--headline] [--output JSON]
         [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
 
@@ -19,9 +19,17 @@ afterwards (its validation curve is kept in the JSON). `lr` stays the config's (
 rescaled for the global batch; `--lr` sets another, several make a search, as several
 `--epochs` do; `--label-smoothing` and `--mixup` set the extra regularisation the same way,
 a cell for each combination; `--model` trains another model with the same recipe, its
-runs a row of their own). The sample order depends only on the seed and the global
+runs a row of their own; several models run one after another, all of the first model's
+cells first). The sample order depends only on the seed and the global
 batch, so at one seed every micro-batch sees the same batches: only the normalisation's
 statistics domain differs.
+
+Every run also records its channel-wise collapse (`collapse`): analysis.power's
+`channel_squared_mean` share of the power of each pre-activation (a norm layer followed by
+an activation), in eval mode over the first 256 validation images, at initialisation (the
+model as built with the run's seed, before the first step) and at the end (the final
+weights): the layers' names, each layer's share, their mean and the deepest layer's. In
+eval mode BatchNorm uses its running statistics (at initialisation: none yet).
 
 Split-invariant norms (the batch-independent ones, and sync_batch over all replicas) give
 the same maths for every split (tests/test_execution_plans.py), so they run once per seed,
@@ -44,7 +52,11 @@ between the `--section` markers of `--markdown` (docs/evidence.md, `accuracy`) i
 from the whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the
 seeds, per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's
 runs: accuracy_vs_microbatch.png and training_curves.png, and error_vs_budget.png where the
-JSON holds the same cells trained for other numbers of epochs; `--headline` rewrites README.md's
+JSON holds the same cells trained for other numbers of epochs; `--depth-figure FILE` draws,
+against the depth of the `--model` networks (the number ending each name), the lift in final
+accuracy from each norm to its Proxy Norm twin, paired by seed, and the collapse shares at
+initialisation and at the end (docs/depth_sweep.png for the depth sweep of docs/evidence.md);
+`--headline` rewrites README.md's
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
 and each row's paired distance below the best BatchNorm. `--report-only` runs nothing and
 rebuilds the tables and figures from what the JSON holds (while a study is still running).
@@ -53,12 +65,14 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import itertools
 import json
 import math
 import multiprocessing
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -82,6 +96,7 @@ KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
                 "max_steps": None, "lr": None, "holdout": False,
                 "label_smoothing": 0.0, "mixup_alpha": 0.0}
 REGULARISATION = {"label_smoothing": "label smoothing", "mixup_alpha": "mixup"}
+COLLAPSE_IMAGES = 256  # validation images over which each run's collapse is measured
 
 
 class StudyError(Exception):
@@ -144,7 +159,7 @@ def plan(args):
             raise StudyError(f"--micro-batches {micro_batch} does not divide --global-batch "
                              f"{args.global_batch}")
     cells = []
-    for name, norm in names:
+    for model, (name, norm) in itertools.product(args.model or [None], names):
         try:
             recipe = resolve_config(name, {"norm": norm} if norm else {}, configs=configs)
         except ConfigError as error:
@@ -167,7 +182,7 @@ def plan(args):
                 overrides["clutter_holdout"] = True
             for option, value in (("norm", norm), ("epochs", epochs), ("lr", lr),
                                   ("label_smoothing", smoothing), ("mixup_alpha", mixup),
-                                  ("model", args.model), ("data_path", args.data_path),
+                                  ("model", model), ("data_path", args.data_path),
                                   ("engine", args.engine)):
                 if value is not None:
                     overrides[option] = value
@@ -187,12 +202,19 @@ def plan(args):
 
 
 def train_cell(name, overrides, log_dir=None):
-    """One training run in this process; returns the summary's numbers (no run folder kept).
+    """One training run in this process; returns the summary's numbers and the collapse
+    shares at initialisation and at the end (no run folder kept).
 
     The run's own output goes to a log in its temporary folder; on a failure its tail is in
     the error."""
+    from analysis.checkpoint import first_validation_images
     from train.config import resolve_config
     from train.loop import run
+
+    started = {}
+
+    def keep_initial(training):  # before the first step: a copy of the model as built
+        started["run"], started["model"] = training, copy.deepcopy(training.engine.model)
 
     with tempfile.TemporaryDirectory(prefix="accuracy-", dir=log_dir) as folder:
         _running["folder"] = folder
@@ -201,23 +223,40 @@ def train_cell(name, overrides, log_dir=None):
         try:
             with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
                     contextlib.redirect_stderr(log):
-                summary, _ = run(config)
+                summary, _ = run(config, on_start=keep_initial)
         except Exception as error:
             with open(log_path) as log:
                 tail = log.read()[-2000:]
             raise RunFailed(f"{name} {overrides}: {type(error).__name__}: {error}; the run's "
                             f"output ended:\n{tail}") from None
         curve = validation_curve(os.path.join(folder, "run", "metrics.jsonl"))
+    images = first_validation_images(started["run"].data, COLLAPSE_IMAGES)
+    names, initial = collapse_shares(started["model"], images)
+    _, final = collapse_shares(started["run"].engine.model, images)
     keep = ("status", "val_accuracy", "best_val_accuracy", "steps", "epochs",
             "train_images_per_second", "wall_seconds", "steps_per_epoch", "device")
     result = {key: summary[key] for key in keep}
     result["completed_epochs"] = result.pop("epochs")
     result["curve"] = curve
+    result["collapse"] = {"images": len(images), "layers": names, "init": initial,
+                          "end": final}
     result["recipe"] = {key: config[key] for key in (
         "optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule",
         "warmup_epochs", "epochs", "label_smoothing", "mixup_alpha", "precision", "engine",
         "cpu_threads")}
     return result
+
+
+def collapse_shares(model, images):
+    """(layer names, shares) of `model`'s channel-wise collapse over `images` (analysis.power,
+    eval mode): the channel_squared_mean share of each pre-activation's power, in model
+    order, their mean and the deepest layer's."""
+    from analysis.power import decompose_model
+
+    layers = decompose_model(model.cpu().eval(), images, batch_size=64)
+    shares = [layer["shares"]["channel_squared_mean"] for layer in layers]
+    return [layer["layer"] for layer in layers], {
+        "layers": shares, "mean": sum(shares) / len(shares), "deepest": shares[-1]}
 
 
 def validation_curve(path):
@@ -565,6 +604,113 @@ def plot_training_curves(runs, path):
     write_png(figure, path)
 
 
+def depth_sweep(runs):
+    """A depth sweep's numbers, per model in the order of `runs` (a study's finished runs):
+    {model: {"lifts": {norm: {seed: points}}, "collapse": {norm: {seed: {"init": ..., "end":
+    ...}}}}}. A lift is the final validation accuracy of `NORM_pn` minus that of `NORM`
+    (points), paired by seed at otherwise equal settings (the seed fixes the batches); a run
+    whose partner did not finish is left out. The collapse shares ("mean" over the layers and
+    "deepest") are each run's own, per norm and seed."""
+    def pair_key(run, norm):
+        return run["data"], norm, cell_key({**run, "config": None, "norm": None})
+
+    by_key = {pair_key(run, run["norm"]): run for run in runs}
+    sweep = {}
+    for run in runs:
+        model = sweep.setdefault(run["model"], {"lifts": {}, "collapse": {}})
+        if "collapse" in run:
+            model["collapse"].setdefault(run["norm"], {})[run["seed"]] = {
+                when: {key: run["collapse"][when][key] for key in ("mean", "deepest")}
+                for when in ("init", "end")}
+        twin = by_key.get(pair_key(run, run["norm"] + "_pn"))
+        if twin is not None:
+            model["lifts"].setdefault(run["norm"], {})[run["seed"]] = 100 * (
+                twin["val_accuracy"] - run["val_accuracy"])
+    return sweep
+
+
+def model_depth(model):
+    """The depth in a model's name (cifar_preact_resnet110: 110)."""
+    found = re.search(r"(\d+)$", model)
+    if found is None:
+        raise StudyError(f"--depth-figure: the model name {model} ends in no depth")
+    return int(found.group(1))
+
+
+def plot_depth_sweep(runs, path, models=()):
+    """Against depth (the models of `runs`, a study's finished runs): Proxy Norm's lift of
+    each norm's final validation accuracy (per-seed paired lifts as dots, their mean as a
+    line), and the collapse share at initialisation and at the end, mean over the layers and
+    the deepest layer (each seed a dot, the mean over seeds a line). The x axis has a tick
+    for each of `models` (the study's) too: a model with no finished run has no point there,
+    absent, not zero."""
+    from matplotlib.figure import Figure
+
+    if len({run["epochs"] for run in runs}) > 1:
+        raise StudyError("--depth-figure draws one budget: give one --epochs")
+    sweep = depth_sweep(runs)
+    depths = {model: model_depth(model) for model in [*models, *sweep]}
+    norms = sorted({norm for model in sweep.values() for norm in model["collapse"]},
+                   key=lambda n: NORMS.index(n) if n in NORMS else len(NORMS))
+    figure = Figure(figsize=(13, 4.6))
+    lift_axis, *share_axes = figure.subplots(1, 3)
+
+    def series(axis, values_by_model, offset, color, label, **style):
+        """Each seed a dot, the mean over seeds a line; dots nudged sideways (log x) so
+        that the series at one depth do not hide each other."""
+        xs, means = [], []
+        for model, values in values_by_model.items():
+            x = depths[model] * 1.04 ** offset
+            axis.scatter([x] * len(values), list(values.values()), s=18, color=color,
+                         alpha=0.5, linewidths=0)
+            xs.append(x)
+            means.append(sum(values.values()) / len(values))
+        axis.plot(xs, means, color=color, marker="o", label=label, **style)
+
+    bases = sorted({norm for model in sweep.values() for norm in model["lifts"]})
+    for i, norm in enumerate(bases):
+        series(lift_axis, {model: values["lifts"][norm] for model, values in sweep.items()
+                           if norm in values["lifts"]}, 0, f"C{i}",
+               f"{NORM_WORDS.get(norm, norm)} → + Proxy Norm")
+    lift_axis.axhline(0, color="black", linewidth=0.8)
+    lift_axis.set_ylabel("lift in final validation accuracy (points)")
+    lift_axis.set_title("Proxy Norm's lift, paired by seed")
+    for axis, statistic, title in zip(share_axes, ("mean", "deepest"),
+                                      ("collapse share, mean over layers",
+                                       "collapse share, deepest layer")):
+        for i, norm in enumerate(norms):
+            for when, style, offset in (("init", "--", -1), ("end", "-", 1)):
+                shares = {model: {seed: record[when][statistic]
+                                  for seed, record in values["collapse"][norm].items()}
+                          for model, values in sweep.items() if norm in values["collapse"]}
+                series(axis, shares, offset + 0.5 * i, f"C{i}",
+                       f"{NORM_WORDS.get(norm, norm)}, "
+                       f"{'at initialisation' if when == 'init' else 'at the end'}",
+                       linestyle=style, markerfacecolor="white" if when == "init" else None)
+        axis.set_ylim(bottom=0)
+        axis.set_ylabel("channel_squared_mean share of the power")
+        axis.set_title(title)
+    for axis in (lift_axis, *share_axes):
+        ticks = sorted(set(depths.values()))
+        log2_x_axis(axis, ticks, "depth (layers)")
+        axis.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
+        axis.grid(alpha=0.3)
+    if bases:
+        lift_axis.legend(fontsize=8)
+    else:
+        lift_axis.text(0.5, 0.5, "no norm has finished beside its\nProxy Norm twin at a seed yet",
+                       transform=lift_axis.transAxes, ha="center", va="center")
+    # the two collapse panels share their series: one legend under both
+    figure.legend(*share_axes[0].get_legend_handles_labels(), loc="lower right",
+                  bbox_to_anchor=(0.99, 0), ncol=2, fontsize=8)
+    first = runs[0]
+    figure.suptitle(f"{first['data']}, {', '.join(sweep)}, {first['epochs']} epochs, "
+                    f"seeds {', '.join(map(str, sorted({run['seed'] for run in runs})))}: "
+                    f"dots are seeds, lines their mean", fontsize=10)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    write_png(figure, path)
+
+
 def command_line(argv):
     """The command that reproduces the results (README and output flags left out)."""
     shown, skip = [], False
@@ -574,10 +720,12 @@ def command_line(argv):
             continue
         if arg in ("--no-readme", "--no-resume", "--resume", "--report-only", "--headline"):
             continue
-        if arg in ("--output", "--jobs", "--markdown", "--section", "--figures"):
+        if arg in ("--output", "--jobs", "--markdown", "--section", "--figures",
+                   "--depth-figure"):
             skip = True
             continue
-        if arg.startswith(("--output=", "--jobs=", "--markdown=", "--section=", "--figures=")):
+        if arg.startswith(("--output=", "--jobs=", "--markdown=", "--section=", "--figures=",
+                           "--depth-figure=")):
             continue
         shown.append(arg)
     return " ".join(["python -m benchmarks.accuracy", *map(shlex.quote, shown)])
@@ -611,9 +759,10 @@ def main(argv=None):
                         help="override the configs' label_smoothing (several: a search)")
     parser.add_argument("--mixup", nargs="+", type=float,
                         help="override the configs' mixup_alpha (several: a search)")
-    parser.add_argument("--model", help="override the configs' model (models.list_models(): "
-                                            "cifar_preact_resnet56, say); its runs are rows "
-                                            "of their own")
+    parser.add_argument("--model", nargs="+",
+                        help="override the configs' model (models.list_models(): "
+                             "cifar_preact_resnet56, say); its runs are rows of their own; "
+                             "several run in order, each model's cells before the next's")
     parser.add_argument("--data-path", help="dataset folder (CIFAR-10: data/cifar10)")
     parser.add_argument("--engine", help="override the configs' engine (cpu, cuda)")
     parser.add_argument("--holdout", action="store_true",
@@ -637,6 +786,10 @@ def main(argv=None):
                         help="also draw this study's accuracy_vs_microbatch.png, "
                              "training_curves.png and, where the JSON holds other budgets, "
                              "error_vs_budget.png into DIR")
+    parser.add_argument("--depth-figure", metavar="FILE",
+                        help="also draw, against the depth of the --model networks, Proxy "
+                             "Norm's paired lift and the collapse shares of this study's runs "
+                             "into FILE (docs/depth_sweep.png)")
     parser.add_argument("--headline", action="store_true",
                         help="also rewrite README.md's headline table (accuracy_headline) "
                              "from this study's runs")
@@ -674,7 +827,8 @@ def study(args, command):
                                "cpu": report["environment"]["cpu"]})
         write_json(report, args.output)
         accuracy = result["val_accuracy"]
-        print(f"{len(report['runs'])} in JSON: {cell['config']} norm {cell['norm']} micro-batch "
+        print(f"{len(report['runs'])} in JSON: {cell['config']} model {cell['model']} norm "
+              f"{cell['norm']} epochs {cell['epochs']} micro-batch "
               f"{cell['micro_batch_size']} x {cell['replicas']} seed {cell['seed']}: "
               f"{result['status']}, val_accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.2%}'}, "
@@ -719,6 +873,9 @@ def study(args, command):
             path = os.path.join(args.figures, "error_vs_budget.png")
             plot_error_vs_budget(budgets, path)
             print(f"wrote {path}")
+    if args.depth_figure and runs:
+        plot_depth_sweep(runs, args.depth_figure, args.model or ())
+        print(f"wrote {args.depth_figure}")
     if not args.no_readme:
         try:
             replace_section(args.section, text, args.markdown)

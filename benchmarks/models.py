@@ -31,7 +31,7 @@ def variants():
                  "resnet50v2", "resnet101v2", "resnext50v2_32x4d"):
         yield name, "", {}, 224
     for name in ("cifar_resnet20", "cifar_resnet56", "cifar_preact_resnet20",
-                 "cifar_preact_resnet56"):
+                 "cifar_preact_resnet56", "cifar_preact_resnet110"):
         yield name, "", {"num_classes": 10}, 32
     for name in ("digits_resnet", "digits_preact_resnet"):
         yield name, "", {"num_classes": 10, "in_channels": 1}, 32

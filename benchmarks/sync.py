@@ -1,7 +1,7 @@
 """Synchronisation benchmark: what each norm costs across real processes, measured.
 
     python -m benchmarks.sync [--models cifar_preact_resnet20 resnet50v2 efficientnet_b0]
-        [--processes 2 4] [--micro-batches 1 4 16] [--rounds 5] [--no-readme]
+        [--processes 2 4] [--micro-batches 1 4 16] [--rounds 5] [--no-readme] [--report-only]
 
 For each model and number of processes, one `torchrun` launch on 127.0.0.1 (gloo on the
 CPU, NCCL on GPUs, one process per replica, the cores split between the processes) trains
@@ -20,7 +20,8 @@ torch's own allreduce_hook. Every norm trains with that hook in every step, time
 included, so they stay comparable.
 
 Writes benchmarks/results/sync.json, docs/sync_benchmark.png and the table between the
-`sync` markers of docs/scaling.md. benchmarks/sync_cost.py projects the counts to pods.
+`sync` markers of docs/scaling.md (`--report-only`: the figure and the table from the JSON,
+nothing launched). benchmarks/sync_cost.py projects the counts to pods.
 """
 import argparse
 import collections
@@ -232,28 +233,31 @@ def table(report):
 
 
 def plot(report, path):
-    """Images/s against micro-batch, one panel per (model, processes), one line per norm."""
-    import matplotlib
+    """Images/s against micro-batch, a row of panels per number of processes and a column
+    per model (one y scale per model, so that its rows compare), one line per norm."""
+    from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    launches = report["results"]
-    fig, axes = plt.subplots(1, len(launches), figsize=(4 * len(launches), 3.6), squeeze=False)
-    for ax, launch_result in zip(axes[0], launches):
-        for norm in report["environment"]["norms"]:
+    env = report["environment"]
+    figure = Figure(figsize=(3.6 * len(env["models"]), 2.8 * len(env["processes"]) + 0.8))
+    axes = figure.subplots(len(env["processes"]), len(env["models"]), sharey="col",
+                           squeeze=False)
+    for launch_result in report["results"]:
+        axis = axes[env["processes"].index(launch_result["processes"])][
+            env["models"].index(launch_result["model"])]
+        for norm in env["norms"]:
             points = [(row["micro_batch"], row["norms"][norm]["images_per_second"])
                       for row in launch_result["rows"]]
-            ax.plot(*zip(*points), marker="o", label=norm)
-        ax.set_title(f"{launch_result['model']}, {launch_result['processes']} processes",
-                     fontsize=9)
-        log2_x_axis(ax, report["environment"]["micro_batches"], "micro-batch per process")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training images/s")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    write_png(fig, path)
-    plt.close(fig)
+            axis.plot(*zip(*points), marker="o", label=norm)
+        axis.set_title(f"{launch_result['model']}, {launch_result['processes']} processes",
+                       fontsize=9)
+        log2_x_axis(axis, env["micro_batches"], "")
+        axis.grid(alpha=0.3)
+    figure.supxlabel("micro-batch per process", fontsize=10)
+    figure.supylabel("training images/s (all processes)", fontsize=10)
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center",
+                  ncol=len(env["norms"]), fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / figure.get_figheight()))
+    write_png(figure, path)
 
 
 def main(argv=None):
@@ -272,21 +276,27 @@ def main(argv=None):
     parser.add_argument("--output", default=RESULTS, help="JSON path")
     parser.add_argument("--plot", default=PLOT, help="PNG path")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/scaling.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="launch nothing: redraw the figure and the table from --output")
     args = parser.parse_args(argv)
     if args.worker:
         args.model = args.models[0]
         return worker(args)
-    if BASELINE not in args.norms:
-        raise SystemExit(f"benchmarks.sync: --norms must include the baseline {BASELINE}")
-    results = [launch(model, processes, args) for model in args.models
-               for processes in args.processes]
-    report = {
-        "environment": {"models": args.models, "processes": args.processes,
-                        "micro_batches": args.micro_batches, "norms": args.norms,
-                        "rounds": args.rounds, "cores": args.cores, "cpu": cpu_name(),
-                        "torch": torch.__version__},
-        "results": results}
-    write_json(report, args.output, significant=5)
+    if args.report_only:
+        with open(args.output) as f:
+            report = json.load(f)
+    else:
+        if BASELINE not in args.norms:
+            raise SystemExit(f"benchmarks.sync: --norms must include the baseline {BASELINE}")
+        results = [launch(model, processes, args) for model in args.models
+                   for processes in args.processes]
+        report = {
+            "environment": {"models": args.models, "processes": args.processes,
+                            "micro_batches": args.micro_batches, "norms": args.norms,
+                            "rounds": args.rounds, "cores": args.cores, "cpu": cpu_name(),
+                            "torch": torch.__version__},
+            "results": results}
+        write_json(report, args.output, significant=5)
     plot(report, args.plot)
     print(table(report))
     if not args.no_readme:

@@ -7,7 +7,7 @@ norm class. Families:
   resnet18/34/50/101/152, resnext50_32x4d     torchvision's ResNet v1.5 / ResNeXt (resnet.py)
   cifar_resnet20/56, digits_resnet             small ResNets for 32x32 inputs (resnet.py)
   resnet50v2, resnet101v2, resnext50v2_32x4d   pre-activation ResNets v2 (preact_resnet.py)
-  cifar_preact_resnet20/56, digits_preact_resnet  small pre-activation ResNets
+  cifar_preact_resnet20/56/110, digits_preact_resnet  small pre-activation ResNets
                                                (preact_resnet.py)
   efficientnet_b0..b5                          EfficientNet with group_dim, expand_ratio
                                                (efficientnet.py)

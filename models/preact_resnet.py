@@ -15,7 +15,8 @@ bn1 -> conv1 -> bn2 -> conv2 -> bn3 -> conv3 with the stride on the 3x3 conv, as
   resnet50v2, resnet101v2, resnext50v2_32x4d (cardinality 32, 4 channels per group)
 Small models for 32x32 inputs (stem: one 3x3 conv at stride 1, no norm; basic blocks
 bn1 -> conv1 -> bn2 -> conv2; stages of 16/32/64 channels):
-  cifar_preact_resnet20, cifar_preact_resnet56   strides 1/2/2, 6n+2 layers
+  cifar_preact_resnet20, cifar_preact_resnet56,  strides 1/2/2, 6n+2 layers (n = 3, 9, 18
+  cifar_preact_resnet110                         blocks per stage)
   digits_preact_resnet                           one block per stage, strides 2/2/2, as
                                                  digits_resnet (for the 8x8 digits)
 """
@@ -139,6 +140,7 @@ IMAGENET_ARCHS = {
 SMALL_ARCHS = {
     "cifar_preact_resnet20": ((3, 3, 3), (1, 2, 2), True),
     "cifar_preact_resnet56": ((9, 9, 9), (1, 2, 2), True),
+    "cifar_preact_resnet110": ((18, 18, 18), (1, 2, 2), True),
     "digits_preact_resnet": ((1, 1, 1), (2, 2, 2), False),
 }
 

@@ -1,6 +1,7 @@
 """The accuracy study: a tiny grid's JSON and table, and skipping of finished cells (never its
 accuracies or timings)."""
 import argparse
+import copy
 import json
 import os
 import signal
@@ -70,6 +71,46 @@ def test_tiny_grid_writes_its_cells_a_table_and_figures(tmp_path, capsys):
     del older["cpu"]
     mixed = accuracy.table({**report, "runs": [*report["runs"], older]})
     assert f"(3 on {cpu}, 1 on an unrecorded CPU; torch " in mixed
+
+
+def test_every_run_records_its_collapse_shares_at_initialisation_and_at_the_end(
+        tmp_path, monkeypatch):
+    """The record holds analysis.power's channel_squared_mean shares, in eval mode over the
+    first validation images, of the model as the seed builds it and of the trained one."""
+    from analysis.power import decompose_model
+    from models import get_model
+    from train import loop
+    from train.config import resolve_config
+
+    trained = []
+    original = loop.conclude
+
+    def keep_trained(run, config):  # the run's own model, after its last step
+        result = original(run, config)
+        trained.append(copy.deepcopy(run.engine.model))
+        return result
+
+    monkeypatch.setattr(loop, "conclude", keep_trained)
+    monkeypatch.setattr(accuracy, "COLLAPSE_IMAGES", 40)
+    _, report = study(tmp_path, "--norms", "group", "--micro-batches", "8", "--lr", "0.5")
+    (run,) = report["runs"]
+    collapse = run["collapse"]
+    data = loop.load_data(resolve_config(run["config"], {"seed": run["seed"]}))
+    images = torch.stack([data.val[(0, i)][0] for i in range(40)])
+    torch.manual_seed(0)  # the run's seed, then its data and model, as train.loop builds them
+    initial = get_model(run["model"], norm="group", num_classes=10, in_channels=1)
+    for key, model in (("init", initial), ("end", trained[0])):
+        layers = decompose_model(model.eval(), images)
+        expected = [layer["shares"]["channel_squared_mean"] for layer in layers]
+        assert collapse[key]["layers"] == pytest.approx(expected, rel=1e-9)
+        assert collapse[key]["mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+        assert collapse[key]["deepest"] == collapse[key]["layers"][-1]
+    assert collapse["images"] == 40
+    assert collapse["layers"] == [layer["layer"] for layer in layers]
+    assert run["model"] == "digits_preact_resnet"  # 3 blocks of 2 norm-acts, then bn_final
+    assert collapse["layers"][-1] == "bn_final" and len(collapse["layers"]) == 7
+    # two steps at a large lr move the shares: init and end are different models
+    assert collapse["init"]["layers"] != pytest.approx(collapse["end"]["layers"], rel=1e-3)
 
 
 def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, capsys):
@@ -162,6 +203,31 @@ def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_depth_sweep_pairs_each_norm_with_its_proxy_norm_twin_by_seed():
+    def run(model, norm, seed, accuracy_, epochs=6, init=0.2):
+        return {"data": "cluttered_digits", "config": f"c_{norm}", "model": model, "norm": norm,
+                "seed": seed, "epochs": epochs, "global_batch": 64, "micro_batch_size": 8,
+                "max_steps": 0, "lr": 0.2, "mixup_alpha": 0.2, "status": "finished",
+                "val_accuracy": accuracy_, "collapse": {
+                    "init": {"mean": init, "deepest": 2 * init, "layers": [init]},
+                    "end": {"mean": init / 2, "deepest": init, "layers": [init / 2]}}}
+
+    runs = [run("resnet20", "group", 0, 0.90), run("resnet20", "group_pn", 0, 0.95),
+            run("resnet20", "group", 1, 0.92), run("resnet20", "group_pn", 1, 0.91),
+            run("resnet20", "group", 2, 0.80),  # its group_pn did not finish: no lift
+            run("resnet20", "group_pn", 2, 0.99, epochs=12),  # another budget: no partner
+            run("resnet56", "group_pn", 0, 0.97, init=0.05)]  # no plain group yet
+    sweep = accuracy.depth_sweep(runs)
+    assert list(sweep) == ["resnet20", "resnet56"]  # a depth with no run is absent
+    lifts = sweep["resnet20"]["lifts"]
+    assert list(lifts) == ["group"] and set(lifts["group"]) == {0, 1}
+    assert lifts["group"][0] == pytest.approx(5.0) and lifts["group"][1] == pytest.approx(-1.0)
+    assert sweep["resnet56"]["lifts"] == {}
+    assert sweep["resnet56"]["collapse"] == {"group_pn": {0: {
+        "init": {"mean": 0.05, "deepest": 0.1}, "end": {"mean": 0.025, "deepest": 0.05}}}}
+    assert set(sweep["resnet20"]["collapse"]["group"]) == {0, 1, 2}
+
+
 def test_bad_micro_batch_is_one_line(tmp_path, capsys):
     status = accuracy.main(["--global-batch", "16", "--micro-batches", "3", "--no-readme",
                             "--output", str(tmp_path / "a.json")])
@@ -209,9 +275,18 @@ def test_other_config_families_are_planned_without_training():
     deeper = accuracy.plan(argparse.Namespace(
         data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
                                     "every_split": False, "micro_batches": [8],
-                                    "model": "cifar_preact_resnet56"}))
+                                    "model": ["cifar_preact_resnet56"]}))
     ((cell, overrides),) = deeper
     assert (cell["model"], overrides["model"]) == ("cifar_preact_resnet56",) * 2
+    # several models: each model's cells before the next model's, in the given order
+    sweep = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["group", "group_pn"],
+                                    "data_path": None, "every_split": False,
+                                    "micro_batches": [8], "seeds": [0, 1],
+                                    "model": ["cifar_preact_resnet110", "cifar_preact_resnet20"]}))
+    assert [(c["model"][len("cifar_preact_"):], c["norm"], c["seed"]) for c, _ in sweep] == [
+        (depth, norm, seed) for depth in ("resnet110", "resnet20")
+        for norm in ("group", "group_pn") for seed in (0, 1)]
     shipped = accuracy.plan(argparse.Namespace(
         data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
                                     "every_split": False, "micro_batches": [8]}))

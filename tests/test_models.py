@@ -26,9 +26,9 @@ def one_thread():
 
 
 SMALL = ["cifar_resnet20", "cifar_resnet56", "digits_resnet", "cifar_preact_resnet20",
-         "cifar_preact_resnet56", "digits_preact_resnet"]
+         "cifar_preact_resnet56", "cifar_preact_resnet110", "digits_preact_resnet"]
 PREACT = ["resnet50v2", "resnet101v2", "resnext50v2_32x4d", "cifar_preact_resnet20",
-          "cifar_preact_resnet56", "digits_preact_resnet"]
+          "cifar_preact_resnet56", "cifar_preact_resnet110", "digits_preact_resnet"]
 LARGE = [name for name in list_models() if name not in SMALL]
 
 
@@ -65,7 +65,7 @@ def test_list_models_names_every_family():
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
         "cifar_resnet20", "cifar_resnet56", "digits_resnet", "resnet50v2", "resnet101v2",
         "resnext50v2_32x4d", "cifar_preact_resnet20", "cifar_preact_resnet56",
-        "digits_preact_resnet", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+        "cifar_preact_resnet110", "digits_preact_resnet", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
         "efficientnet_b4", "efficientnet_b5"]
 
 
@@ -155,6 +155,7 @@ def test_parameter_counts_equal_torchvision(name, kw, expected):
     ("cifar_preact_resnet20", "batch", {"num_classes": 10, "in_channels": 1}, 271_994),
     ("cifar_preact_resnet20", "group_pn", {"num_classes": 10, "in_channels": 1}, 273_370),
     ("cifar_preact_resnet56", "batch", {"num_classes": 10}, 855_578),
+    ("cifar_preact_resnet110", "group_pn", {"num_classes": 10, "in_channels": 1}, 1_738_330),
     ("efficientnet_b0", "batch", {"group_dim": 16, "expand_ratio": 4}, 5_913_796),
     ("efficientnet_b0", "group_pn", {"group_dim": 16, "expand_ratio": 4}, 5_938_484),
     ("efficientnet_b0", "group_pn", {"group_dim": 1}, 5_325_140),
@@ -163,6 +164,36 @@ def test_parameter_counts_equal_torchvision(name, kw, expected):
 ])
 def test_parameter_counts_of_our_variants(name, norm, kw, expected):
     assert count(meta_model(name, norm=norm, **kw)) == expected
+
+
+def preact_cifar_count(blocks, num_classes=10, in_channels=3):
+    """He et al. 2016's pre-activation CIFAR ResNet with BatchNorm, counted by hand: a 3x3
+    stem to 16 channels; per basic block a norm (2 per channel) and a 3x3 conv, twice, and
+    a 1x1 projection where the width doubles; a final norm and the classifier."""
+    total, inplanes = in_channels * 16 * 9, 16
+    for planes in (16, 32, 64):
+        for block in range(blocks):
+            total += 2 * inplanes + inplanes * planes * 9 + 2 * planes + planes * planes * 9
+            total += inplanes * planes if inplanes != planes else 0
+            inplanes = planes
+    return total + 2 * 64 + 64 * num_classes + num_classes
+
+
+@pytest.mark.parametrize("name,blocks", [("cifar_preact_resnet20", 3),
+                                         ("cifar_preact_resnet56", 9),
+                                         ("cifar_preact_resnet110", 18)])
+def test_preact_cifar_resnets_count_as_he_et_al(name, blocks):
+    assert count(meta_model(name, norm="batch", num_classes=10)) == preact_cifar_count(blocks)
+    convs = [m for m in meta_model(name, norm="batch").modules() if isinstance(m, nn.Conv2d)
+             and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 6 * blocks + 2  # 6n+2 weighted layers: the 3x3 convs and fc
+
+
+def test_preact_resnet110_has_the_published_size():
+    # He et al. 2016: 1.7M parameters (with zero-padded shortcuts; our 1x1 projections add
+    # 2,560)
+    assert round(count(meta_model("cifar_preact_resnet110", norm="batch", num_classes=10)) / 1e6,
+                 1) == 1.7
 
 
 def test_proxy_norm_adds_two_parameters_per_activated_channel_and_drops_residual_shifts():
@@ -248,6 +279,7 @@ def test_one_input_channel(name):
 # ---- batch (in)dependence -----------------------------------------------------------
 
 INDEPENDENCE_MODELS = ["digits_resnet", "resnet18", "resnet50v2", "cifar_preact_resnet20",
+                       "cifar_preact_resnet110",
                        "efficientnet_b0"]
 
 

@@ -81,3 +81,24 @@ def test_projection_adds_every_counted_collective_to_the_compute():
     assert row["sync_us"] == pytest.approx(1e6 * sync_seconds)
     assert row["speedup"] == pytest.approx((compute + sync_seconds) / compute)
     assert math.isfinite(row["speedup"]) and row["speedup"] > 1
+
+
+def test_report_only_redraws_from_the_json_without_launching(tmp_path, monkeypatch, capsys):
+    def no_launch(*args):
+        raise AssertionError("--report-only launched a benchmark")
+
+    monkeypatch.setattr(sync, "launch", no_launch)
+    norms = {norm: {"images_per_second": speed, "collectives": {}}
+             for norm, speed in (("sync_batch", 10.0), ("group_pn", 25.0))}
+    report = {"environment": {"models": ["m"], "processes": [2, 4], "micro_batches": [1],
+                              "norms": ["sync_batch", "group_pn"], "rounds": 1, "cores": 2,
+                              "cpu": "cpu", "torch": "t"},
+              "results": [{"model": "m", "processes": processes, "threads_per_process": 1,
+                           "rows": [{"micro_batch": 1, "norms": norms}]}
+                          for processes in (2, 4)]}
+    (tmp_path / "sync.json").write_text(json.dumps(report))
+    sync.main(["--report-only", "--no-readme", "--output", str(tmp_path / "sync.json"),
+               "--plot", str(tmp_path / "sync.png")])
+    assert (tmp_path / "sync.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| `m` | 4 | 1 | 10.0 | 25.0 | **2.50x** |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sync.json").read_text()) == report  # left as it was

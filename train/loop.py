@@ -535,11 +535,15 @@ class Run:
         }
 
 
-def run(config):
+def run(config, on_start=None):
     """Trains the resolved config; returns (summary, exit status); the summary is None in
-    every process but rank 0 under torchrun. The run folder stays locked until it returns."""
+    every process but rank 0 under torchrun. The run folder stays locked until it returns.
+    `on_start(run)`, if given, sees the Run once it is set up, before its first step (its
+    engine's model as built from the seed, or as restored when resuming)."""
     run = Run(config)
     try:
+        if on_start is not None:
+            on_start(run)
         return conclude(run, config)
     finally:
         files.release(run.lock)
