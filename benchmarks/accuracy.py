@@ -247,13 +247,14 @@ def train_cell(name, overrides, log_dir=None):
     return result
 
 
-def collapse_shares(model, images):
+def collapse_shares(model, images, train=False):
     """(layer names, shares) of `model`'s channel-wise collapse over `images` (analysis.power,
-    eval mode): the channel_squared_mean share of each pre-activation's power, in model
-    order, their mean and the deepest layer's."""
+    eval mode, in batches of 64): the channel_squared_mean share of each pre-activation's
+    power, in model order, their mean and the deepest layer's. train: in train mode instead
+    (BatchNorm on the statistics of each batch, or of each replica chunk of it)."""
     from analysis.power import decompose_model
 
-    layers = decompose_model(model.cpu().eval(), images, batch_size=64)
+    layers = decompose_model(model.cpu().train(train), images, batch_size=64)
     shares = [layer["shares"]["channel_squared_mean"] for layer in layers]
     return [layer["layer"] for layer in layers], {
         "layers": shares, "mean": sum(shares) / len(shares), "deepest": shares[-1]}
