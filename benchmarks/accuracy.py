@@ -489,8 +489,10 @@ def study_runs(report, cells):
 
 def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     """Final validation accuracy (mean +- std over seeds) against the micro-batch, a line per
-    norm; a split-invariant norm run once is a dashed line across every micro-batch of the
-    study's grid (`micro_batches`, default: those of the runs)."""
+    norm, on the study's grid (`micro_batches`, default: those of the runs). A
+    split-invariant norm run once per seed is one measurement, not one per micro-batch: a
+    single marker where it ran, and a dashed line across the axis at its mean (any split
+    gives the same value)."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
 
     micro_batches = sorted(set(micro_batches or []) | {run["micro_batch_size"] for run in runs})
@@ -501,15 +503,25 @@ def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
     order = {norm: i for i, norm in enumerate(NORMS)}
-    for norm in sorted(by_norm, key=lambda n: order.get(n, len(order))):
+    norms = sorted(by_norm, key=lambda n: order.get(n, len(order)))
+    once = [norm for norm in norms if len(by_norm[norm]) == 1 and all(
+        r.get("split_invariant") for r in runs if r["norm"] == norm)]
+    for color, norm in enumerate(norms):
         points = by_norm[norm]
-        once = len(points) == 1 and all(r.get("split_invariant") for r in runs
-                                        if r["norm"] == norm)
-        xs = micro_batches if once else sorted(points)
-        stats = [mean_std(points[next(iter(points))] if once else points[x]) for x in xs]
-        axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                      marker="o", linestyle="--" if once else "-",
-                      label=norm + (" (any split)" if once else ""))
+        if norm in once:
+            ((ran, values),) = points.items()
+            mean, std = mean_std(values)
+            axis.axhline(mean, color=f"C{color}", linestyle="--", linewidth=1)
+            # nudged sideways so that the norms measured at one micro-batch keep their
+            # error bars apart
+            nudge = 1.05 ** (once.index(norm) - (len(once) - 1) / 2)
+            axis.errorbar([ran * nudge], [mean], yerr=[std], capsize=3, marker="o",
+                          color=f"C{color}", label=f"{norm} (run at {ran}; any split)")
+        else:
+            xs = sorted(points)
+            stats = [mean_std(points[x]) for x in xs]
+            axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
+                          marker="o", color=f"C{color}", label=norm)
     log2_x_axis(axis, micro_batches, f"micro-batch (global batch {runs[0]['global_batch']})")
     axis.set_ylabel("final validation accuracy (%)")
     axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}, {runs[0]['epochs']} epochs: "
@@ -539,7 +551,9 @@ def budget_runs(report, cells):
 
 def plot_error_vs_budget(runs, path):
     """Final validation error (mean +- std over seeds) against the number of epochs trained,
-    a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget."""
+    a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget. A
+    line stops at the longest budget it has finished runs for, and says so in the legend
+    where others go further: nothing is drawn that did not run."""
     from matplotlib.figure import Figure
 
     groups = {}
@@ -550,13 +564,16 @@ def plot_error_vs_budget(runs, path):
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
     order = {norm: i for i, norm in enumerate(NORMS)}
+    longest = max(run["epochs"] for run in runs)
     for norm, micro_batch in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
         by_epochs = groups[norm, micro_batch]
         epochs = sorted(by_epochs)
         stats = [mean_std(by_epochs[e]) for e in epochs]
+        label = norm + (f", micro-batch {micro_batch}" if micro_batch else "")
+        if epochs[-1] < longest:
+            label += f" (not run past {epochs[-1]})"
         axis.errorbar(epochs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                      marker="o", label=norm + (f", micro-batch {micro_batch}"
-                                                if micro_batch else ""))
+                      marker="o", label=label)
     log2_x_axis(axis, sorted({run["epochs"] for run in runs}),
                 "epochs trained (cosine schedule over the whole run)")
     plain_log_y(axis)
@@ -569,8 +586,9 @@ def plot_error_vs_budget(runs, path):
 
 
 def plot_training_curves(runs, path):
-    """Validation error and training loss against the step, mean over seeds, a line per
-    (norm, micro-batch) of the runs; both on log scales, so that the last few tenths of a
+    """Validation error and training loss against the step, a line per (norm, micro-batch) of
+    the runs at the mean over seeds, in a band from the lowest seed to the highest (so that a
+    seed far from the others shows); both on log scales, so that the last few tenths of a
     point between the norms show beside the first epochs' tens."""
     from matplotlib.figure import Figure
 
@@ -581,16 +599,21 @@ def plot_training_curves(runs, path):
         groups.setdefault(label, []).append(run["curve"])
     figure = Figure(figsize=(11, 4.5))
     error_axis, loss_axis = figure.subplots(1, 2)
-    for label, curves in groups.items():
+    for color, (label, curves) in enumerate(groups.items()):
         length = min(len(curve) for curve in curves)
         steps = [curves[0][i]["step"] for i in range(length)]
-        error = [mean_std([100 * (1 - c[i]["val_accuracy"]) for c in curves])[0]
-                 for i in range(length)]
-        loss = [mean_std([c[i]["train_loss"] for c in curves])[0]
-                if all(c[i]["train_loss"] is not None for c in curves) else math.nan
+        error = [[100 * (1 - c[i]["val_accuracy"]) for c in curves] for i in range(length)]
+        loss = [[c[i]["train_loss"] for c in curves]
+                if all(c[i]["train_loss"] is not None for c in curves) else [math.nan]
                 for i in range(length)]  # None: no training record before that validation
-        error_axis.plot(steps, error, marker=".", label=label)
-        loss_axis.plot(steps, loss, marker=".", label=label)
+        for axis, values in ((error_axis, error), (loss_axis, loss)):
+            axis.plot(steps, [sum(v) / len(v) for v in values], marker=".",
+                      color=f"C{color}", label=label)
+            known = [(step, v) for step, v in zip(steps, values) if not math.isnan(v[0])]
+            if known:  # a NaN in a band breaks a log axis
+                axis.fill_between([step for step, _ in known], [min(v) for _, v in known],
+                                  [max(v) for _, v in known], color=f"C{color}", alpha=0.15,
+                                  linewidth=0)
     error_axis.set_ylabel("validation error (%, 100 - accuracy)")
     plain_log_y(error_axis)
     loss_axis.set_ylabel("training loss (mean since the last validation)")
@@ -600,7 +623,8 @@ def plot_training_curves(runs, path):
         axis.grid(alpha=0.3)
     error_axis.legend(fontsize=7, loc="upper right")
     figure.suptitle(f"{runs[0]['data']}, {runs[0]['model']}: mean over seeds "
-                    f"({', '.join(map(str, sorted({r['seed'] for r in runs})))})")
+                    f"({', '.join(map(str, sorted({r['seed'] for r in runs})))}), "
+                    f"shaded from the lowest seed to the highest")
     figure.tight_layout()
     write_png(figure, path)
 
