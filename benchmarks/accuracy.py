@@ -50,7 +50,8 @@ a cell already in the JSON with the same settings is skipped (`--no-resume` runs
 and replaces it), so running the same command again finishes a partial grid. The table
 between the `--section` markers of `--markdown` (docs/evidence.md, `accuracy`) is rebuilt
 from the whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the
-seeds, per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's
+seeds, per (config family, norm, lr) and micro-batch, then the wall minutes per run of each
+length. `--figures DIR` draws this study's
 runs: accuracy_vs_microbatch.png and training_curves.png, and error_vs_budget.png where the
 JSON holds the same cells trained for other numbers of epochs; `--depth-figure FILE` draws,
 against the depth of the `--model` networks (the number ending each name), the lift in final
@@ -402,6 +403,45 @@ def table(report):
              f"not rescaled for the global batch; {threads} CPU thread(s) per run "
              f"({machines}; torch {environment.get('torch', '?')}). "
              + " ".join(f"`{command}`" for command in commands) + ".")
+    return markdown_table(header, rows) + "\n\n" + note
+
+
+def time_table(report):
+    """The markdown table of what the runs took: per (data, model, length), the wall minutes
+    of one run, lowest to highest, for the norms with batch statistics and for the
+    batch-independent ones, and the hours of all the row's runs together."""
+    groups = {}
+    for run in report["runs"]:
+        if run.get("wall_seconds") is None:
+            continue
+        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
+               run["epochs"], run["max_steps"])
+        kind = "independent" if split_invariant(run["norm"]) and run["norm"] != "sync_batch" \
+            else "batch"
+        groups.setdefault(row, {}).setdefault(kind, []).append(run["wall_seconds"] / 60)
+    if not groups:
+        return "No timed runs yet."
+
+    def minutes(values):
+        if not values:
+            return "–"
+        return f"{min(values):.0f}–{max(values):.0f} ({len(values)})"
+
+    rows = []
+    for key in sorted(groups):
+        data, model, epochs, max_steps = key
+        by_kind = groups[key]
+        every = [m for values in by_kind.values() for m in values]
+        length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
+        rows.append([data, f"`{model}`", length, minutes(by_kind.get("batch", [])),
+                     minutes(by_kind.get("independent", [])), f"{sum(every) / 60:.1f}"])
+    header = ["data", "model", "length", "`batch`, `sync_batch`: minutes per run",
+              "batch-independent norms: minutes per run", "all the runs: hours"]
+    note = ("Wall time of each run (one process, one thread), from its start to its summary, "
+            "lowest to highest, the number of runs in brackets; the hours add up the row's "
+            "runs. The studies ran `--jobs 2` on a 2-core machine, so each run shared the "
+            "cores with another (and at times with a third process or other work): these "
+            "are the times the runs took, not a speed benchmark.")
     return markdown_table(header, rows) + "\n\n" + note
 
 
@@ -883,7 +923,7 @@ def study(args, command):
         print(f"error: {error}", file=sys.stderr)
         status = 1
     write_json(report, args.output)
-    text = table(report)
+    text = table(report) + "\n\n" + time_table(report)
     print(text)
     runs = study_runs(report, cells)
     if args.figures and runs:
