@@ -50,7 +50,8 @@ a cell already in the JSON with the same settings is skipped (`--no-resume` runs
 and replaces it), so running the same command again finishes a partial grid. The table
 between the `--section` markers of `--markdown` (docs/evidence.md, `accuracy`) is rebuilt
 from the whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the
-seeds, per (config family, norm, lr) and micro-batch. `--figures DIR` draws this study's
+seeds, per (config family, norm, lr) and micro-batch, then the wall minutes per run of each
+length. `--figures DIR` draws this study's
 runs: accuracy_vs_microbatch.png and training_curves.png, and error_vs_budget.png where the
 JSON holds the same cells trained for other numbers of epochs; `--depth-figure FILE` draws,
 against the depth of the `--model` networks (the number ending each name), the lift in final
@@ -247,13 +248,14 @@ def train_cell(name, overrides, log_dir=None):
     return result
 
 
-def collapse_shares(model, images):
+def collapse_shares(model, images, train=False):
     """(layer names, shares) of `model`'s channel-wise collapse over `images` (analysis.power,
-    eval mode): the channel_squared_mean share of each pre-activation's power, in model
-    order, their mean and the deepest layer's."""
+    eval mode, in batches of 64): the channel_squared_mean share of each pre-activation's
+    power, in model order, their mean and the deepest layer's. train: in train mode instead
+    (BatchNorm on the statistics of each batch, or of each replica chunk of it)."""
     from analysis.power import decompose_model
 
-    layers = decompose_model(model.cpu().eval(), images, batch_size=64)
+    layers = decompose_model(model.cpu().train(train), images, batch_size=64)
     shares = [layer["shares"]["channel_squared_mean"] for layer in layers]
     return [layer["layer"] for layer in layers], {
         "layers": shares, "mean": sum(shares) / len(shares), "deepest": shares[-1]}
@@ -404,6 +406,45 @@ def table(report):
     return markdown_table(header, rows) + "\n\n" + note
 
 
+def time_table(report):
+    """The markdown table of what the runs took: per (data, model, length), the wall minutes
+    of one run, lowest to highest, for the norms with batch statistics and for the
+    batch-independent ones, and the hours of all the row's runs together."""
+    groups = {}
+    for run in report["runs"]:
+        if run.get("wall_seconds") is None:
+            continue
+        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
+               run["epochs"], run["max_steps"])
+        kind = "independent" if split_invariant(run["norm"]) and run["norm"] != "sync_batch" \
+            else "batch"
+        groups.setdefault(row, {}).setdefault(kind, []).append(run["wall_seconds"] / 60)
+    if not groups:
+        return "No timed runs yet."
+
+    def minutes(values):
+        if not values:
+            return "–"
+        return f"{min(values):.0f}–{max(values):.0f} ({len(values)})"
+
+    rows = []
+    for key in sorted(groups):
+        data, model, epochs, max_steps = key
+        by_kind = groups[key]
+        every = [m for values in by_kind.values() for m in values]
+        length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
+        rows.append([data, f"`{model}`", length, minutes(by_kind.get("batch", [])),
+                     minutes(by_kind.get("independent", [])), f"{sum(every) / 60:.1f}"])
+    header = ["data", "model", "length", "`batch`, `sync_batch`: minutes per run",
+              "batch-independent norms: minutes per run", "all the runs: hours"]
+    note = ("Wall time of each run (one process, one thread), from its start to its summary, "
+            "lowest to highest, the number of runs in brackets; the hours add up the row's "
+            "runs. The studies ran `--jobs 2` on a 2-core machine, so each run shared the "
+            "cores with another (and at times with a third process or other work): these "
+            "are the times the runs took, not a speed benchmark.")
+    return markdown_table(header, rows) + "\n\n" + note
+
+
 NORM_WORDS = {"batch": "BatchNorm", "sync_batch": "BatchNorm", "group": "GroupNorm",
               "layer": "LayerNorm", "instance": "InstanceNorm",
               "group_pn": "GroupNorm + Proxy Norm", "layer_pn": "LayerNorm + Proxy Norm",
@@ -488,8 +529,10 @@ def study_runs(report, cells):
 
 def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     """Final validation accuracy (mean +- std over seeds) against the micro-batch, a line per
-    norm; a split-invariant norm run once is a dashed line across every micro-batch of the
-    study's grid (`micro_batches`, default: those of the runs)."""
+    norm, on the study's grid (`micro_batches`, default: those of the runs). A
+    split-invariant norm run once per seed is one measurement, not one per micro-batch: a
+    single marker where it ran, and a dashed line across the axis at its mean (any split
+    gives the same value)."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
 
     micro_batches = sorted(set(micro_batches or []) | {run["micro_batch_size"] for run in runs})
@@ -500,15 +543,25 @@ def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
     order = {norm: i for i, norm in enumerate(NORMS)}
-    for norm in sorted(by_norm, key=lambda n: order.get(n, len(order))):
+    norms = sorted(by_norm, key=lambda n: order.get(n, len(order)))
+    once = [norm for norm in norms if len(by_norm[norm]) == 1 and all(
+        r.get("split_invariant") for r in runs if r["norm"] == norm)]
+    for color, norm in enumerate(norms):
         points = by_norm[norm]
-        once = len(points) == 1 and all(r.get("split_invariant") for r in runs
-                                        if r["norm"] == norm)
-        xs = micro_batches if once else sorted(points)
-        stats = [mean_std(points[next(iter(points))] if once else points[x]) for x in xs]
-        axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                      marker="o", linestyle="--" if once else "-",
-                      label=norm + (" (any split)" if once else ""))
+        if norm in once:
+            ((ran, values),) = points.items()
+            mean, std = mean_std(values)
+            axis.axhline(mean, color=f"C{color}", linestyle="--", linewidth=1)
+            # nudged sideways so that the norms measured at one micro-batch keep their
+            # error bars apart
+            nudge = 1.05 ** (once.index(norm) - (len(once) - 1) / 2)
+            axis.errorbar([ran * nudge], [mean], yerr=[std], capsize=3, marker="o",
+                          color=f"C{color}", label=f"{norm} (run at {ran}; any split)")
+        else:
+            xs = sorted(points)
+            stats = [mean_std(points[x]) for x in xs]
+            axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
+                          marker="o", color=f"C{color}", label=norm)
     log2_x_axis(axis, micro_batches, f"micro-batch (global batch {runs[0]['global_batch']})")
     axis.set_ylabel("final validation accuracy (%)")
     axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}, {runs[0]['epochs']} epochs: "
@@ -538,7 +591,9 @@ def budget_runs(report, cells):
 
 def plot_error_vs_budget(runs, path):
     """Final validation error (mean +- std over seeds) against the number of epochs trained,
-    a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget."""
+    a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget. A
+    line stops at the longest budget it has finished runs for, and says so in the legend
+    where others go further: nothing is drawn that did not run."""
     from matplotlib.figure import Figure
 
     groups = {}
@@ -549,13 +604,16 @@ def plot_error_vs_budget(runs, path):
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
     order = {norm: i for i, norm in enumerate(NORMS)}
+    longest = max(run["epochs"] for run in runs)
     for norm, micro_batch in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
         by_epochs = groups[norm, micro_batch]
         epochs = sorted(by_epochs)
         stats = [mean_std(by_epochs[e]) for e in epochs]
+        label = norm + (f", micro-batch {micro_batch}" if micro_batch else "")
+        if epochs[-1] < longest:
+            label += f" (not run past {epochs[-1]})"
         axis.errorbar(epochs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                      marker="o", label=norm + (f", micro-batch {micro_batch}"
-                                                if micro_batch else ""))
+                      marker="o", label=label)
     log2_x_axis(axis, sorted({run["epochs"] for run in runs}),
                 "epochs trained (cosine schedule over the whole run)")
     plain_log_y(axis)
@@ -568,8 +626,9 @@ def plot_error_vs_budget(runs, path):
 
 
 def plot_training_curves(runs, path):
-    """Validation error and training loss against the step, mean over seeds, a line per
-    (norm, micro-batch) of the runs; both on log scales, so that the last few tenths of a
+    """Validation error and training loss against the step, a line per (norm, micro-batch) of
+    the runs at the mean over seeds, in a band from the lowest seed to the highest (so that a
+    seed far from the others shows); both on log scales, so that the last few tenths of a
     point between the norms show beside the first epochs' tens."""
     from matplotlib.figure import Figure
 
@@ -580,16 +639,21 @@ def plot_training_curves(runs, path):
         groups.setdefault(label, []).append(run["curve"])
     figure = Figure(figsize=(11, 4.5))
     error_axis, loss_axis = figure.subplots(1, 2)
-    for label, curves in groups.items():
+    for color, (label, curves) in enumerate(groups.items()):
         length = min(len(curve) for curve in curves)
         steps = [curves[0][i]["step"] for i in range(length)]
-        error = [mean_std([100 * (1 - c[i]["val_accuracy"]) for c in curves])[0]
-                 for i in range(length)]
-        loss = [mean_std([c[i]["train_loss"] for c in curves])[0]
-                if all(c[i]["train_loss"] is not None for c in curves) else math.nan
+        error = [[100 * (1 - c[i]["val_accuracy"]) for c in curves] for i in range(length)]
+        loss = [[c[i]["train_loss"] for c in curves]
+                if all(c[i]["train_loss"] is not None for c in curves) else [math.nan]
                 for i in range(length)]  # None: no training record before that validation
-        error_axis.plot(steps, error, marker=".", label=label)
-        loss_axis.plot(steps, loss, marker=".", label=label)
+        for axis, values in ((error_axis, error), (loss_axis, loss)):
+            axis.plot(steps, [sum(v) / len(v) for v in values], marker=".",
+                      color=f"C{color}", label=label)
+            known = [(step, v) for step, v in zip(steps, values) if not math.isnan(v[0])]
+            if known:  # a NaN in a band breaks a log axis
+                axis.fill_between([step for step, _ in known], [min(v) for _, v in known],
+                                  [max(v) for _, v in known], color=f"C{color}", alpha=0.15,
+                                  linewidth=0)
     error_axis.set_ylabel("validation error (%, 100 - accuracy)")
     plain_log_y(error_axis)
     loss_axis.set_ylabel("training loss (mean since the last validation)")
@@ -599,7 +663,8 @@ def plot_training_curves(runs, path):
         axis.grid(alpha=0.3)
     error_axis.legend(fontsize=7, loc="upper right")
     figure.suptitle(f"{runs[0]['data']}, {runs[0]['model']}: mean over seeds "
-                    f"({', '.join(map(str, sorted({r['seed'] for r in runs})))})")
+                    f"({', '.join(map(str, sorted({r['seed'] for r in runs})))}), "
+                    f"shaded from the lowest seed to the highest")
     figure.tight_layout()
     write_png(figure, path)
 
@@ -858,7 +923,7 @@ def study(args, command):
         print(f"error: {error}", file=sys.stderr)
         status = 1
     write_json(report, args.output)
-    text = table(report)
+    text = table(report) + "\n\n" + time_table(report)
     print(text)
     runs = study_runs(report, cells)
     if args.figures and runs:

@@ -158,6 +158,19 @@ def test_table_shows_mean_and_std_over_seeds():
         "| 0.1 | label smoothing 0.1, mixup 0.2 | 90.00 (1) |")
 
 
+def test_time_table_gives_each_lengths_minutes_per_run_by_kind_of_norm():
+    def run(norm, epochs, seconds):
+        return {"data": "d", "model": "m", "norm": norm, "epochs": epochs, "max_steps": 0,
+                "wall_seconds": seconds}
+
+    runs = [run("batch", 24, 600), run("sync_batch", 24, 1200), run("group_pn", 24, 660),
+            run("layer", 3, 120)]
+    lines = accuracy.time_table({"runs": runs}).splitlines()
+    assert lines[2:4] == ["| d | `m` | 3 epochs | – | 2–2 (1) | 0.0 |",
+                          "| d | `m` | 24 epochs | 10–20 (2) | 11–11 (1) | 0.7 |"]
+    assert "`--jobs 2` on a 2-core machine" in lines[-1]
+
+
 def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm():
     def run(norm, micro_batch, seed, value, status="finished"):
         return {"data": "cluttered_digits", "model": "m", "norm": norm, "global_batch": 64,

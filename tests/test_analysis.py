@@ -176,3 +176,39 @@ def test_reruns_that_differ_by_float_noise_write_the_same_file(tmp_path):
     write_json({"x": [0.123456781, 3], "y": {"z": 1.0000001e-9 / 3}}, second, significant=5)
     assert first.read_bytes() == second.read_bytes()
     assert json.loads(first.read_text()) == {"x": [0.12346, 3], "y": {"z": 3.3333e-10}}
+
+
+def test_init_collapse_measures_the_studys_network_with_its_branches_zeroed_or_not(monkeypatch):
+    """Zeroed, the network is the study's run's model at step 0 and the first stage's
+    blocks, identities, all see the stem's output; not zeroed, only the branches' last
+    convolutions differ and each block changes what the next one sees."""
+    from analysis import init_collapse
+
+    monkeypatch.setattr(init_collapse, "COLLAPSE_IMAGES", 64)
+    zeroed, images = init_collapse.build("cifar_preact_resnet20", "group", 1, True)
+    kept, _ = init_collapse.build("cifar_preact_resnet20", "group", 1, False)
+    assert len(images) == 64
+    torch.manual_seed(1)  # the run's seed, then its model, as test_accuracy checks the study
+    study = get_model("cifar_preact_resnet20", norm="group", num_classes=10, in_channels=1)
+    assert all(torch.equal(value, zeroed.state_dict()[key])
+               for key, value in study.state_dict().items())
+    last_convs = {f"layer{stage}.{block}.conv2.weight" for stage in (1, 2, 3) for block in range(3)}
+    for key, value in kept.state_dict().items():
+        if key in last_convs:
+            assert not zeroed.state_dict()[key].any() and value.abs().sum() > 0
+        else:
+            assert torch.equal(value, zeroed.state_dict()[key]), key
+
+    def first_stage(row):
+        share = dict(zip(row["layers"], row["shares"]))
+        return [share[f"layer1.{block}.bn1"] for block in range(3)]
+
+    row = init_collapse.measure("cifar_preact_resnet20", "group", 1, True)
+    assert first_stage(row)[0] == first_stage(row)[1] == first_stage(row)[2] > 0
+    assert row["mean"] == pytest.approx(sum(row["shares"]) / len(row["shares"]))
+    row = init_collapse.measure("cifar_preact_resnet20", "group", 1, False)
+    assert len(set(first_stage(row))) == 3
+    # BatchNorm in train mode, statistics per replica micro-batch: each channel's mean over
+    # the images is its shift, zero at initialisation
+    row = init_collapse.measure("cifar_preact_resnet20", "batch", 1, False)
+    assert max(row["shares"]) < 1e-12

@@ -43,9 +43,11 @@ def load_data(config):
         clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
 
 
-def build_model(config, data, context=None, report=False):
+def build_model(config, data, context=None, report=False, **options):
     """The config's model for this dataset; only BatchNorms get replica options (the
     batch-independent norms have no statistics to split and reject unknown options).
+    `options`: further get_model options that are no config key (analysis.init_collapse:
+    zero_init_residual).
 
     In one process BatchNorm emulates the replicas (stats_chunks); under torchrun each
     process is one replica and sync_batch all-reduces within the context's process group.
@@ -67,7 +69,7 @@ def build_model(config, data, context=None, report=False):
         model, conversion = get_model(
             config["model"], norm=config["norm"], num_classes=data.num_classes,
             groups=config["groups"], act=config["act"], in_channels=data.in_channels,
-            norm_kwargs=norm_kwargs, report=True, **model_kwargs)
+            norm_kwargs=norm_kwargs, report=True, **model_kwargs, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model {config['model']} with norm {config['norm']}: {error}") from None
     check_module_names(config, model)
