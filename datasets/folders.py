@@ -4,11 +4,14 @@ CIFAR is read from the "python version" archives' pickle files (the files torchv
 CIFAR10/CIFAR100 read), without torchvision's md5 check of every file, which rejects any
 copy that is not byte-identical to the original archive (subsets, test fixtures). So that a
 tampered file cannot run code, they are read with an allow-list unpickler (a dict, lists,
-strings, ints and numpy arrays only), and each file's images and labels are checked.
+strings, ints and numpy arrays made from the file's own bytes only), and each file's images
+and labels are checked.
 ImageNet is torchvision's ImageFolder over train/ and val/, one folder per class.
 """
+import math
 import os
 import pickle
+import stat
 
 import numpy as np
 from PIL import Image
@@ -46,44 +49,197 @@ class ArraySource(Dataset):
         return Image.fromarray(self.images[index]), int(self.labels[index])
 
 
-def _latin1_bytes(text, encoding):
-    """Python 3 writes bytes in protocol 0-2 pickles as _codecs.encode(text, "latin1"); the
-    real codecs.encode would look up whatever codec the file names, so only latin1 here."""
-    if encoding != "latin1":
-        raise ValueError(f"bytes encoded as {encoding!r}, not latin1")
-    return text.encode("latin1")
+class Refused(Exception):
+    """A CIFAR file asks for something numpy's own pickles never do; the message says what."""
 
 
-# Every global a CIFAR file may name: what numpy's own pickles of an array or scalar call,
-# named numpy.core.* by numpy 1 (the real files) and numpy._core.* by numpy 2. The callables
-# are taken from numpy's reduce, which works under both without importing either name.
-_reconstruct = np.zeros(1).__reduce__()[0]  # an ndarray
-_frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # an ndarray in a protocol-5 pickle
-_scalar = np.int64(0).__reduce__()[0]  # a numpy scalar, e.g. an np.int64 label
-CIFAR_GLOBALS = {}
-for _module in ("numpy.core", "numpy._core"):
-    CIFAR_GLOBALS.update({(f"{_module}.multiarray", "_reconstruct"): _reconstruct,
-                          (f"{_module}.multiarray", "scalar"): _scalar,
-                          (f"{_module}.numeric", "_frombuffer"): _frombuffer})
-CIFAR_GLOBALS.update({("numpy", "ndarray"): np.ndarray,  # the class _reconstruct builds
-                      ("numpy", "dtype"): np.dtype,  # the array's element type
-                      ("_codecs", "encode"): _latin1_bytes})  # bytes, Python 3, protocol <= 2
+# The globals a CIFAR file may name are stand-ins for what numpy's pickles call: numpy.ndarray
+# is never called (its constructor takes a shape, a buffer and an offset of the file's own, so
+# reads process memory or allocates gigabytes from a few bytes of pickle), and an array is
+# made only from the bytes the file carries, exactly as many as its shape and dtype need.
+# Every object a global gives is the unpickler's own and refuses BUILD (pickle's setstate:
+# on a function it sets attributes, __defaults__ included, for the whole process), but for
+# the arrays and dtypes being made, each built once.
+DTYPE_CODES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
+
+
+class _Stub:
+    """Base of the unpickler's own objects: no BUILD unless a subclass takes one."""
+
+    def __setstate__(self, state):
+        raise Refused(f"it changes the state of {self} (BUILD), which numpy's pickles never do")
+
+
+class _Global(_Stub):
+    """An allowed global: calls its stand-in."""
+
+    def __init__(self, name, function):
+        self.name, self.function = name, function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+    def __str__(self):
+        return self.name
+
+
+class _Dtype(_Stub):
+    """numpy.dtype(code, align, copy) and its one BUILD (byte order)."""
+
+    def __init__(self, code, align=False, copy=True):
+        if code not in DTYPE_CODES:
+            raise Refused(f"it holds an array of dtype {code!r}; a CIFAR file holds integers "
+                          f"or floats")
+        self.dtype, self.built = np.dtype(code), False
+
+    def __setstate__(self, state):  # (version, byte order, None, None, None, -1, -1, flags)
+        if self.built:
+            super().__setstate__(state)
+        if (not isinstance(state, tuple) or len(state) not in (8, 9)
+                or state[1] not in ("<", ">", "|", "=") or state[2:5] != (None, None, None)):
+            raise Refused(f"it holds a dtype with the state {state!r:.80}, not a plain number "
+                          f"type")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
+        self.built = True
+
+    def __str__(self):
+        return f"numpy.dtype {self.dtype}"
+
+
+class _Array(_Stub):
+    """An array being made: numpy's _reconstruct gives an empty one, BUILD its content."""
+
+    def __init__(self, unpickler):
+        self.unpickler, self.array = unpickler, None
+
+    def __setstate__(self, state):  # ([1,] shape, dtype, is_fortran, bytes)
+        if self.array is not None or not isinstance(state, tuple) or len(state) not in (4, 5):
+            super().__setstate__(state)
+        if len(state) == 5 and state[0] != 1:
+            raise Refused(f"it holds an array of pickle version {state[0]!r}, not 1")
+        shape, dtype, fortran, data = state[-4:]
+        if not isinstance(fortran, (bool, int)):
+            raise Refused("it holds an array whose order is not true or false")
+        self.array = self.unpickler.array(data, dtype, shape, "F" if fortran else "C")
+
+    def __str__(self):
+        return "numpy.ndarray"
 
 
 class CifarUnpickler(pickle.Unpickler):
     """pickle.Unpickler that builds only CIFAR_GLOBALS: a pickle runs whatever callable it
-    names, so a tampered data file could otherwise run any code."""
+    names, so a tampered data file could otherwise run any code. It makes at most as many
+    bytes of arrays and strings as the file holds."""
 
     def __init__(self, file, path):
         super().__init__(file, encoding="latin1")  # Python 2 str (the real files) -> str
         self.path = path
+        self.budget = os.fstat(file.fileno()).st_size
 
     def find_class(self, module, name):
         if (module, name) not in CIFAR_GLOBALS:
             raise DataError(f"cannot read CIFAR file {self.path}: it refers to {module}.{name}, "
                             f"which a CIFAR file never holds (refused: a data file must not "
                             f"run code)")
-        return CIFAR_GLOBALS[module, name]
+        return _Global(f"{module}.{name}", getattr(self, CIFAR_GLOBALS[module, name]))
+
+    def load(self):
+        """The file's object, its arrays made (a stub without its BUILD is refused)."""
+        batch = super().load()
+        if isinstance(batch, dict):
+            batch = {key: self.made(value) for key, value in batch.items()}
+        return batch
+
+    @staticmethod
+    def made(value):
+        if isinstance(value, _Array):
+            if value.array is None:
+                raise Refused("it holds an array without its content")
+            return value.array
+        return value
+
+    def spend(self, size):
+        """Counts `size` bytes made from the file's: refused past the file's size."""
+        self.budget -= size
+        if self.budget < 0:
+            raise Refused("it makes more bytes of data than the file holds")
+
+    def raw(self, data):
+        """Bytes the file carries: bytes (shared, not copied), or a latin1 str (Python 2's
+        str, or Python 3's bytes in protocols 0-2), encoded into a copy."""
+        if isinstance(data, (bytes, bytearray)):
+            return data
+        if isinstance(data, str):
+            self.spend(len(data))
+            return data.encode("latin1")
+        raise Refused(f"it holds array data of type {type(data).__name__}, not bytes")
+
+    def array(self, data, dtype, shape, order):
+        """An array of exactly the bytes given: no more, no fewer."""
+        if not isinstance(dtype, _Dtype):
+            raise Refused(f"it holds an array whose dtype is a {type(dtype).__name__}")
+        if (not isinstance(shape, tuple) or len(shape) > 32
+                or not all(type(n) is int and n >= 0 for n in shape)):
+            raise Refused(f"it holds an array of shape {shape!r:.80}")
+        data = self.raw(data)
+        size = math.prod(shape) * dtype.dtype.itemsize
+        if size != len(data):
+            raise Refused(f"it holds an array of shape {shape} and dtype {dtype.dtype} "
+                          f"({size} bytes) with {len(data)} bytes of data")
+        return np.frombuffer(data, dtype.dtype).reshape(shape, order=order)
+
+    # the stand-ins, by the name CIFAR_GLOBALS gives them
+    def ndarray(self, *args):
+        raise Refused("it calls numpy.ndarray, which numpy's pickles never do (refused: an "
+                      "array is made only from the bytes the file holds)")
+
+    def dtype(self, *args):
+        return _Dtype(*args)
+
+    def reconstruct(self, cls, shape, typecode):
+        """numpy's _reconstruct(ndarray, (0,), b"b"): an empty array that BUILD fills."""
+        if not (isinstance(cls, _Global) and cls.name == "numpy.ndarray") or shape != (0,) \
+                or typecode not in ("b", b"b"):
+            raise Refused("it calls numpy's _reconstruct with arguments numpy never gives")
+        return _Array(self)
+
+    def frombuffer(self, data, dtype, shape, order, axis_order=None):
+        """numpy's _frombuffer (protocol 5): an array made at once, which takes no BUILD."""
+        made = _Array(self)
+        if order in ("C", "F"):
+            made.array = self.array(data, dtype, shape, order)
+        elif order == "K" and isinstance(shape, tuple) and isinstance(axis_order, tuple) \
+                and sorted(axis_order) == list(range(len(shape))):
+            made.array = self.array(data, dtype, shape, "C").transpose(axis_order)
+        else:
+            raise Refused(f"it holds an array of order {order!r:.80} and axis order "
+                          f"{axis_order!r:.80}")
+        return made
+
+    def scalar(self, dtype, data):
+        """numpy's scalar(dtype, bytes), e.g. an np.int64 label: a Python number."""
+        return self.array(data, dtype, (), "C").item()
+
+    def encode(self, text, encoding):
+        """Python 3 writes bytes in protocol 0-2 pickles as _codecs.encode(text, "latin1");
+        the real codecs.encode would look up whatever codec the file names, so only latin1."""
+        if encoding != "latin1" or not isinstance(text, str):
+            raise Refused(f"it encodes bytes as {encoding!r:.80}, not latin1")
+        return self.raw(text)
+
+
+# Every global a CIFAR file may name, and the stand-in that CifarUnpickler gives for it:
+# numpy's pickles of an array or scalar call numpy.core.* with numpy 1 (the real files) and
+# numpy._core.* with numpy 2.
+CIFAR_GLOBALS = {}
+for _module in ("numpy.core", "numpy._core"):
+    CIFAR_GLOBALS.update({(f"{_module}.multiarray", "_reconstruct"): "reconstruct",
+                          (f"{_module}.multiarray", "scalar"): "scalar",
+                          (f"{_module}.numeric", "_frombuffer"): "frombuffer"})
+CIFAR_GLOBALS.update({("numpy", "ndarray"): "ndarray",  # the class _reconstruct is given
+                      ("numpy", "dtype"): "dtype",  # the array's element type
+                      ("_codecs", "encode"): "encode"})  # bytes, Python 3, protocol <= 2
 
 
 def read_cifar_file(path, label_key, num_classes):
@@ -98,6 +254,10 @@ def read_cifar_file(path, label_key, num_classes):
             batch = CifarUnpickler(f, path).load()
     except DataError:
         raise
+    except Refused as error:
+        raise failure(str(error)) from None
+    except MemoryError:
+        raise failure("it declares more data than memory holds") from None
     except Exception as error:  # a damaged pickle can raise almost any exception type
         raise failure(f"{type(error).__name__}: {error}") from None
     if not isinstance(batch, dict):

@@ -324,3 +324,133 @@ def test_truncated_jpeg_is_corrupt(tmp_path):
     index = data.val.source.samples.index((str(path), 1))
     with pytest.raises(CorruptImageError, match=os.path.basename(str(path))):
         data.val[(0, index)]
+
+
+def ops(*parts):
+    """A protocol-2 pickle of the opcodes given: bytes as is, ints as BININT, str as
+    BINUNICODE, ("module", "name") as GLOBAL."""
+    out = b""
+    for part in parts:
+        if isinstance(part, bytes):
+            out += part
+        elif isinstance(part, int):
+            out += pickle.BININT + struct.pack("<i", part) if -2**31 <= part < 2**31 else \
+                pickle.LONG1 + bytes([8]) + struct.pack("<q", part)
+        elif isinstance(part, str):
+            out += pickle.BINUNICODE + struct.pack("<I", len(part.encode())) + part.encode()
+        else:
+            out += pickle.GLOBAL + f"{part[0]}\n{part[1]}\n".encode()
+    return pickle.PROTO + b"\x02" + out + pickle.STOP
+
+
+def call(function, *args):
+    return (function, pickle.MARK, *args, pickle.TUPLE, pickle.REDUCE)
+
+
+def ndarray_call(count, *buffer):
+    """A batch whose data is numpy.ndarray((count, 3072), 'u1', *buffer) and count labels:
+    numpy's constructor, which its own pickles never call."""
+    labels = (pickle.EMPTY_LIST, pickle.MARK, *[0] * count, pickle.APPENDS) if count < 100 else \
+        call(("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"))  # never reached
+    return ops(pickle.EMPTY_DICT, pickle.MARK, "data",
+               *call(("numpy", "ndarray"), count, 3072, pickle.TUPLE2, "u1", *buffer),
+               "labels", *labels, pickle.SETITEMS)
+
+
+def cifar_folder_with(tmp_path, name, content):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / name
+    path.write_bytes(content)
+    return path
+
+
+NDARRAY_REFUSED = ("it calls numpy.ndarray, which numpy's pickles never do (refused: an array "
+                   "is made only from the bytes the file holds)")
+
+
+def test_a_cifar_file_calling_numpy_ndarray_exits_2_and_reads_no_memory(tmp_path):
+    """numpy.ndarray((1, 3072), 'u1', 200 bytes, -2**40) read from 1 TB before its buffer
+    (the trainer died of SIGSEGV, exit 139, without a word); a negative offset of one batch
+    trained on the process's heap. Run in a process of its own, which the old code killed."""
+    import subprocess
+    import sys
+
+    for offset, count in ((-2 ** 40, 1), (-16 * 3072, 16)):
+        path = cifar_folder_with(tmp_path / str(count), "data_batch_1", ndarray_call(
+            count, *call(("_codecs", "encode"), "\0" * 200, "latin1"), offset))
+        result = subprocess.run(
+            [sys.executable, "-m", "train", "--config", "cifar10_preact_resnet20_group_pn",
+             "--data-path", str(tmp_path / str(count)), "--output-dir", str(tmp_path / "run"),
+             "--wandb-mode", "disabled", "--max-steps", "1"],
+            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert (result.returncode, result.stderr) == (
+            2, f"error: cannot read CIFAR file {path}: {NDARRAY_REFUSED}\n")
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_cifar_array_is_made_only_from_the_bytes_the_file_holds(tmp_path):
+    """numpy.ndarray((N, 3072), 'u1') of a few bytes of pickle was N images of whatever
+    memory held (a 93-byte file made 1,048,736 training images, 4.5 GB); an array's bytes
+    must be exactly those its shape needs; nothing is made past the file's size."""
+    path = cifar_folder_with(tmp_path, "data_batch_2", ndarray_call(20))
+    assert path.stat().st_size < 200
+    with pytest.raises(DataError) as error:
+        get_dataset("cifar10", data_path=str(tmp_path))
+    assert str(error.value) == f"cannot read CIFAR file {path}: {NDARRAY_REFUSED}"
+
+    def array(shape, data, reuse=False):  # numpy's pickle of an array, its bytes as Python 2's str
+        head = call(("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), 0,
+                    pickle.TUPLE1, *call(("_codecs", "encode"), "b", "latin1"))
+        dtype = (*call(("numpy", "dtype"), "u1", pickle.NEWFALSE, pickle.NEWTRUE), pickle.MARK,
+                 3, "|", pickle.NONE * 3, -1, -1, 0, pickle.TUPLE, pickle.BUILD)
+        content = (pickle.BINGET + b"\x07",) if reuse else (data, pickle.BINPUT + b"\x07")
+        return (*head, pickle.MARK, 1, *shape, pickle.TUPLE2, *dtype, pickle.NEWFALSE,
+                *content, pickle.TUPLE, pickle.BUILD)
+
+    for shape, size in (((4, 3072), 200), ((1, 3072), 3073)):  # too few bytes, too many
+        path.write_bytes(ops(pickle.EMPTY_DICT, pickle.MARK, "data", *array(shape, "\0" * size),
+                             "labels", pickle.EMPTY_LIST, pickle.MARK, *[0] * shape[0],
+                             pickle.APPENDS, pickle.SETITEMS))
+        with pytest.raises(DataError) as error:
+            get_dataset("cifar10", data_path=str(tmp_path))
+        assert str(error.value) == (
+            f"cannot read CIFAR file {path}: it holds an array of shape {shape} and dtype uint8 "
+            f"({shape[0] * 3072} bytes) with {size} bytes of data")
+    # one image's bytes, in the file once, made into 40 arrays of 3 KB: memo'd by reference
+    path.write_bytes(ops(pickle.EMPTY_DICT, pickle.MARK, "data", *array((1, 3072), "\0" * 3072),
+                         "labels", pickle.EMPTY_LIST, pickle.MARK, 0, pickle.APPENDS,
+                         "filenames", pickle.EMPTY_LIST, pickle.MARK,
+                         *sum((array((1, 3072), None, reuse=True) for _ in range(40)), ()),
+                         pickle.APPENDS, pickle.SETITEMS))
+    assert path.stat().st_size < 4 * 3072
+    with pytest.raises(DataError) as error:
+        get_dataset("cifar10", data_path=str(tmp_path))
+    assert str(error.value) == (f"cannot read CIFAR file {path}: it makes more bytes of data "
+                                f"than the file holds")
+
+
+@pytest.mark.parametrize("module, name", [("_codecs", "encode"),
+                                          ("numpy._core.numeric", "_frombuffer")])
+def test_a_cifar_file_cannot_change_an_allowed_function(tmp_path, module, name):
+    """BUILD on a global sets its attributes: the file changed the defaults of
+    _codecs.encode's stand-in, or numpy's own _frombuffer, for the whole process, and was
+    only refused later, at a global outside the allow-list."""
+    from datasets import folders
+
+    functions = [np.zeros(1).__reduce_ex__(5)[0]] + [
+        value for value in vars(folders).values() if callable(value)
+        and getattr(value, "__name__", "") in ("_latin1_bytes", "_frombuffer")]
+    before = [(f, f.__defaults__, dict(f.__dict__)) for f in functions]
+    path = cifar_folder_with(tmp_path, "data_batch_4", ops(
+        (module, name), pickle.MARK, pickle.NONE, pickle.EMPTY_DICT, "__defaults__", "utf-8",
+        pickle.TUPLE1, pickle.SETITEM, pickle.TUPLE, pickle.BUILD, pickle.POP, ("os", "system")))
+    try:
+        with pytest.raises(DataError) as error:
+            get_dataset("cifar10", data_path=str(tmp_path))
+        assert str(error.value) == (f"cannot read CIFAR file {path}: it changes the state of "
+                                    f"{module}.{name} (BUILD), which numpy's pickles never do")
+        assert [(f, f.__defaults__, f.__dict__) for f in functions] == before
+    finally:  # the old code's change must not leak into the tests that follow
+        for f, defaults, attributes in before:
+            f.__defaults__ = defaults
+            f.__dict__.update(attributes)
