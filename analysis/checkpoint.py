@@ -6,6 +6,8 @@ A checkpoint is a plain dict read with torch.load(weights_only=True) holding
             "data_path", "image_size"), and
   the model's state_dict: under "model", or under "engine" -> "model" (the training
             application's engine state).
+A checkpoint of the training application (one with its "format") is checked against its
+schema (train.checkpoint.malformed) first, as every reader of it does.
 The number of classes and input channels come from the state_dict itself (the
 classifier's and the first convolution's weights), so no dataset is needed to rebuild
 the network.
@@ -33,6 +35,13 @@ def load(path):
     except Exception as error:  # missing file, pickle, zip and weights_only errors differ
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if isinstance(checkpoint, dict) and "format" in checkpoint:  # the training application's
+        from train import checkpoint as schema
+
+        problem = schema.malformed(checkpoint) if checkpoint["format"] == schema.FORMAT else \
+            f"format {checkpoint['format']!r} is not {schema.FORMAT}"
+        if problem:
+            raise CheckpointError(f"{path} is damaged: {problem}")
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if not isinstance(config, dict) or not {"model", "norm"} <= set(config):
         raise CheckpointError(f"{path}: no 'config' dict with 'model' and 'norm' keys")

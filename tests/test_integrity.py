@@ -2,9 +2,11 @@
 resumes from the wrong checkpoint or into the wrong folder, crashes, full disks, damaged
 checkpoints, bad data found mid-run, and signals at awkward moments. Every failure is one
 line with status 2 (docs/promises.md lists each case and its test)."""
+import copy
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,23 +224,95 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(
                      "auto") == 0
 
 
-@pytest.mark.parametrize("damage, problem", [
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint after 1 step of a 2-epoch run (8 steps), as a dict to damage."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert train(run_dir, *RUN, "--epochs", 2, "--max-steps", 1) == 0
+    return load(run_dir / "checkpoint_last.pt")
+
+
+DAMAGES = [
     (lambda c: c.pop("config"), "no config"),
     (lambda c: c.pop("rng"), "no rng"),
     (lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
      "rng holds no CPU generator state of this torch"),
     (lambda c: c.update(step=-5), "step -5 is not a step number"),
-    (lambda c: c.update(step=10 ** 9), "step 1000000000 is past the end of its run (8 steps)"),
     (lambda c: c.update(best_val_accuracy=7.0), "best_val_accuracy 7.0 is not an accuracy"),
-])
-def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, damage, problem):
-    assert train(tmp_path / "run", *RUN, "--epochs", 2, "--max-steps", 1) == 0
-    checkpoint = load(tmp_path / "run" / "checkpoint_last.pt")
+    (lambda c: c.pop("skipped_images"), "no skipped_images"),
+    (lambda c: c.pop("val_accuracy"), "no val_accuracy"),
+    (lambda c: c.pop("best_val_accuracy"), "no best_val_accuracy"),
+    (lambda c: c["config"].update(epochs="3"), "config.epochs is '3', not an integer"),
+    (lambda c: c["config"].update(epochs=[3]), "config.epochs is [3], not an integer"),
+    (lambda c: c["config"].update(epochs=0), "config.epochs must be >= 1, got 0"),
+    (lambda c: c["engine"].update(model=7), "engine.model is not a model's state_dict"),
+    (lambda c: c["engine"]["optimizer"].update(param_groups=5),
+     "engine.optimizer is not an optimiser's state_dict"),
+    (lambda c: c.update(config={}), "config has no model, norm, groups, act, group_dim, "
+     "expand_ratio, data, synthetic_num_classes, seed, epochs, micro_batch_size, "
+     "gradient_accumulation, replicas"),
+    (lambda c: c["config"].update(model=5), "config.model is 5, not a string"),
+    (lambda c: c.update(num_classes=-3), "num_classes -3 is not a positive count"),
+    (lambda c: c.update(val_weights="weight_average"),
+     "val_weights is weight_average, but it holds no weight average"),
+    (lambda c: c["config"].update(seed="abc"), "config.seed is 'abc', not an integer"),
+    (lambda c: c.update(weight_average={"model": 7, "updates": 1}),
+     "weight_average is not a weight average's state"),
+]
+
+
+@pytest.mark.parametrize("damage, problem", DAMAGES)
+def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, trained, damage, problem):
+    """Every reader (--resume, train.evaluate, load_model) checks the one schema before it
+    builds anything from the checkpoint."""
+    from analysis import checkpoint as analysis
+    from train.checkpoint import CheckpointError
+    from train.evaluate import load_model, main as evaluate
+
+    checkpoint = copy.deepcopy(trained)
     damage(checkpoint)
+    damaged = tmp_path / "damaged.pt"
+    torch.save(checkpoint, damaged)
+    line = f"error: {damaged} is damaged: {problem}"
+    capsys.readouterr()
+    assert train(tmp_path / "new", *RUN, "--epochs", 2, "--resume", damaged) == 2
+    assert error_line(capsys) == line
+    assert not (tmp_path / "new").exists()
+    assert evaluate([str(damaged)]) == 2
+    assert error_line(capsys) == line
+    for read, error in ((load_model, CheckpointError), (analysis.load, analysis.CheckpointError)):
+        with pytest.raises(error, match="^" + re.escape(line[len("error: "):]) + "$"):
+            read(damaged)
+
+
+def test_a_checkpoint_past_the_end_of_its_run_is_one_line(tmp_path, capsys, trained):
+    checkpoint = {**trained, "step": 10 ** 9}
     torch.save(checkpoint, tmp_path / "damaged.pt")
     capsys.readouterr()
     assert train(tmp_path / "new", *RUN, "--epochs", 2, "--resume", tmp_path / "damaged.pt") == 2
-    assert error_line(capsys) == f"error: {tmp_path / 'damaged.pt'} is damaged: {problem}"
+    assert error_line(capsys) == (f"error: {tmp_path / 'damaged.pt'} is damaged: step "
+                                  f"1000000000 is past the end of its run (8 steps)")
+
+
+def test_an_older_checkpoint_resumes_and_evaluates(tmp_path, trained):
+    """The first version's checkpoints lack what later ones added: validation_due,
+    val_weights, num_classes, in_channels, and the options added since in their config."""
+    from train.config import OPTIONS
+    from train.evaluate import load_model
+
+    older = {key: value for key, value in copy.deepcopy(trained).items() if key not in (
+        "validation_due", "val_weights", "num_classes", "in_channels")}
+    added = [key for key in OPTIONS if key.startswith("clutter") or key in (
+        "compile", "collective_timeout", "stable_norm", "recompute_checkpoints",
+        "available_memory_proportion", "executable_cache_dir", "compile_only",
+        "device_memory_mb")]
+    older["config"] = {key: value for key, value in older["config"].items() if key not in added}
+    torch.save(older, tmp_path / "older.pt")
+    model, info = load_model(tmp_path / "older.pt")
+    assert info["weights"] == "model" and info["step"] == 1
+    assert train(tmp_path / "new", *RUN, "--epochs", 2, "--max-steps", 2, "--resume",
+                 tmp_path / "older.pt") == 0
+    assert load(tmp_path / "new" / "checkpoint_last.pt")["step"] == 2
 
 
 def test_unreadable_validation_data_keeps_the_epoch_and_validates_it_on_resume(

@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from train.config import MODEL_KEYS, OPTIONS, run_name, show
+from train.config import (MODEL_KEYS, OPTIONS, ConfigError, check_value, defaults,
+                          run_name, show)
 from train.files import write_atomically
 
 FORMAT = "proxy-norm-train/1"
@@ -21,6 +22,34 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or from another model: printed as one line."""
 
 
+# The schema, in one place: `make` builds a checkpoint, `load` reads one back and checks it
+# with `malformed` before anything is built from it. Every checkpoint of FORMAT holds the
+# keys `make` writes but the last four ("validation_due", "val_weights", "num_classes",
+# "in_channels"), which later versions added; `load` gives an older checkpoint's dict
+# those, and its config the options added since (their defaults), so that readers need no
+# fallbacks of their own.
+REQUIRED_CONFIG = MODEL_KEYS + ("seed", "epochs", "micro_batch_size", "gradient_accumulation",
+                                "replicas")
+
+
+def make(config, step, steps_per_epoch, engine, weight_average, val_accuracy,
+         best_val_accuracy, skipped_images, validation_due, num_classes, in_channels):
+    """A checkpoint: engine and weight_average are their state_dicts (weight_average None
+    without averaging); the random generators' states are taken here."""
+    return {
+        "format": FORMAT, "config": config, "step": step, "epoch": step / steps_per_epoch,
+        "engine": engine, "weight_average": weight_average, "rng": rng_state(),
+        "val_accuracy": val_accuracy, "best_val_accuracy": best_val_accuracy,
+        "skipped_images": skipped_images,
+        # a resumed run validates first: the checkpoint was taken before a failed validation
+        "validation_due": validation_due,
+        # what train.evaluate.load_model needs: the accuracy's weights, the network's shape
+        "val_weights": "weight_average" if weight_average and weight_average["updates"]
+        else "model",
+        "num_classes": num_classes, "in_channels": in_channels,
+    }
+
+
 def save(path, checkpoint):
     """Written whole or not at all (train.files.write_atomically): a crash never leaves half
     a checkpoint, and a full disk leaves the previous one as it was."""
@@ -28,8 +57,9 @@ def save(path, checkpoint):
 
 
 def load(path, mmap=False):
-    """The checkpoint's dict, checked to hold what a resumed run reads; CheckpointError (one
-    line) otherwise. mmap: leave the tensors on disk (to read a few numbers of a large one)."""
+    """The checkpoint's dict, checked against the schema (`malformed`) and completed for an
+    older version; CheckpointError (one line) otherwise. mmap: leave the tensors on disk (to
+    read a few numbers of a large one)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -42,29 +72,109 @@ def load(path, mmap=False):
     problem = malformed(checkpoint)
     if problem:
         raise CheckpointError(f"{path} is damaged: {problem}")
+    average = checkpoint["weight_average"]
+    checkpoint.setdefault("validation_due", False)
+    checkpoint.setdefault("val_weights", "weight_average" if average and average["updates"]
+                          else "model")
+    checkpoint.setdefault("num_classes", None)
+    checkpoint.setdefault("in_channels", None)
+    checkpoint["config"] = {**defaults(), **checkpoint["config"]}
     return checkpoint
+
+
+def is_count(value, least=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_state(value):
+    """A state_dict: a non-empty dict of named tensors."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def has_kind(kind, value, item=str):
+    if kind is list:
+        return isinstance(value, list) and all(has_kind(item, v) for v in value)
+    if kind is float:
+        return is_number(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+         list: "a list"}
+
+
+def config_problem(config):
+    """What is wrong with a checkpoint's config (None if nothing): a key the network needs
+    missing, or a value of the wrong type or out of its option's range."""
+    missing = [key for key in REQUIRED_CONFIG if key not in config]
+    if missing:
+        return f"config has no {', '.join(missing)}"
+    for key, value in config.items():
+        option = OPTIONS.get(key)
+        if option is None or (value is None and option.null_ok):
+            continue  # an option this version no longer has is not read
+        if not has_kind(option.kind, value, option.item):
+            return f"config.{key} is {value!r}, not {KINDS[option.kind]}" + (
+                f" of {KINDS[option.item][len('a '):]}s" if option.kind is list else "")
+        try:
+            check_value(option, value, f"config.{key}")
+        except ConfigError as error:
+            return str(error)
+    return None
 
 
 def malformed(checkpoint):
     """What a checkpoint of the right format lacks or holds wrongly (None if nothing)."""
-    def number(value, kind=(int, float)):
-        return isinstance(value, kind) and not isinstance(value, bool)
-
     for key, kind in (("config", dict), ("engine", dict), ("rng", dict)):
         if not isinstance(checkpoint.get(key), kind):
             return f"no {key}"
-    step = checkpoint.get("step")
-    if not number(step, int) or step < 0:
+    for key in ("step", "weight_average", "val_accuracy", "best_val_accuracy",
+                "skipped_images"):
+        if key not in checkpoint:
+            return f"no {key}"
+    step = checkpoint["step"]
+    if not is_count(step):
         return f"step {step!r} is not a step number"
-    if not number(checkpoint.get("skipped_images", 0), int):
-        return "skipped_images is not a count"
+    if not is_count(checkpoint["skipped_images"]):
+        return f"skipped_images {checkpoint['skipped_images']!r} is not a count"
     for key in ("val_accuracy", "best_val_accuracy"):
-        value = checkpoint.get(key)
-        if value is not None and not (number(value) and 0 <= value <= 1):
+        value = checkpoint[key]
+        if value is not None and not (is_number(value) and 0 <= value <= 1):
             return f"{key} {value!r} is not an accuracy"
-    if checkpoint.get("weight_average") is not None and \
-            not isinstance(checkpoint["weight_average"], dict):
-        return "weight_average is not a state"
+    engine = checkpoint["engine"]
+    if not is_state(engine.get("model")):
+        return "engine.model is not a model's state_dict"
+    optimizer = engine.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list) or \
+            not all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                    for group in optimizer["param_groups"]):
+        return "engine.optimizer is not an optimiser's state_dict"
+    average = checkpoint["weight_average"]
+    if average is not None and not (isinstance(average, dict) and is_state(average.get("model"))
+                                    and is_count(average.get("updates"))):
+        return "weight_average is not a weight average's state"
+    if checkpoint.get("val_weights", "model") not in ("model", "weight_average"):
+        return f"val_weights {checkpoint['val_weights']!r} is not model or weight_average"
+    if checkpoint.get("val_weights") == "weight_average" and not (average and average["updates"]):
+        return "val_weights is weight_average, but it holds no weight average"
+    if not isinstance(checkpoint.get("validation_due", False), bool):
+        return f"validation_due {checkpoint['validation_due']!r} is not true or false"
+    for key in ("num_classes", "in_channels"):
+        if checkpoint.get(key) is not None and not is_count(checkpoint[key], least=1):
+            return f"{key} {checkpoint[key]!r} is not a positive count"
+    if (checkpoint.get("num_classes") is None) != (checkpoint.get("in_channels") is None):
+        return "num_classes and in_channels go together"
+    problem = config_problem(checkpoint["config"])
+    if problem:
+        return problem
     generator = checkpoint["rng"].get("torch")
     expected = torch.get_rng_state()
     if not isinstance(generator, torch.Tensor) or generator.dtype != expected.dtype \
@@ -125,7 +235,7 @@ def load_state(target, state, path):
     """target.load_state_dict(state), with a mismatch reported as one line."""
     try:
         target.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as error:
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
         first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not fit this model: {first}") from None
 

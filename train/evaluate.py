@@ -34,15 +34,6 @@ def checkpoint_path(path):
     return os.path.join(path, checkpoint.LAST) if os.path.isdir(path) else path
 
 
-def validated_weights(saved):
-    """Which weights the checkpoint's accuracy belongs to: "weight_average" when validation
-    used the average (it does once the average has an update), else "model"."""
-    if "val_weights" in saved:
-        return saved["val_weights"]
-    average = saved.get("weight_average")
-    return "weight_average" if average and average.get("updates") else "model"
-
-
 def network_shape(state):
     """(in_channels, num_classes) of a classifier's state dict: the first convolution's input
     channels and the last linear layer's outputs (checkpoints record both since they record
@@ -64,25 +55,29 @@ def load_model(path: str, weights: str = "validated",
     validated ones, whose accuracy they are). CheckpointError (one line) for a file that is
     not a checkpoint of this application or does not fit its model.
     """
+    from train.config import ConfigError
     from train.loop import build_model
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     path = checkpoint_path(path)
     saved = checkpoint.load(path)
-    validated = validated_weights(saved)
+    validated = saved["val_weights"]
     which = validated if weights == "validated" else weights
     if which == "weight_average":
-        if not saved.get("weight_average"):
+        if not saved["weight_average"]:
             raise CheckpointError(f"{path} holds no weight average (weight_avg_decay 0)")
         state = saved["weight_average"]["model"]
     else:
         state = saved["engine"]["model"]
     in_channels, num_classes = (saved["in_channels"], saved["num_classes"]) \
-        if "num_classes" in saved else network_shape(state)
+        if saved["num_classes"] is not None else network_shape(state)
     config = {**saved["config"], "replicas": 1}  # one sample at a time is fine for eval
-    model = build_model(config, SimpleNamespace(num_classes=num_classes,
-                                                in_channels=in_channels))
+    try:
+        model = build_model(config, SimpleNamespace(num_classes=num_classes,
+                                                    in_channels=in_channels))
+    except ConfigError as error:  # a model this version does not have
+        raise CheckpointError(f"{path}: {error}") from None
     checkpoint.load_state(model, state, path)
     accurate = which == validated
     info = {"path": path, "config": saved["config"], "step": saved["step"], "weights": which,

@@ -317,7 +317,7 @@ class Run:
         self.val_accuracy = saved["val_accuracy"]
         self.best_val_accuracy = saved["best_val_accuracy"]
         self.skipped_images = saved["skipped_images"]
-        self.validation_due = saved.get("validation_due", False) and self.config["validation"]
+        self.validation_due = saved["validation_due"] and self.config["validation"]
         self.epoch_line = f"epoch {self.step // self.steps_per_epoch}/{self.config['epochs']}"
         into = "" if os.path.samefile(os.path.dirname(path) or ".", self.run_dir) else \
             f" into {self.run_dir}"
@@ -342,18 +342,11 @@ class Run:
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint(self):
-        return {
-            "format": checkpoint.FORMAT, "config": self.config, "step": self.step,
-            "epoch": self.step / self.steps_per_epoch, "engine": self.engine.state_dict(),
-            "weight_average": self.average.state_dict() if self.average else None,
-            "rng": checkpoint.rng_state(), "val_accuracy": self.val_accuracy,
-            "best_val_accuracy": self.best_val_accuracy, "skipped_images": self.skipped_images,
-            "validation_due": self.validation_due,
-            # what train.evaluate.load_model needs: the accuracy's weights, the network's shape
-            "val_weights": "weight_average" if self.average is not None and self.average.updates
-            else "model",
-            "num_classes": self.data.num_classes, "in_channels": self.data.in_channels,
-        }
+        return checkpoint.make(
+            self.config, self.step, self.steps_per_epoch, self.engine.state_dict(),
+            self.average.state_dict() if self.average else None, self.val_accuracy,
+            self.best_val_accuracy, self.skipped_images, self.validation_due,
+            self.data.num_classes, self.data.in_channels)
 
     def save_checkpoints(self, improved=False, epoch_end=False):
         """The checkpoints of this step; a second Ctrl-C waits until they are written."""
