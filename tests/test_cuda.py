@@ -74,3 +74,51 @@ def test_execution_plans_train_the_same_weights_on_cuda(norm):
     _, split = one_step(norm, PLANS["2x4x2"], initial=before, device="cuda")
     assert_same_weights(split, whole)
     assert_same_weights(whole, cpu)
+
+
+def gpu_op_or_skip():
+    from proxynorm.ops import gpu
+
+    if not gpu.available():
+        pytest.skip("the fused GPU op is not available here (Triton, or the GPU's capability)")
+    return gpu
+
+
+def test_gpu_op_row_longer_than_grid_axis_1_allows():
+    """67,200,000 positions per channel: more tiles of a row than the 65,535 CUDA allows on
+    grid axes 1 and 2. Identity with unit vectors makes out GroupNorm's y and, with a unit
+    output gradient, grad_x 0 and the bias gradient the count of values."""
+    gpu = gpu_op_or_skip()
+    x = torch.randn(1, 2, 67_200_000, device="cuda").requires_grad_()
+    vectors = [torch.tensor([1.0, 1.0], device="cuda", requires_grad=True),
+               torch.zeros(2, device="cuda", requires_grad=True),
+               torch.zeros(2, device="cuda", requires_grad=True),
+               torch.ones(2, device="cuda", requires_grad=True)]
+    out = gpu.group_norm_proxy_act(x, 2, *vectors, "identity", 1e-5)
+    var, mean = torch.var_mean(x.detach().double(), dim=2, correction=0)
+    expected = (x.detach().double() - mean[..., None]) / torch.sqrt(var[..., None] + 1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+    grad_x, _, grad_bias, *_ = torch.autograd.grad(out, [x, *vectors], torch.ones_like(out))
+    assert grad_x.abs().max() < 1e-6
+    torch.testing.assert_close(grad_bias.cpu(), torch.full((2,), 67_200_000.0), rtol=1e-6, atol=0)
+
+
+def test_gpu_op_group_of_more_than_2_to_the_31_values():
+    """LayerNorm over 2^31 + 4,096 bfloat16 values of one sample: in-group offsets past 2^31
+    (32-bit ones would wrap to negative addresses). Checked at both ends against torch's
+    own statistics."""
+    gpu = gpu_op_or_skip()
+    size = 2 ** 30 + 2048
+    x = torch.randn(1, 2, size, device="cuda", dtype=torch.bfloat16)
+    vectors = [torch.ones(2, device="cuda"), torch.zeros(2, device="cuda"),
+               torch.zeros(2, device="cuda"), torch.ones(2, device="cuda")]
+    x.requires_grad_()
+    out = gpu.group_norm_proxy_act(x, 1, *vectors, "identity", 1e-5)
+    var, mean = torch.var_mean(x.detach().float(), correction=0)
+    rstd = torch.rsqrt(var.double() + 1e-5)
+    (grad_x,) = torch.autograd.grad(out, [x], torch.ones_like(out))
+    for part in (slice(0, 4096), slice(size - 4096, size)):
+        expected = ((x[:, :, part].detach().double() - mean.double()) * rstd).float()
+        torch.testing.assert_close(out[:, :, part].float(), expected, rtol=1e-2, atol=1e-2)
+        # a unit output gradient through GroupNorm alone: rstd (1 - 1 - y mean(y)) = 0
+        assert grad_x[:, :, part].float().abs().max() < 1e-2

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from benchmarks.dispatches import counting
 from proxynorm import ops
 from proxynorm.ops import cpu, gpu
 from proxynorm.activations import get_act
@@ -38,6 +39,18 @@ SHAPES = [  # (shape, groups)
     ((2, 4, 3, 5, 2), 2),  # 3-D spatial
     ((1, 4, 45, 50), 1),  # several chunks per group, rows longer than a tile
 ]
+
+if INTERPRETER or torch.cuda.is_available():  # kernels of the tests' own, where kernels run
+    import triton
+    import triton.language as tl
+
+    from proxynorm.ops import gpu_kernels
+
+    @triton.jit
+    def chunk_start_kernel(out_ptr, chunk, chunks_per_group, BLOCK: tl.constexpr):
+        ng, start = gpu_kernels.chunk_start(chunk, chunks_per_group, BLOCK)
+        tl.store(out_ptr, ng)
+        tl.store(out_ptr + 1, start)
 
 
 @pytest.fixture
@@ -255,8 +268,12 @@ def test_layer_through_the_gpu_op_equals_eager_layer(act, name, groups, monkeypa
 
 def test_fused_op_picks_the_gpu_op_for_cuda_inputs(monkeypatch):
     """The choice on a GPU host, minus the GPU: torch.cuda.is_available() is made True and
-    the CUDA inputs are fake tensors (metadata only); Triton is really imported."""
+    the CUDA inputs are fake tensors (metadata only) on an H100 (compute capability 9.0);
+    Triton is really imported."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(gpu, "_device_supported", {})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with FakeTensorMode():
         x = torch.empty(2, 8, 4, 4, device="cuda")
@@ -326,3 +343,84 @@ def test_empty_batch(device):
     grads = torch.autograd.grad(out, [x, *vectors], torch.ones_like(out))
     assert grads[0].shape == x.shape
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+
+
+def test_strided_vectors_are_read_by_their_strides(device):
+    """Every other value of a longer vector (a view with stride 2): read as contiguous it
+    would take its neighbours' values."""
+    bases = [torch.cat([v.detach(), -v.detach() + 3]).view(2, -1).t().reshape(-1)
+             .requires_grad_() for v in random_vectors(8, device)]
+    vectors = [b[::2] for b in bases]
+    assert not vectors[0].is_contiguous()
+    x = (torch.randn(2, 8, 5, 6) * 2 + 0.5).to(device)
+    grad_out = torch.randn(x.shape, device=device)
+    results = []
+    for op in (gpu.group_norm_proxy_act, eager_op):
+        xg = x.clone().requires_grad_()
+        out = op(xg, 4, *vectors, "silu", 1e-5)
+        results.append((out, torch.autograd.grad(out, [xg, *bases], grad_out)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+    assert all(torch.all(g[1::2] == 0) for g in grads[1:])  # the values between: untouched
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_grad_x_only_when_x_needs_it(x_needs_grad, device):
+    """A network's first layer: its input needs no gradient, so no grad_x kernel runs,
+    and the vectors' gradients are the same as with it."""
+    vectors = random_vectors(8, device)
+    x = (torch.randn(2, 8, 5, 6) * 2 + 0.5).to(device).requires_grad_(x_needs_grad)
+    grad_out = torch.randn(x.shape, device=device)
+    inputs = ([x] if x_needs_grad else []) + vectors
+    with counting() as counts:
+        grads = torch.autograd.grad(gpu.group_norm_proxy_act(x, 4, *vectors, "gelu", 1e-5),
+                                    inputs, grad_out)
+    expected = torch.autograd.grad(eager_op(x, 4, *vectors, "gelu", 1e-5), inputs, grad_out)
+    launched = {name for name, _ in counts.grids}
+    assert ("grad_x_kernel" in launched) == x_needs_grad
+    assert "row_sums_kernel" in launched
+    for g, g_ref in zip(grads, expected):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_in_group_offsets_are_64_bit(device):
+    """A chunk's first value within its group, past 2^31 (a group of 2^32 values, as
+    LayerNorm of a large 3-D input has): in 32 bits it would wrap to a negative offset."""
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    chunks_per_group, block = 2 ** 22, 1024
+    chunk = 3 * chunks_per_group + 2 ** 21 + 5  # sample-group 3, value 2^31 + 5120 in it
+    chunk_start_kernel[(1,)](out, chunk, chunks_per_group, BLOCK=block)
+    assert out.tolist() == [3, (2 ** 21 + 5) * block]
+
+
+def test_every_launch_puts_its_programs_on_grid_axis_0(monkeypatch, device):
+    """CUDA allows 2^31 - 1 programs on axis 0 but 65,535 on axes 1 and 2 (the interpreter
+    enforces neither): a long row's tiles on axis 1 would stop launching past 67M
+    positions per channel. Small blocks make many tiles per row here."""
+    monkeypatch.setattr(gpu, "MAX_BLOCK", 4)
+    with counting() as counts:
+        check_against_eager("relu", (2, 4, 3, 7), 2, device)
+    assert {name for name, _ in counts.grids} >= {"row_sums_kernel", "grad_x_kernel"}
+    assert all(len(grid) == 1 for _, grid in counts.grids), counts.grids
+
+
+@pytest.mark.parametrize("capability,supported", [((7, 0), False), ((8, 0), True)])
+def test_gpu_triton_cannot_target_takes_the_eager_path_with_one_warning(
+        capability, supported, monkeypatch, caplog):
+    """A Volta GPU: Triton would fail in the first compile, inside a training step; the
+    layer takes the eager path instead and says why in one line, once."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(gpu, "_device_supported", {})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 4, 4, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="proxynorm.ops.gpu"):
+        picked = [ops.fused_op(x), ops.fused_op(x)]
+    assert picked == [gpu.group_norm_proxy_act if supported else None] * 2
+    assert [r.getMessage() for r in caplog.records] == ([] if supported else [
+        "the fused Proxy Norm GPU op is not available (cuda:0 has compute capability 7.0, "
+        "Triton needs 8.0 or newer); using the eager path"])

@@ -24,22 +24,46 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTS = ("identity", "relu", "silu", "gelu")
 MAX_BLOCK = 2048  # values per program; a power of two, as tl.arange needs
 
+# Triton's NVIDIA targets (its README: compute capability 8.0 and newer); an older GPU
+# would fail in the first compile, inside a training step
+MIN_CAPABILITY = (8, 0)
+
 _triton_problem = None  # why Triton cannot run the kernels, "" when it can; found once
+_device_supported = {}  # CUDA device index -> whether Triton targets it; found once each
 
 
-def available():
-    """Whether the kernels can run: there is a CUDA GPU, or TRITON_INTERPRET=1, and Triton
-    >= 3 imports. A GPU host without Triton logs one warning line, once."""
-    if not (torch.cuda.is_available() or interpreting()):
+def available(device=None):
+    """Whether the kernels can run: Triton >= 3 imports and there is TRITON_INTERPRET=1 or
+    a CUDA GPU Triton targets (`device`, default the current one: an NVIDIA GPU of compute
+    capability >= MIN_CAPABILITY, or an AMD GPU under ROCm). A GPU host without Triton,
+    and each GPU it cannot target, logs one warning line, once."""
+    if not (interpreting() or torch.cuda.is_available()):
         return False
     global _triton_problem
     if _triton_problem is None:
         _triton_problem = _find_triton_problem()
         if _triton_problem:
-            logging.getLogger(__name__).warning(
-                "the fused Proxy Norm GPU op is not available (%s); using the eager path",
-                _triton_problem)
-    return not _triton_problem
+            _warn(_triton_problem)
+    if _triton_problem:
+        return False
+    return interpreting() or _targets(device)
+
+
+def _warn(problem):
+    logging.getLogger(__name__).warning(
+        "the fused Proxy Norm GPU op is not available (%s); using the eager path", problem)
+
+
+def _targets(device):
+    index = torch.device("cuda" if device is None else device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _device_supported:
+        capability = tuple(torch.cuda.get_device_capability(index))
+        _device_supported[index] = bool(torch.version.hip) or capability >= MIN_CAPABILITY
+        if not _device_supported[index]:
+            _warn(f"cuda:{index} has compute capability {capability[0]}.{capability[1]}, "
+                  f"Triton needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
+    return _device_supported[index]
 
 
 def interpreting():
@@ -70,6 +94,10 @@ def group_norm_proxy_act(x, groups, weight, bias, proxy_mean, proxy_rstd, act, e
     """The op's output; differentiable with respect to x and the four vectors."""
     _check_input(x, groups, act, weight=weight, bias=bias, proxy_mean=proxy_mean,
                  proxy_rstd=proxy_rstd)
+    # the kernels read vectors as contiguous; a strided one (a view of every other value)
+    # is copied here, where autograd still sees the copy
+    weight, bias, proxy_mean, proxy_rstd = (
+        v if v.is_contiguous() else v.contiguous() for v in (weight, bias, proxy_mean, proxy_rstd))
     return GroupNormProxyActFunction.apply(x, groups, weight, bias, proxy_mean, proxy_rstd,
                                            act, eps)
 
@@ -106,7 +134,8 @@ class GroupNormProxyActFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_x, *grad_vectors = _backward(grad_out, *ctx.saved_tensors, ctx.groups, ctx.act)
+        grad_x, *grad_vectors = _backward(grad_out, *ctx.saved_tensors, ctx.groups, ctx.act,
+                                          ctx.needs_input_grad[0])
         return (grad_x, None, *grad_vectors, None, None)
 
 
@@ -153,12 +182,14 @@ def _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
     return out, mean, rstd
 
 
-def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, groups, act):
+def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, groups, act,
+              needs_grad_x=True):
     """The CPU op's backward_kernel, step for step: per-row sums (a kernel), the parameter
     gradients and per-(sample, group) coefficients (torch, on (N, C) tensors: summing over
-    samples there is deterministic, unlike atomics), then grad_x (a kernel)."""
+    samples there is deterministic, unlike atomics), then grad_x (a kernel; grad_x is None
+    and not computed when x needs no gradient, as for a network's first layer's input)."""
     n, channels = x.shape[:2]
-    grad_x = torch.empty_like(x)
+    grad_x = torch.empty_like(x) if needs_grad_x else None
     if x.numel() == 0:
         return (grad_x, *(torch.zeros_like(weight) for _ in range(4)))
     kernels = _kernels()
@@ -172,9 +203,9 @@ def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, gro
     columns = -(-spatial // block_s)
     sums = x.new_empty((4, columns, rows), dtype=torch.float32)
     with _on_device(x):
-        kernels.row_sums_kernel[(-(-rows // block_rows), columns)](
+        kernels.row_sums_kernel[(-(-rows // block_rows) * columns,)](
             grad_out, x, weight, bias, mean, rstd, sums, rows, channels, channels_per_group,
-            spatial, ACT=act, BLOCK_ROWS=block_rows, BLOCK_S=block_s)
+            spatial, columns, ACT=act, BLOCK_ROWS=block_rows, BLOCK_S=block_s)
     # g, g act(a), g act'(a), g act'(a) xc, each (N, C)
     sum_g, sum_gz, sum_gd, sum_gdx = sums.sum(1).view(4, n, channels)
 
@@ -190,6 +221,8 @@ def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, gro
     sum_dy_xc = (dy_scale * sum_gdx).view(n, groups, -1).sum(2)
     coef_x = -rstd * rstd * (rstd * sum_dy_xc / count)
     coef_1 = -rstd * sum_dy / count
+    if grad_x is None:
+        return grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd
 
     block, chunks_per_group = _group_chunks(count)
     with _on_device(x):

@@ -42,18 +42,24 @@ def act_slope(a, ACT: tl.constexpr):
 
 
 @triton.jit
+def chunk_start(chunk, chunks_per_group, BLOCK: tl.constexpr):
+    """The (sample, group) of a chunk and the chunk's first value within it, in 64 bits:
+    one group (LayerNorm over a large 3-D input) can hold more than 2^31 values."""
+    return chunk // chunks_per_group, (chunk % chunks_per_group).to(tl.int64) * BLOCK
+
+
+@triton.jit
 def chunk_moments_kernel(x_ptr, chunk_mean_ptr, chunk_m2_ptr, group_size, chunks_per_group,
                          BLOCK: tl.constexpr):
     """1. The mean of each chunk and its sum of squares about that mean: centred in the
     chunk, so a large common offset of x never cancels."""
     chunk = tl.program_id(0)
-    ng = chunk // chunks_per_group
-    start = (chunk % chunks_per_group) * BLOCK
+    ng, start = chunk_start(chunk, chunks_per_group, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < group_size
     x = tl.load(x_ptr + ng.to(tl.int64) * group_size + offsets, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    mean = tl.sum(x, axis=0) / tl.minimum(group_size - start, BLOCK)
+    mean = tl.sum(x, axis=0) / tl.minimum(group_size - start, BLOCK).to(tl.float32)
     xc = tl.where(mask, x - mean, 0.0)
     tl.store(chunk_mean_ptr + chunk, mean)
     tl.store(chunk_m2_ptr + chunk, tl.sum(xc * xc, axis=0))
@@ -70,14 +76,14 @@ def group_moments_kernel(chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, group
     for k in range(0, chunks_per_group, BLOCK):
         chunk = k + tl.arange(0, BLOCK)
         mask = chunk < chunks_per_group
-        count = tl.where(mask, tl.minimum(group_size - chunk * CHUNK, CHUNK), 0)
+        count = tl.where(mask, tl.minimum(group_size - chunk.to(tl.int64) * CHUNK, CHUNK), 0)
         total += count * tl.load(chunk_mean_ptr + first + chunk, mask=mask, other=0.0)
     mean = tl.sum(total, axis=0) / group_size
     m2 = tl.zeros([BLOCK], tl.float32)
     for k in range(0, chunks_per_group, BLOCK):
         chunk = k + tl.arange(0, BLOCK)
         mask = chunk < chunks_per_group
-        count = tl.where(mask, tl.minimum(group_size - chunk * CHUNK, CHUNK), 0)
+        count = tl.where(mask, tl.minimum(group_size - chunk.to(tl.int64) * CHUNK, CHUNK), 0)
         d = tl.load(chunk_mean_ptr + first + chunk, mask=mask, other=0.0) - mean
         m2 += tl.load(chunk_m2_ptr + first + chunk, mask=mask, other=0.0) + count * d * d
     var = tl.sum(m2, axis=0) / group_size
@@ -91,9 +97,8 @@ def group_chunk(groups, channels_per_group, spatial, group_size, chunks_per_grou
                 BLOCK: tl.constexpr):
     """This program's chunk of BLOCK values of one (sample, group) ng: ng, the values' mask,
     their channels and their addresses in x (64-bit: they can pass 2^31)."""
-    chunk = tl.program_id(0)
-    ng = chunk // chunks_per_group
-    offsets = (chunk % chunks_per_group) * BLOCK + tl.arange(0, BLOCK)
+    ng, start = chunk_start(tl.program_id(0), chunks_per_group, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
     mask = offsets < group_size
     c = (ng % groups) * channels_per_group + offsets // spatial
     return ng, mask, c, ng.to(tl.int64) * group_size + offsets
@@ -119,14 +124,15 @@ def forward_kernel(x_ptr, weight_ptr, bias_ptr, proxy_mean_ptr, proxy_rstd_ptr, 
 
 @triton.jit
 def row_sums_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, sums_ptr,
-                    rows, channels, channels_per_group, spatial, ACT: tl.constexpr,
+                    rows, channels, channels_per_group, spatial, columns, ACT: tl.constexpr,
                     BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Backward 1. Over a tile of BLOCK_ROWS (sample, channel) rows and BLOCK_S positions,
     with g the output gradient, a the pre-activation and xc = x - mean: the sums of g,
     g act(a), g act'(a) and g act'(a) xc per row, into sums[k, tile column, row] (summed
     over tile columns by the caller: no atomics, so the result is deterministic)."""
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    column = tl.program_id(1)
+    # tiles on grid axis 0 (2^31 - 1 programs; axis 1 stops at 65,535)
+    row = (tl.program_id(0) // columns) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    column = tl.program_id(0) % columns
     position = column * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = row < rows
     mask = row_mask[:, None] & (position < spatial)[None, :]
@@ -143,7 +149,7 @@ def row_sums_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_pt
     a = xc * scale[:, None] + shift[:, None]
     gd = g * act_slope(a, ACT)
     out = sums_ptr + column * rows + row
-    stride = tl.num_programs(1) * rows
+    stride = columns * rows
     tl.store(out, tl.sum(g, axis=1), mask=row_mask)
     tl.store(out + stride, tl.sum(g * act_value(a, ACT), axis=1), mask=row_mask)
     tl.store(out + 2 * stride, tl.sum(gd, axis=1), mask=row_mask)
