@@ -198,6 +198,38 @@ def test_unusable_output_dirs_are_one_line(tmp_path, capsys):
                                      f"Permission denied"
 
 
+def test_a_run_killed_while_writing_a_checkpoint_leaves_no_temporary_behind(tmp_path):
+    """kill -9 inside torch.save (the second checkpoint) leaves .checkpoint_last.pt.*.tmp;
+    the next run that holds the folder removes it, and nothing that is not a run's own."""
+    run_dir = tmp_path / "run"
+    child = ("import os, signal, sys, torch\n"
+             "from train.__main__ import main\n"
+             "saves = []\n"
+             "real_save = torch.save\n"
+             "def save(obj, f, *args, **kwargs):\n"
+             "    saves.append(1)\n"
+             "    if len(saves) == 2:\n"
+             "        f.write(b'half a checkpoint'); f.flush()\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return real_save(obj, f, *args, **kwargs)\n"
+             "torch.save = save\n"
+             "main(sys.argv[1:])\n")
+    flags = ["--config", "digits_resnet_group_pn", "--output-dir", str(run_dir),
+             "--wandb-mode", "disabled", *map(str, RUN), "--epochs", "2",
+             "--validation", "false"]
+    killed = subprocess.run([sys.executable, "-c", child, *flags], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [name for name in listing(run_dir) if name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".checkpoint_last.pt.")
+    kept = [".notes.txt.abcd1234.tmp", "checkpoint_last.pt.tmp", ".checkpoint_last.pt.tmp"]
+    for name in kept:  # not a temporary of the run's: the user's
+        (run_dir / name).write_text("mine")
+    assert train(run_dir, *RUN, "--epochs", 2, "--validation", "false", "--resume", "auto") == 0
+    assert sorted(name for name in listing(run_dir) if name.endswith(".tmp")) == sorted(kept)
+    assert load(run_dir / "checkpoint_last.pt")["step"] == 8
+
+
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(
         tmp_path, capsys, monkeypatch, fail_at):

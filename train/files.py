@@ -6,6 +6,9 @@
 - `claim` makes a run folder this process's: an exclusive lock (fcntl.flock) on its `.lock`
   file, held until `release`; the kernel drops it when the process dies, so a crashed
   run's lock never blocks the next one.
+- `claim` also removes the temporaries a run killed mid-write (kill -9, a lost machine) left
+  behind: none can belong to a live run once the folder is held, and each can be as large
+  as a checkpoint.
 - `new_run_dir` creates a default folder name that no other run has (two runs of one config
   started in the same second get -2, -3, ...).
 """
@@ -13,11 +16,16 @@ import errno
 import fcntl
 import json
 import os
+import re
+import stat
 import tempfile
 import time
 
 RUN_FILES = ("config.yml", "metrics.jsonl", "summary.json", "checkpoint_last.pt")
 LOCK = ".lock"
+# write_atomically's temporaries of a run's files: .NAME.XXXXXXXX.tmp (mkstemp's 8 letters)
+RUN_TEMPORARY = re.compile(r"\.(config\.yml|metrics\.jsonl|summary\.json|checkpoint_\w+\.pt)"
+                           r"\.[a-z0-9_]{8}\.tmp")
 
 
 class RunFolderError(Exception):
@@ -120,7 +128,20 @@ def claim(path):
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    remove_stale_temporaries(path)
     return lock
+
+
+def remove_stale_temporaries(path):
+    """Removes the temporaries of a run's files from a folder this process holds: a run
+    killed while writing one (kill -9) leaves it, and no live run can be writing it."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        try:
+            if RUN_TEMPORARY.fullmatch(name) and stat.S_ISREG(os.lstat(full).st_mode):
+                os.unlink(full)
+        except OSError:  # gone already, or not ours to remove: it only costs space
+            pass
 
 
 def release(lock):
