@@ -230,30 +230,89 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_no_temporary_behind(tmp_
     assert load(run_dir / "checkpoint_last.pt")["step"] == 8
 
 
+def opened_name(fd):
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+class FullDisk:
+    """A file that takes `room` more bytes, then fails as a full disk does (the bytes that
+    fit are written)."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(
         tmp_path, capsys, monkeypatch, fail_at):
+    """torch.save meets the full disk in its own writes, and reports it as a RuntimeError
+    ('unexpected pos') raised while handling the OSError."""
     run_dir = tmp_path / "run"
-    saves, real_save = [], torch.save
+    checkpoints, real_fdopen = [], os.fdopen
 
-    def save(obj, f, *args, **kwargs):
-        saves.append(obj["step"])
-        if len(saves) == fail_at:
-            f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(obj, f, *args, **kwargs)
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        if ".checkpoint_last.pt." in opened_name(fd):
+            checkpoints.append(fd)
+            if len(checkpoints) == fail_at:
+                return FullDisk(file, room=1000)
+        return file
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "fdopen", fdopen)
     assert train(run_dir, *RUN, "--epochs", 2, "--validation", "false") == 2
     kept = "no checkpoint was written" if fail_at == 1 else "checkpoint_last.pt holds step 4"
     assert error_line(capsys) == (f"error: cannot write {run_dir}/checkpoint_last.pt: No space "
                                   f"left on device; {kept}")
     assert not [name for name in listing(run_dir) if name.endswith(".tmp")]
     if fail_at == 2:
-        monkeypatch.setattr(torch, "save", real_save)
+        monkeypatch.setattr(os, "fdopen", real_fdopen)
         assert load(run_dir / "checkpoint_last.pt")["step"] == 4
         assert train(run_dir, *RUN, "--epochs", 2, "--validation", "false", "--resume",
                      "auto") == 0
+
+
+def test_a_full_disk_never_leaves_half_a_metrics_record(tmp_path, capsys, monkeypatch):
+    """The disk fills in the middle of step 6's record: metrics.jsonl is cut back to the
+    record before, so the resumed run's records follow whole lines."""
+    run_dir = tmp_path / "run"
+    real_fdopen, written = os.fdopen, []
+
+    class FullAtStep6(FullDisk):
+        def write(self, data):
+            written.append(data)  # 4 train, train_epoch, train records, then step 6's
+            self.room = len(data) // 2 if len(written) == 7 else len(data)
+            return super().write(data)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        return FullAtStep6(file, 0) if opened_name(fd).endswith("metrics.jsonl") else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    flags = [*RUN, "--epochs", 3, "--validation", "false"]
+    assert train(run_dir, *flags) == 2
+    assert error_line(capsys) == (f"error: cannot write {run_dir}/metrics.jsonl: No space left "
+                                  f"on device; checkpoint_last.pt holds step 4")
+    assert [(r["kind"], r["step"]) for r in records(run_dir)][-1] == ("train", 5)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert train(run_dir, *flags, "--resume", "auto") == 0
+    assert [r["step"] for r in records(run_dir) if r["kind"] == "train"] == list(range(1, 13))
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,9 @@ def reason(error):
 
 def write_atomically(path, write, binary=False, mode=0o644):
     """write(file) into a new temporary file in path's folder, flushed to disk, then renamed
-    to path. RunFolderError (one line) when the folder cannot take it; the temporary is
-    removed whatever stops the write, a KeyboardInterrupt included."""
+    to path. RunFolderError (one line) when the folder cannot take it (an OSError, or an
+    error raised because of one); the temporary is removed whatever stops the write, a
+    KeyboardInterrupt included."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         # mkstemp opens with O_CREAT | O_EXCL: a name that exists, a symlink included, is
@@ -61,9 +62,22 @@ def write_atomically(path, write, binary=False, mode=0o644):
             os.unlink(temporary)
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise RunFolderError(f"cannot write {path}: {reason(error)}") from None
+        cause = os_error(error)
+        if cause is not None:
+            raise RunFolderError(f"cannot write {path}: {reason(cause)}") from None
         raise
+
+
+def os_error(error):
+    """The OSError behind an error, if any: torch.save reports a full disk as a RuntimeError
+    ("[enforce fail at inline_container.cc] unexpected pos") raised while handling it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_json(path, data):

@@ -49,22 +49,35 @@ class NoLog:
 
 
 class RunLog:
+    """Appends records to metrics.jsonl, each whole or not at all: a write that fails (a full
+    disk) cuts the file back to the record before, so no half line is left for the records
+    a resumed run appends after it."""
+
     def __init__(self, run_dir, config):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         try:  # a resumed run appends; O_NOFOLLOW: never through a symlink planted there
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
             raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
-        self.file = os.fdopen(fd, "a")
+        self.file = os.fdopen(fd, "ab", buffering=0)  # each write goes to the file at once
         self.wandb = None
         if config["wandb_mode"] != "disabled":
             self.wandb = start_wandb(run_dir, config)
 
     def write(self, record):
+        line = (json.dumps(record) + "\n").encode()
+        size = None
         try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            size = os.fstat(self.file.fileno()).st_size
+            written = 0
+            while written < len(line):  # a short write is followed by the error, if any
+                written += self.file.write(line[written:])
         except OSError as error:
+            if size is not None:
+                try:
+                    os.ftruncate(self.file.fileno(), size)  # shrinking needs no space
+                except OSError:
+                    pass
             raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
         if self.wandb is not None:
             values = {f"{record['kind']}/{k}": v for k, v in record.items()
@@ -72,10 +85,11 @@ class RunLog:
             self.wandb.log(values, step=record["step"])
 
     def close(self, summary=None):
-        try:
-            self.file.close()
-        except OSError as error:
-            raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
+        if not self.file.closed:
+            try:
+                self.file.close()
+            except OSError as error:
+                raise RunFolderError(f"cannot write {self.path}: {reason(error)}") from None
         if self.wandb is not None:
             if summary is not None:
                 self.wandb.summary.update(
