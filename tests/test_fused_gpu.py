@@ -21,6 +21,7 @@ from proxynorm import ops
 from proxynorm.ops import cpu, gpu
 from proxynorm.activations import get_act
 from proxynorm.norms import get_norm_act
+from proxynorm.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
 from test_norms import ACT_FORMULAS, randomise
 
 pytest.importorskip("triton", minversion="3.0")
@@ -237,7 +238,8 @@ def test_gradients_are_deterministic(device):
 def test_layer_through_the_gpu_op_equals_eager_layer(act, name, groups, monkeypatch, device):
     """A GroupNormProxyAct layer end to end on the GPU op: fused_op hands it this op for a
     CUDA input; here the test hands it over, so that it also runs on CPU tensors under the
-    interpreter. The proxy statistics stay the eager proxynorm.proxy.proxy_stats beside it."""
+    interpreter. The proxy statistics are gpu.proxy_stats, which fused_proxy_stats gives
+    beside it."""
     calls = []
 
     def gpu_op(x):
@@ -281,7 +283,7 @@ def test_fused_op_picks_the_gpu_op_for_cuda_inputs(monkeypatch):
     for tensor in (x, half, bfloat16):
         assert ops.fused_op(tensor) is gpu.group_norm_proxy_act
     assert ops.fused_op(double) is None  # float64 stays on the eager path
-    assert ops.fused_proxy_stats(gpu.group_norm_proxy_act) is None
+    assert ops.fused_proxy_stats(gpu.group_norm_proxy_act) is gpu.proxy_stats
     assert ops.fused_op(torch.randn(2, 8, 4, 4)) is not gpu.group_norm_proxy_act
     monkeypatch.setattr(gpu, "compiling", lambda: True)  # Inductor fuses the eager maths
     assert ops.fused_op(x) is None
@@ -424,3 +426,91 @@ def test_gpu_triton_cannot_target_takes_the_eager_path_with_one_warning(
     assert [r.getMessage() for r in caplog.records] == ([] if supported else [
         "the fused Proxy Norm GPU op is not available (cuda:0 has compute capability 7.0, "
         "Triton needs 8.0 or newer); using the eager path"])
+
+
+def eager_proxy_stats(weight, bias, proxy_weight, proxy_bias, act, dtype):
+    """proxynorm.proxy.proxy_stats (the eager path's), in dtype, as (mean, rstd)."""
+    params = [p.cpu().to(dtype) for p in (weight, bias, proxy_weight, proxy_bias)]
+    mean, var = proxy_stats(*params, get_act(act))
+    return mean, torch.rsqrt(var + PROXY_EPS)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("channels", [1, 12])
+def test_proxy_stats_equal_the_eager_ones_in_float32_and_float64(act, channels, device):
+    """gpu.proxy_stats against proxynorm/proxy.py's expression, forward and backward, in
+    float32 (the eager path) and float64 (the reference)."""
+    params = [(torch.randn(channels) * scale + offset).to(device).requires_grad_()
+              for scale, offset in ((0.5, 1.0), (0.5, 0.0), (0.3, 0.0), (0.3, 0.0))]
+    grads_out = [torch.randn(channels, device=device) for _ in range(2)]
+    quantiles = proxy_quantiles(200, device, torch.float32)
+    stats = gpu.proxy_stats(*params, quantiles, act, PROXY_EPS)
+    grads = torch.autograd.grad(stats, params, grads_out)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-5)):
+        leaves = [p.detach().cpu().to(dtype).requires_grad_() for p in params]
+        expected = eager_proxy_stats(*leaves, act, dtype)
+        expected_grads = torch.autograd.grad(expected, leaves,
+                                             [g.cpu().to(dtype) for g in grads_out])
+        for got, want in zip(stats, expected):
+            torch.testing.assert_close(got.cpu().to(dtype), want, rtol=tol, atol=tol)
+        scale = max(g.abs().max() for g in expected_grads)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.cpu().to(dtype) / scale, want / scale, rtol=tol,
+                                       atol=tol)
+
+
+def test_proxy_stats_gradient_of_one_output_alone(device):
+    """Only the mean used: autograd hands the backward no rstd gradient."""
+    params = [(torch.randn(6) * 0.5 + 1).to(device).requires_grad_() for _ in range(4)]
+    quantiles = proxy_quantiles(200, device, torch.float32)
+    mean, _ = gpu.proxy_stats(*params, quantiles, "gelu", PROXY_EPS)
+    grads = torch.autograd.grad(mean.sum(), params)
+    leaves = [p.detach().cpu().requires_grad_() for p in params]
+    expected = torch.autograd.grad(eager_proxy_stats(*leaves, "gelu", torch.float32)[0].sum(),
+                                   leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+MAX_STEP_DISPATCHES = 16  # the issue's goal for a layer's training step on the GPU path
+BEFORE_STEP_DISPATCHES = 65  # the count of the op this replaced (eager proxy statistics,
+# torch glue between the kernels): 15 forward, 50 backward
+
+
+@pytest.mark.parametrize("name,groups,act", [("group_pn", 4, "relu"), ("layer_pn", 1, "silu")])
+def test_layer_step_dispatches(name, groups, act, monkeypatch, device):
+    """One training step of a layer on the GPU path (forward, backward of the output into
+    x and the four parameters), counted as benchmarks.dispatches counts it: aten ops that
+    are neither views nor allocations, plus Triton launches. Each is a launch on a GPU,
+    which is what a small micro-batch waits for. BatchNorm + ReLU makes 5."""
+    monkeypatch.setattr(ops, "fused_op", lambda x: gpu.group_norm_proxy_act)
+    layer = randomise(get_norm_act(name, 8, act=act, groups=groups)).to(device)
+    x = torch.randn(2, 8, 5, 6, device=device)
+    grad_out = torch.randn(x.shape, device=device)
+    layer(x)  # the quantile table is made and cached on first use
+    from benchmarks.dispatches import forward_backward_dispatches
+    forward, backward = forward_backward_dispatches(layer, x, grad_out)
+    assert dict(forward) == {"triton.proxy_stats_kernel": 1, "triton.chunk_moments_kernel": 1,
+                             "triton.group_moments_kernel": 1, "triton.forward_kernel": 1}
+    # autograd adds the two gradients of weight and of bias: the op's and the statistics'
+    assert dict(backward) == {"triton.row_sums_kernel": 1, "triton.backward_sums_kernel": 1,
+                              "triton.grad_x_kernel": 1,
+                              "triton.proxy_stats_backward_kernel": 1, "aten.add": 2}
+    total = sum(forward.values()) + sum(backward.values())
+    assert total <= MAX_STEP_DISPATCHES < BEFORE_STEP_DISPATCHES
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_dispatch_counter_counts_what_runs(device):
+    """The counter itself: BatchNorm + ReLU's step is its 5 aten ops (the running-stat
+    update included), views and allocations are not counted, kernels are."""
+    from benchmarks.dispatches import counting, forward_backward_dispatches
+    layer = get_norm_act("batch", 8).to(device).train()
+    x = torch.randn(2, 8, 5, 6, device=device)
+    forward, backward = forward_backward_dispatches(layer, x, torch.randn(x.shape, device=device))
+    assert sum(forward.values()) + sum(backward.values()) == 5
+    with counting() as counts:
+        x.view(-1).t()
+        torch.empty(3, device=device)
+        x.transpose(2, 3).contiguous()
+    assert dict(counts) == {"aten.clone": 1}

@@ -9,9 +9,9 @@ exported or traced (`exporting()`: torch.export, either torch.onnx exporter, tor
 it is None on every device but the IPU: the graph then holds only standard ops, which ONNX
 and other runtimes know, instead of proxynorm ops that only this package can run.
 `fused_proxy_stats(op)` is the proxy-statistics op that goes with it: the CPU one beside
-the CPU op; None beside the GPU op, where the (C,) statistics are tiny and stay PyTorch
-ops, and beside the IPU op, where they stay PyTorch ops that PopTorch traces and PopART
-differentiates.
+the CPU op, the GPU one (one Triton kernel each way, not a dozen PyTorch ops) beside the
+GPU op; None beside the IPU op, where they stay PyTorch ops that PopTorch traces and
+PopART differentiates.
 PROXYNORM_FUSED=0 in the environment forces the eager path everywhere.
 """
 import logging
@@ -76,7 +76,9 @@ def fused_proxy_stats(op):
     """stats(weight, bias, proxy_weight, proxy_bias, quantiles, act, proxy_eps) -> (mean,
     rstd), rstd = 1 / sqrt(var + proxy_eps), the op's proxy_mean and proxy_rstd, to go with
     the norm-act op `op` from fused_op, or None."""
-    return cpu.proxy_stats if op is cpu.group_norm_proxy_act else None
+    if op is cpu.group_norm_proxy_act:
+        return cpu.proxy_stats
+    return gpu.proxy_stats if op is gpu.group_norm_proxy_act else None
 
 
 def ipu_op_built():

@@ -6,7 +6,10 @@ computes what the CPU op does (proxynorm/ops/cpu.py), with mean and rstd GroupNo
 * proxy_rstd. Its backward saves only x, the (N, groups) statistics and the per-channel
 vectors, and recomputes the elementwise chain. x is float32, bfloat16 or float16 (the
 chain runs in float32; float64 stays on the eager path), the per-channel vectors float32;
-out has x's dtype and is contiguous.
+out has x's dtype and is contiguous. `proxy_stats(weight, bias, proxy_weight, proxy_bias,
+quantiles, act, proxy_eps) -> (proxy_mean, proxy_rstd)` is the statistics op that goes
+with it (ops.fused_proxy_stats), as the CPU op's; the two make a layer's training step 8
+kernel launches and 2 additions autograd makes (benchmarks/dispatches.py counts them).
 
 Triton is imported on first use, so this module imports on hosts without it (PopTorch's
 torch 2.0 stack); `available()` says whether the kernels can run. TRITON_INTERPRET=1 in the
@@ -154,6 +157,14 @@ def _group_chunks(group_size):
     return block, -(-group_size // block)
 
 
+def _row_tiles(rows, spatial):
+    """(BLOCK_ROWS, BLOCK_S, tile columns per row) of the row-tile kernels: tiles of about
+    MAX_BLOCK values, many short rows (7x7, 1x1) or parts of long ones."""
+    block_s = min(_power_of_two_at_least(spatial), MAX_BLOCK // 2)
+    block_rows = min(_power_of_two_at_least(rows), MAX_BLOCK // block_s)
+    return block_rows, block_s, -(-spatial // block_s)
+
+
 def _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
     """Kernels 1-3 of gpu_kernels: chunk moments, group moments, the output."""
     n, channels = x.shape[:2]
@@ -169,64 +180,117 @@ def _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
     block, chunks_per_group = _group_chunks(group_size)
     chunk_mean = x.new_empty((n * groups, chunks_per_group), dtype=torch.float32)
     chunk_m2 = torch.empty_like(chunk_mean)
-    grid = (n * groups * chunks_per_group,)
+    rows = n * channels
+    block_rows, block_s, columns = _row_tiles(rows, spatial)
     with _on_device(x):
-        kernels.chunk_moments_kernel[grid](x, chunk_mean, chunk_m2, group_size,
-                                           chunks_per_group, BLOCK=block)
+        kernels.chunk_moments_kernel[(n * groups * chunks_per_group,)](
+            x, chunk_mean, chunk_m2, group_size, chunks_per_group, BLOCK=block)
         kernels.group_moments_kernel[(n * groups,)](
             chunk_mean, chunk_m2, mean, rstd, group_size, chunks_per_group, eps, CHUNK=block,
             BLOCK=min(_power_of_two_at_least(chunks_per_group), MAX_BLOCK))
-        kernels.forward_kernel[grid](
-            x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, out, groups,
-            channels_per_group, spatial, group_size, chunks_per_group, ACT=act, BLOCK=block)
+        kernels.forward_kernel[(-(-rows // block_rows) * columns,)](
+            x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, out, rows, channels,
+            channels_per_group, spatial, columns, ACT=act, BLOCK_ROWS=block_rows,
+            BLOCK_S=block_s)
     return out, mean, rstd
 
 
 def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, groups, act,
               needs_grad_x=True):
-    """The CPU op's backward_kernel, step for step: per-row sums (a kernel), the parameter
-    gradients and per-(sample, group) coefficients (torch, on (N, C) tensors: summing over
-    samples there is deterministic, unlike atomics), then grad_x (a kernel; grad_x is None
-    and not computed when x needs no gradient, as for a network's first layer's input)."""
+    """The CPU op's backward_kernel, step for step, in three launches: per-row sums over
+    row tiles; those added up in a fixed order (no atomics: deterministic) into the four
+    vectors' gradients and per-(sample, group) coefficients; grad_x (not computed, and
+    None, when x needs no gradient, as a network's first layer's input)."""
     n, channels = x.shape[:2]
     grad_x = torch.empty_like(x) if needs_grad_x else None
     if x.numel() == 0:
         return (grad_x, *(torch.zeros_like(weight) for _ in range(4)))
     kernels = _kernels()
-    grad_out = grad_out.to(x.dtype).contiguous()
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
+    grad_out = grad_out.contiguous()
     channels_per_group = channels // groups
     spatial = x.numel() // (n * channels)
     rows = n * channels
-    # tiles of about MAX_BLOCK values: many short rows (7x7, 1x1) or parts of long ones
-    block_s = min(_power_of_two_at_least(spatial), MAX_BLOCK // 2)
-    block_rows = min(_power_of_two_at_least(rows), MAX_BLOCK // block_s)
-    columns = -(-spatial // block_s)
+    block_rows, block_s, columns = _row_tiles(rows, spatial)
+    tiles = -(-rows // block_rows) * columns
     sums = x.new_empty((4, columns, rows), dtype=torch.float32)
+    grad_vectors = x.new_empty((4, channels), dtype=torch.float32)
+    coefficients = x.new_empty((2, n * groups), dtype=torch.float32)
+    block_c = min(_power_of_two_at_least(channels), 128)
+    block_n = min(_power_of_two_at_least(n), MAX_BLOCK // 4 // block_c)
+    channel_programs = -(-channels // block_c)
     with _on_device(x):
-        kernels.row_sums_kernel[(-(-rows // block_rows) * columns,)](
+        kernels.row_sums_kernel[(tiles,)](
             grad_out, x, weight, bias, mean, rstd, sums, rows, channels, channels_per_group,
             spatial, columns, ACT=act, BLOCK_ROWS=block_rows, BLOCK_S=block_s)
-    # g, g act(a), g act'(a), g act'(a) xc, each (N, C)
-    sum_g, sum_gz, sum_gd, sum_gdx = sums.sum(1).view(4, n, channels)
+        kernels.backward_sums_kernel[(channel_programs + (n * groups if needs_grad_x else 0),)](
+            sums, weight, proxy_mean, proxy_rstd, rstd, *grad_vectors, *coefficients, n,
+            channels, groups, channels_per_group, columns, channels_per_group * spatial,
+            channel_programs, BLOCK_N=max(block_n, 1), BLOCK_C=block_c)
+        if needs_grad_x:
+            kernels.grad_x_kernel[(tiles,)](
+                grad_out, x, weight, bias, proxy_rstd, mean, rstd, *coefficients, grad_x,
+                rows, channels, channels_per_group, spatial, columns, ACT=act,
+                BLOCK_ROWS=block_rows, BLOCK_S=block_s)
+    return (grad_x, *grad_vectors)
 
-    rstd_per_channel = rstd.repeat_interleave(channels_per_group, dim=1)
-    grad_weight = proxy_rstd * (rstd_per_channel * sum_gdx).sum(0)
-    grad_bias = proxy_rstd * sum_gd.sum(0)
-    grad_proxy_mean = -proxy_rstd * sum_g.sum(0)
-    grad_proxy_rstd = (sum_gz - proxy_mean * sum_g).sum(0)
-    # grad_x = rstd * (dy - mean(dy) - y * mean(dy * y)), dy = g act'(a) w proxy_rstd
-    dy_scale = weight * proxy_rstd
-    count = channels_per_group * spatial
-    sum_dy = (dy_scale * sum_gd).view(n, groups, -1).sum(2)
-    sum_dy_xc = (dy_scale * sum_gdx).view(n, groups, -1).sum(2)
-    coef_x = -rstd * rstd * (rstd * sum_dy_xc / count)
-    coef_1 = -rstd * sum_dy / count
-    if grad_x is None:
-        return grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd
 
-    block, chunks_per_group = _group_chunks(count)
-    with _on_device(x):
-        kernels.grad_x_kernel[(n * groups * chunks_per_group,)](
-            grad_out, x, weight, bias, proxy_rstd, mean, rstd, coef_x, coef_1, grad_x, groups,
-            channels_per_group, spatial, count, chunks_per_group, ACT=act, BLOCK=block)
-    return grad_x, grad_weight, grad_bias, grad_proxy_mean, grad_proxy_rstd
+def proxy_stats(weight, bias, proxy_weight, proxy_bias, quantiles, act, proxy_eps):
+    """The proxy statistics that go with group_norm_proxy_act, as proxynorm/proxy.py's
+    proxy_stats: (mean, rstd) of act(weight * (proxy_bias + (1 + proxy_weight) u) + bias)
+    over the quantiles u, rstd = 1 / sqrt(var + proxy_eps); one kernel each way (the
+    backward recomputes the C x n proxy instead of keeping it), differentiable with
+    respect to the four (C,) float32 vectors."""
+    channels = weight.shape[0]
+    if act not in ACTS:
+        raise ValueError(f"proxynorm: unknown activation '{act}'; valid names: "
+                         f"{', '.join(ACTS)}")
+    vectors = dict(weight=weight, bias=bias, proxy_weight=proxy_weight, proxy_bias=proxy_bias,
+                   quantiles=quantiles)
+    for name, v in vectors.items():
+        size = quantiles.shape[0] if name == "quantiles" else channels
+        if v.shape != (size,) or v.dtype != torch.float32 or v.device != weight.device:
+            raise ValueError(f"proxynorm: {name} must be a ({size},) float32 tensor on "
+                             f"{weight.device}, got {v.dtype} {tuple(v.shape)} on {v.device}")
+    return ProxyStatsFunction.apply(
+        *(v if v.is_contiguous() else v.contiguous() for v in vectors.values()), act,
+        proxy_eps)
+
+
+def _proxy_blocks(channels, num_samples):
+    block_q = _power_of_two_at_least(num_samples)
+    block_c = max(1, min(_power_of_two_at_least(channels), MAX_BLOCK // block_q))
+    return dict(BLOCK_C=block_c, BLOCK_Q=block_q), (-(-channels // block_c),)
+
+
+class ProxyStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, bias, proxy_weight, proxy_bias, quantiles, act, proxy_eps):
+        mean, rstd = torch.empty_like(weight), torch.empty_like(weight)
+        ctx.save_for_backward(weight, bias, proxy_weight, proxy_bias, quantiles)
+        ctx.act, ctx.proxy_eps = act, proxy_eps
+        channels, num_samples = weight.shape[0], quantiles.shape[0]
+        if channels:
+            blocks, grid = _proxy_blocks(channels, num_samples)
+            with _on_device(weight):
+                _kernels().proxy_stats_kernel[grid](
+                    weight, bias, proxy_weight, proxy_bias, quantiles, mean, rstd, channels,
+                    num_samples, proxy_eps, ACT=act, **blocks)
+        return mean, rstd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean, grad_rstd):
+        weight, bias, proxy_weight, proxy_bias, quantiles = ctx.saved_tensors
+        grad_mean = torch.zeros_like(weight) if grad_mean is None else grad_mean.contiguous()
+        grad_rstd = torch.zeros_like(weight) if grad_rstd is None else grad_rstd.contiguous()
+        grads = weight.new_empty((4,) + weight.shape)
+        channels, num_samples = weight.shape[0], quantiles.shape[0]
+        if channels:
+            blocks, grid = _proxy_blocks(channels, num_samples)
+            with _on_device(weight):
+                _kernels().proxy_stats_backward_kernel[grid](
+                    grad_mean, grad_rstd, weight, bias, proxy_weight, proxy_bias, quantiles,
+                    *grads, channels, num_samples, ctx.proxy_eps, ACT=ctx.act, **blocks)
+        return (*grads, None, None, None)
