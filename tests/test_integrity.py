@@ -81,6 +81,44 @@ def test_default_run_folders_never_collide(tmp_path, monkeypatch, capsys):
     assert load(tmp_path / "runs" / name / "checkpoint_last.pt")["step"] == 2
 
 
+@pytest.mark.parametrize("again", ["the same command", "--resume RUN", "--resume auto",
+                                   "--resume OTHER --output-dir RUN"])
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_folder(
+        tmp_path, capsys, monkeypatch, again):
+    """A model that fails at its first forward (torchvision:alexnet on 32 px digits) leaves
+    config.yml and an empty metrics.jsonl: nothing to continue, so the folder is free."""
+    from train.engine import PyTorchEngine
+
+    run_dir = tmp_path / "run"
+    real_step = PyTorchEngine.train_step
+
+    def fails(self, images, targets):
+        raise RuntimeError("Given input size: (256x1x1). Calculated output size: (256x0x0)")
+
+    monkeypatch.setattr(PyTorchEngine, "train_step", fails)
+    with pytest.raises(RuntimeError, match="Calculated output size"):
+        train(run_dir, *RUN, "--max-steps", 2)
+    assert listing(run_dir) == [".lock", "config.yml", "metrics.jsonl"]
+    (run_dir / "summary.json").write_text("{}")  # as a run that stopped with a summary
+    monkeypatch.setattr(PyTorchEngine, "train_step", real_step)
+    capsys.readouterr()
+    if again == "--resume OTHER --output-dir RUN":
+        assert train(tmp_path / "other", *RUN, "--max-steps", 1) == 0
+        assert train(run_dir, *RUN, "--max-steps", 2, "--resume", tmp_path / "other") == 0
+    else:
+        flags = {"the same command": [], "--resume RUN": ["--resume", run_dir],
+                 "--resume auto": ["--resume", "auto"]}[again]
+        assert train(run_dir, *RUN, "--max-steps", 2, *flags) == 0
+        if again == "--resume RUN":
+            assert f"--resume {run_dir}: its run stopped before its first checkpoint; " \
+                   f"starting afresh there" in capsys.readouterr().out
+    assert summary(run_dir)["steps"] == 2
+    assert [r["step"] for r in records(run_dir) if r["kind"] == "train"] == [1, 2]
+    # once it holds a checkpoint, it is a run again
+    assert train(run_dir, *RUN, "--max-steps", 2) == 2
+    assert "already holds a run" in error_line(capsys)
+
+
 def test_an_older_checkpoint_never_replaces_a_newer_one(tmp_path, capsys):
     run_dir = tmp_path / "run"
     flags = [*RUN, "--epochs", 3, "--checkpoint-every", 1]

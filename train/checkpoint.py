@@ -12,7 +12,7 @@ import torch
 
 from train.config import (MODEL_KEYS, OPTIONS, ConfigError, check_value, defaults,
                           run_name, show)
-from train.files import write_atomically
+from train.files import holds_run, holds_run_files, write_atomically
 
 FORMAT = "proxy-norm-train/1"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -188,7 +188,8 @@ def find_resume(config):
 
     resume: null (start afresh), 'auto' (checkpoint_last.pt of --output-dir, or of the
     runs/CONFIG-* folder whose checkpoint was written last; None if there is none), a run
-    folder or a checkpoint file.
+    folder or a checkpoint file. A run folder whose run stopped before its first checkpoint
+    gives None: the run starts afresh there.
     """
     resume = config["resume"]
     if resume is None:
@@ -202,6 +203,8 @@ def find_resume(config):
         candidates = [path for path in candidates if os.path.isfile(path)]
         return max(candidates, key=os.path.getmtime) if candidates else None
     path = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
+    if os.path.isdir(resume) and not holds_run(resume) and holds_run_files(resume):
+        return None
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {resume}: no checkpoint at {path}")
     return path

@@ -164,5 +164,16 @@ def release(lock):
 
 
 def holds_run(path):
-    """Whether the folder holds a run's files (a finished, stopped or crashed run)."""
+    """Whether the folder holds a run to protect: one that wrote a checkpoint (finished,
+    stopped or crashed since). A run that failed before its first checkpoint left nothing to
+    continue, and a live run holds the folder's lock."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(name.startswith("checkpoint") and name.endswith(".pt") for name in names)
+
+
+def holds_run_files(path):
+    """Whether the folder holds files of a run (one that may have written no checkpoint)."""
     return any(os.path.lexists(os.path.join(path, name)) for name in RUN_FILES)

@@ -138,11 +138,15 @@ def take_run_dir(config, resume_path, saved):
     """(run folder, its lock): the folder this run writes, created and locked, with its
     metrics.jsonl cut back to the resumed step. RunFolderError when that would overwrite
     work: a fresh run into a folder holding a run, a resumed run into a folder holding
-    another run, or an older checkpoint of a run resumed over its newer checkpoint_last.pt."""
+    another run, or an older checkpoint of a run resumed over its newer checkpoint_last.pt.
+    A folder whose run stopped before its first checkpoint holds no work (files.holds_run):
+    a fresh or resumed run takes it over."""
     if config["output_dir"] is not None:
         path = config["output_dir"]
     elif resume_path is not None:
         path = os.path.dirname(resume_path) or "."
+    elif config["resume"] not in (None, "auto"):
+        path = config["resume"]  # a run folder without a checkpoint (find_resume)
     else:
         path = files.new_run_dir(run_name(config))
     lock = files.claim(path)
@@ -150,17 +154,16 @@ def take_run_dir(config, resume_path, saved):
         metrics = os.path.join(path, "metrics.jsonl")
         if saved is None:
             if files.holds_run(path):
-                if config["resume"] != "auto":
-                    raise RunFolderError(f"{path} already holds a run: continue it with "
-                                         f"--resume {path}, or choose another --output-dir")
-                # resume auto, no checkpoint yet: a run that crashed before its first one
-                keep_records_until(metrics, metrics, -1)
+                raise RunFolderError(f"{path} already holds a run: continue it with "
+                                     f"--resume {path}, or choose another --output-dir")
+            forget_unfinished_start(path)
             return path, lock
         source = os.path.dirname(resume_path) or "."
         if not os.path.samefile(source, path):
             if files.holds_run(path):
                 raise RunFolderError(f"{path} already holds another run: give an empty "
                                      f"--output-dir to continue {resume_path} there")
+            forget_unfinished_start(path)
             keep_records_until(os.path.join(source, "metrics.jsonl"), metrics,
                                      saved["step"])
             return path, lock
@@ -177,6 +180,20 @@ def take_run_dir(config, resume_path, saved):
     except BaseException:
         files.release(lock)
         raise
+
+
+def forget_unfinished_start(path):
+    """The files of a run that stopped before its first checkpoint (a model that failed at
+    its first step, say) go: nothing of it can be continued, and this run takes the folder."""
+    keep_records_until(os.path.join(path, "metrics.jsonl"), os.path.join(path, "metrics.jsonl"),
+                       -1)
+    try:
+        os.unlink(os.path.join(path, "summary.json"))
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise RunFolderError(f"cannot remove {path}/summary.json: {files.reason(error)}") \
+            from None
 
 
 class Run:
@@ -270,6 +287,9 @@ class Run:
             self.restore(saved, resume_path, changed)
         elif config["resume"] == "auto":
             self.say("resume auto: no checkpoint of this config yet; starting afresh")
+        elif config["resume"] is not None:
+            self.say(f"--resume {config['resume']}: its run stopped before its first "
+                     f"checkpoint; starting afresh there")
         if context.distributed:  # each replica's own dropout and stochastic depth
             torch.manual_seed(sample_seed(config["seed"], self.step, -2 - context.rank))
 
