@@ -119,6 +119,30 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_folder(
     assert "already holds a run" in error_line(capsys)
 
 
+def test_resume_auto_takes_the_newest_run_it_can_continue(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda *_: "20261201-120000")
+    flags = ["--config", "digits_resnet_group_pn", "--wandb-mode", "disabled", *map(str, RUN)]
+    name = "runs/digits_resnet_group_pn-20261201-120000"
+    assert main([*flags, "--max-steps", "1"]) == 0  # group_pn
+    assert main([*flags, "--max-steps", "1", "--norm", "batch"]) == 0  # newer, another norm
+    os.utime(f"{name}-2/checkpoint_last.pt", (time.time() + 60,) * 2)
+    capsys.readouterr()
+    assert main([*flags, "--max-steps", "2", "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert (f"resume auto: passed over {name}-2/checkpoint_last.pt is from another model: "
+            f"norm batch (this run: group_pn)\n") in out
+    assert f"resuming {name}/checkpoint_last.pt at step 1 " in out
+    assert load(f"{name}/checkpoint_last.pt")["step"] == 2
+    assert load(f"{name}-2/checkpoint_last.pt")["step"] == 1
+    # a network none of them holds: a new run
+    assert main([*flags, "--max-steps", "1", "--resume", "auto", "--norm", "layer"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("resume auto: passed over ") == 2
+    assert "resume auto: no run of this config to continue; starting afresh\n" in out
+    assert load(f"{name}-3/checkpoint_last.pt")["config"]["norm"] == "layer"
+
+
 def test_an_older_checkpoint_never_replaces_a_newer_one(tmp_path, capsys):
     run_dir = tmp_path / "run"
     flags = [*RUN, "--epochs", 3, "--checkpoint-every", 1]

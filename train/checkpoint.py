@@ -183,25 +183,34 @@ def malformed(checkpoint):
     return None
 
 
-def find_resume(config):
+def find_resume(config, passed_over=None):
     """The checkpoint to resume from, or None to start afresh.
 
-    resume: null (start afresh), 'auto' (checkpoint_last.pt of --output-dir, or of the
-    runs/CONFIG-* folder whose checkpoint was written last; None if there is none), a run
-    folder or a checkpoint file. A run folder whose run stopped before its first checkpoint
-    gives None: the run starts afresh there.
+    resume: null (start afresh), 'auto' (checkpoint_last.pt of --output-dir, or the newest
+    checkpoint_last.pt of the runs/CONFIG-* folders that this run can continue: one of
+    another network (a --model or --norm override) or a damaged one is passed over, its
+    reason appended to `passed_over`; None if there is none), a run folder or a checkpoint
+    file. A run folder whose run stopped before its first checkpoint gives None: the run
+    starts afresh there.
     """
     resume = config["resume"]
     if resume is None:
         return None
     if resume == "auto":
         if config["output_dir"] is not None:
-            candidates = [os.path.join(config["output_dir"], LAST)]
-        else:
-            pattern = os.path.join("runs", f"{glob.escape(run_name(config))}-*", LAST)
-            candidates = glob.glob(pattern)
-        candidates = [path for path in candidates if os.path.isfile(path)]
-        return max(candidates, key=os.path.getmtime) if candidates else None
+            path = os.path.join(config["output_dir"], LAST)
+            return path if os.path.isfile(path) else None
+        pattern = os.path.join("runs", f"{glob.escape(run_name(config))}-*", LAST)
+        candidates = [path for path in glob.glob(pattern) if os.path.isfile(path)]
+        for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+            try:
+                check_compatible(load(path, mmap=True), config, path)
+            except CheckpointError as error:
+                if passed_over is not None:
+                    passed_over.append(str(error))
+                continue
+            return path
+        return None
     path = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
     if os.path.isdir(resume) and not holds_run(resume) and holds_run_files(resume):
         return None

@@ -201,7 +201,8 @@ class Run:
 
     def __init__(self, config):
         self.started = time.time()
-        resume_path = checkpoint.find_resume(config)
+        self.passed_over = []  # resume auto: the newer runs it cannot continue, and why
+        resume_path = checkpoint.find_resume(config, self.passed_over)
         saved = checkpoint.load(resume_path) if resume_path else None
         changed = checkpoint.check_compatible(saved, config, resume_path) if saved else []
 
@@ -283,10 +284,14 @@ class Run:
                  f"{self.run_dir}")
         if self.conversion is not None:  # the report's summary: its counts, by activation
             self.say(f"{config['model']}: {str(self.conversion).splitlines()[0]}")
+        for reason in self.passed_over:
+            self.say(f"resume auto: passed over {reason}")
         if saved is not None:
             self.restore(saved, resume_path, changed)
         elif config["resume"] == "auto":
-            self.say("resume auto: no checkpoint of this config yet; starting afresh")
+            self.say("resume auto: no run of this config to continue; starting afresh"
+                     if self.passed_over else
+                     "resume auto: no checkpoint of this config yet; starting afresh")
         elif config["resume"] is not None:
             self.say(f"--resume {config['resume']}: its run stopped before its first "
                      f"checkpoint; starting afresh there")
