@@ -194,10 +194,44 @@ def test_any_memory_layout(layout, device):
          else torch.randn(3, 8, 5, 6).transpose(2, 3)).to(device)
     assert not x.is_contiguous()
     grad_out = torch.randn(x.shape).to(device).to(memory_format=torch.channels_last)
-    out, grads = op_and_grads(gpu.group_norm_proxy_act, x, 4, vectors, "gelu", grad_out)
+    xg = x.detach().clone().requires_grad_()
+    with counting() as counts:
+        out = gpu.group_norm_proxy_act(xg, 4, *vectors, "gelu", 1e-5)
+        grads = torch.autograd.grad(out, [xg, *vectors], grad_out)
     expected, expected_grads = op_and_grads(eager_op, x, 4, vectors, "gelu", grad_out)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert_grads_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+    copies = {k: v for k, v in counts.items() if k.startswith("aten.")}
+    if layout == "channels_last":  # read and written in place: no transposing copy
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+        assert copies == {}
+    else:  # x and the channels_last grad_out copied to NCHW
+        assert out.is_contiguous() and grads[0].is_contiguous()
+        assert copies == {"aten.clone": 2}
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 6), 4), ((2, 6, 3, 4, 2), 1),
+                                          ((1, 12, 7, 7), 12)])
+def test_channels_last_equals_nchw_and_float64(shape, groups, device):
+    """channels_last (and channels_last_3d) in and out, bit for bit the NCHW op's numbers
+    up to rounding, against the float64 formula; a contiguous grad_out is taken too."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    vectors = random_vectors(shape[1], device)
+    x = (torch.randn(shape) * 2 + 0.5).to(device)
+    grad_out = torch.randn(shape).to(device)
+    out, grads = op_and_grads(gpu.group_norm_proxy_act, x.to(memory_format=fmt), groups,
+                              vectors, "silu", grad_out)
+    assert out.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+    nchw, nchw_grads = op_and_grads(gpu.group_norm_proxy_act, x, groups, vectors, "silu",
+                                    grad_out)
+    torch.testing.assert_close(out, nchw, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, nchw_grads, rtol=1e-5, atol=1e-5)
+    vectors64 = [v.detach().cpu().double().requires_grad_() for v in vectors]
+    expected, expected_grads = op_and_grads(formula64, x.cpu().double(), groups, vectors64,
+                                            "silu", grad_out.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-5)
 
 
 def saved_tensor_sizes(fn):

@@ -6,9 +6,10 @@ computes what the CPU op does (proxynorm/ops/cpu.py), with mean and rstd GroupNo
 * proxy_rstd. Its backward saves only x, the (N, groups) statistics and the per-channel
 vectors, and recomputes the elementwise chain. x is float32, bfloat16 or float16 (the
 chain runs in float32; float64 stays on the eager path), the per-channel vectors float32;
-out has x's dtype and is contiguous. `proxy_stats(weight, bias, proxy_weight, proxy_bias,
-quantiles, act, proxy_eps) -> (proxy_mean, proxy_rstd)` is the statistics op that goes
-with it (ops.fused_proxy_stats), as the CPU op's; the two make a layer's training step 8
+out has x's dtype and layout when x is contiguous or channels_last (read and written in
+place, no transposing copy), else it is contiguous. `proxy_stats(weight, bias,
+proxy_weight, proxy_bias, quantiles, act, proxy_eps) -> (proxy_mean, proxy_rstd)` is the
+statistics op that goes with it (ops.fused_proxy_stats), as the CPU op's; the two make a layer's training step 8
 kernel launches and 2 additions autograd makes (benchmarks/dispatches.py counts them).
 
 Triton is imported on first use, so this module imports on hosts without it (PopTorch's
@@ -128,7 +129,8 @@ class GroupNormProxyActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
-        x = x.contiguous()
+        if _channels_last(x) is None:
+            x = x.contiguous()
         out, mean, rstd = _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps)
         ctx.save_for_backward(x, weight, bias, proxy_mean, proxy_rstd, mean, rstd)
         ctx.groups, ctx.act = groups, act
@@ -157,6 +159,16 @@ def _group_chunks(group_size):
     return block, -(-group_size // block)
 
 
+def _channels_last(x):
+    """The channels_last memory format x is in (whose layout the kernels read and write as
+    (N, *spatial, C), with no transposing copy), or None: contiguous NCHW, or another
+    layout, which is copied to NCHW."""
+    if x.is_contiguous():
+        return None
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt if fmt is not None and x.is_contiguous(memory_format=fmt) else None
+
+
 def _row_tiles(rows, spatial):
     """(BLOCK_ROWS, BLOCK_S, tile columns per row) of the row-tile kernels: tiles of about
     MAX_BLOCK values, many short rows (7x7, 1x1) or parts of long ones."""
@@ -182,15 +194,18 @@ def _forward(x, groups, weight, bias, proxy_mean, proxy_rstd, act, eps):
     chunk_m2 = torch.empty_like(chunk_mean)
     rows = n * channels
     block_rows, block_s, columns = _row_tiles(rows, spatial)
+    last = _channels_last(x) is not None  # out = empty_like(x) is in x's format
     with _on_device(x):
         kernels.chunk_moments_kernel[(n * groups * chunks_per_group,)](
-            x, chunk_mean, chunk_m2, group_size, chunks_per_group, BLOCK=block)
+            x, chunk_mean, chunk_m2, group_size, chunks_per_group, groups, channels_per_group,
+            CHANNELS_LAST=last, BLOCK=block)
         kernels.group_moments_kernel[(n * groups,)](
             chunk_mean, chunk_m2, mean, rstd, group_size, chunks_per_group, eps, CHUNK=block,
             BLOCK=min(_power_of_two_at_least(chunks_per_group), MAX_BLOCK))
         kernels.forward_kernel[(-(-rows // block_rows) * columns,)](
             x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, out, rows, channels,
-            channels_per_group, spatial, columns, ACT=act, BLOCK_ROWS=block_rows,
+            channels_per_group, spatial, columns, ACT=act, CHANNELS_LAST=last,
+            BLOCK_ROWS=block_rows,
             BLOCK_S=block_s)
     return out, mean, rstd
 
@@ -208,7 +223,9 @@ def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, gro
     kernels = _kernels()
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
-    grad_out = grad_out.contiguous()
+    fmt = _channels_last(x)  # grad_out and grad_x in x's layout, whichever it is
+    last = fmt is not None
+    grad_out = grad_out.contiguous(memory_format=fmt or torch.contiguous_format)
     channels_per_group = channels // groups
     spatial = x.numel() // (n * channels)
     rows = n * channels
@@ -223,7 +240,8 @@ def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, gro
     with _on_device(x):
         kernels.row_sums_kernel[(tiles,)](
             grad_out, x, weight, bias, mean, rstd, sums, rows, channels, channels_per_group,
-            spatial, columns, ACT=act, BLOCK_ROWS=block_rows, BLOCK_S=block_s)
+            spatial, columns, ACT=act, CHANNELS_LAST=last, BLOCK_ROWS=block_rows,
+            BLOCK_S=block_s)
         kernels.backward_sums_kernel[(channel_programs + (n * groups if needs_grad_x else 0),)](
             sums, weight, proxy_mean, proxy_rstd, rstd, *grad_vectors, *coefficients, n,
             channels, groups, channels_per_group, columns, channels_per_group * spatial,
@@ -232,6 +250,7 @@ def _backward(grad_out, x, weight, bias, proxy_mean, proxy_rstd, mean, rstd, gro
             kernels.grad_x_kernel[(tiles,)](
                 grad_out, x, weight, bias, proxy_rstd, mean, rstd, *coefficients, grad_x,
                 rows, channels, channels_per_group, spatial, columns, ACT=act,
+                CHANNELS_LAST=last,
                 BLOCK_ROWS=block_rows, BLOCK_S=block_s)
     return (grad_x, *grad_vectors)
 

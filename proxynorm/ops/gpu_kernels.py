@@ -6,7 +6,8 @@ absent. Whether the kernels compile for the GPU or run in Triton's interpreter o
 tensors is decided as they are decorated, by TRITON_INTERPRET=1 (see proxynorm/ops/gpu.py).
 
 x is contiguous (N, C, S), S the spatial positions, so a (sample, group) is one run of
-group_size = D * S values, D = C / G channels. The group statistics are taken over chunks
+group_size = D * S values, D = C / G channels; or, with CHANNELS_LAST, (N, S, C) in memory,
+addressed as such (no transposing copy). The group statistics are taken over chunks
 of BLOCK values of one group, so that a small micro-batch of LayerNorm (G = 1) still fills
 the GPU; the passes over every value walk 2-D tiles of (sample, channel) rows and
 positions, whose per-row scale and shift are computed once per row, so that each value
@@ -55,6 +56,7 @@ def chunk_start(chunk, chunks_per_group, BLOCK: tl.constexpr):
 
 @triton.jit
 def chunk_moments_kernel(x_ptr, chunk_mean_ptr, chunk_m2_ptr, group_size, chunks_per_group,
+                         groups, channels_per_group, CHANNELS_LAST: tl.constexpr,
                          BLOCK: tl.constexpr):
     """1. The mean of each chunk and its sum of squares about that mean: centred in the
     chunk, so a large common offset of x never cancels."""
@@ -62,7 +64,13 @@ def chunk_moments_kernel(x_ptr, chunk_mean_ptr, chunk_m2_ptr, group_size, chunks
     ng, start = chunk_start(chunk, chunks_per_group, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < group_size
-    x = tl.load(x_ptr + ng.to(tl.int64) * group_size + offsets, mask=mask, other=0.0)
+    if CHANNELS_LAST:  # a group's values, position by position: D of every C
+        at = ((ng // groups).to(tl.int64) * group_size * groups
+              + (offsets // channels_per_group) * (groups * channels_per_group)
+              + (ng % groups) * channels_per_group + offsets % channels_per_group)
+    else:
+        at = ng.to(tl.int64) * group_size + offsets
+    x = tl.load(x_ptr + at, mask=mask, other=0.0)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / tl.minimum(group_size - start, BLOCK).to(tl.float32)
     xc = tl.where(mask, x - mean, 0.0)
@@ -98,7 +106,8 @@ def group_moments_kernel(chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, group
 
 
 @triton.jit
-def row_tile(rows, spatial, columns, BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+def row_tile(rows, channels, spatial, columns, CHANNELS_LAST: tl.constexpr,
+             BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """This program's tile of BLOCK_ROWS (sample, channel) rows and BLOCK_S positions: the
     rows, the tile's column, the masks and the values' addresses in x (64-bit: they can pass
     2^31). Tiles are on grid axis 0 (2^31 - 1 programs; axes 1 and 2 stop at 65,535)."""
@@ -108,7 +117,12 @@ def row_tile(rows, spatial, columns, BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.const
     position = column.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = row < rows
     mask = row_mask[:, None] & (position < spatial)[None, :]
-    return row, column, row_mask, mask, row.to(tl.int64)[:, None] * spatial + position[None, :]
+    if CHANNELS_LAST:  # (N, S, C) in memory: a row's values are C apart
+        first = (row // channels).to(tl.int64) * spatial * channels + row % channels
+        at = first[:, None] + position[None, :] * channels
+    else:
+        at = row.to(tl.int64)[:, None] * spatial + position[None, :]
+    return row, column, row_mask, mask, at
 
 
 @triton.jit
@@ -129,10 +143,12 @@ def row_affine(row, row_mask, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, channels
 @triton.jit
 def forward_kernel(x_ptr, weight_ptr, bias_ptr, proxy_mean_ptr, proxy_rstd_ptr, mean_ptr,
                    rstd_ptr, out_ptr, rows, channels, channels_per_group, spatial, columns,
-                   ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+                   ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
     """3. out = act(x scale + shift) proxy_rstd - proxy_mean proxy_rstd: FMA, activation,
     FMA per value, over row tiles."""
-    row, column, row_mask, mask, at = row_tile(rows, spatial, columns, BLOCK_ROWS, BLOCK_S)
+    row, column, row_mask, mask, at = row_tile(rows, channels, spatial, columns, CHANNELS_LAST,
+                                               BLOCK_ROWS, BLOCK_S)
     c, ng, mean, scale, shift = row_affine(row, row_mask, weight_ptr, bias_ptr, mean_ptr,
                                            rstd_ptr, channels, channels_per_group)
     proxy_rstd = tl.load(proxy_rstd_ptr + c, mask=row_mask, other=0.0)
@@ -146,12 +162,14 @@ def forward_kernel(x_ptr, weight_ptr, bias_ptr, proxy_mean_ptr, proxy_rstd_ptr, 
 @triton.jit
 def row_sums_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, sums_ptr,
                     rows, channels, channels_per_group, spatial, columns, ACT: tl.constexpr,
-                    BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+                    CHANNELS_LAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
     """Backward 1. Over a row tile, with g the output gradient, a the pre-activation and
     xc = x - mean: the sums of g, g act(a), g act'(a) and g act'(a) xc per row, into
     sums[k, tile column, row] (summed over tile columns by backward_sums_kernel: no atomics,
     so the result is deterministic)."""
-    row, column, row_mask, mask, at = row_tile(rows, spatial, columns, BLOCK_ROWS, BLOCK_S)
+    row, column, row_mask, mask, at = row_tile(rows, channels, spatial, columns, CHANNELS_LAST,
+                                               BLOCK_ROWS, BLOCK_S)
     c, ng, mean, scale, shift = row_affine(row, row_mask, weight_ptr, bias_ptr, mean_ptr,
                                            rstd_ptr, channels, channels_per_group)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -242,10 +260,12 @@ def backward_sums_kernel(sums_ptr, weight_ptr, proxy_mean_ptr, proxy_rstd_ptr, r
 def grad_x_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, proxy_rstd_ptr, mean_ptr,
                   rstd_ptr, coef_x_ptr, coef_1_ptr, grad_x_ptr, rows, channels,
                   channels_per_group, spatial, columns, ACT: tl.constexpr,
-                  BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+                  CHANNELS_LAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
     """Backward 3. grad_x = g act'(a) k + x coef_x + (coef_1 - mean coef_x) over row tiles,
     k = rstd w proxy_rstd, recomputing a from x as the forward does."""
-    row, column, row_mask, mask, at = row_tile(rows, spatial, columns, BLOCK_ROWS, BLOCK_S)
+    row, column, row_mask, mask, at = row_tile(rows, channels, spatial, columns, CHANNELS_LAST,
+                                               BLOCK_ROWS, BLOCK_S)
     c, ng, mean, scale, shift = row_affine(row, row_mask, weight_ptr, bias_ptr, mean_ptr,
                                            rstd_ptr, channels, channels_per_group)
     k = scale * tl.load(proxy_rstd_ptr + c, mask=row_mask, other=0.0)
