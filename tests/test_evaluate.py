@@ -1,9 +1,12 @@
 """train.evaluate: a trained checkpoint loads back as a model, and evaluates to the accuracy
 its run recorded."""
+import argparse
+
+import pytest
 import torch
 
 from tests.test_train import SYNTHETIC, load, plan, train
-from train.evaluate import load_model, main
+from train.evaluate import build_parser, load_model, main
 
 RUN = [*SYNTHETIC, *plan(16, 1, 1)]
 
@@ -44,3 +47,39 @@ def test_a_foreign_file_is_one_line(tmp_path, capsys):
     junk.write_bytes(b"junk")
     assert main([str(junk)]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot read checkpoint {junk}")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--batch-size", "-3"], "argument --batch-size: must be at least 1, got -3"),
+    (["--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
+    (["--num-workers", "-1"], "argument --num-workers: must be at least 0, got -1"),
+    (["--device", "cuda"], "argument --device: cuda: torch sees no CUDA GPU here; use cpu"),
+    (["--device", "banana"], "argument --device: 'banana' is not a device: cpu, cuda or cuda:N"),
+    (["--weights", "best"], "argument --weights: invalid choice: 'best' (choose from "
+     "'validated', 'model', 'weight_average')"),
+])
+def test_bad_options_are_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path), *flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def options_are_documented(parser):
+    """Every option has help that gives its default; the description is whole sentences."""
+    assert parser.description.rstrip().endswith(".")
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.dest
+        if action.option_strings:
+            assert "(default: " in action.help, action.dest
+
+
+def test_help_documents_every_option(capsys):
+    options_are_documented(build_parser())
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0 and "--num-workers N" in capsys.readouterr().out

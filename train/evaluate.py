@@ -109,23 +109,73 @@ def evaluate(model, config, data_path=None, batch_size=256, device="cpu", num_wo
     return {"top1": top1 / seen, "top5": top5 / seen, "loss": loss / seen, "images": seen}
 
 
-def main(argv=None):
-    from datasets import DataError, error_line
-    from train.config import ConfigError
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line, `error: ...`, and exit status 2 (argparse adds a usage
+    block)."""
 
-    parser = argparse.ArgumentParser(
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def count(least):
+    """An argparse type: an integer of at least `least`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
+
+
+def device(text):
+    """An argparse type: cpu, or cuda[:N] on a machine with that GPU."""
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device: cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU here; use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    return parsed
+
+
+def build_parser():
+    parser = ArgumentParser(
         prog="python -m train.evaluate",
         description="Top-1/top-5 accuracy and loss of a trained checkpoint on its "
                     "validation set.")
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR",
                         help="a checkpoint file, or a run folder (its checkpoint_last.pt)")
-    parser.add_argument("--data-path", help="where the dataset is now (default: the run's)")
+    parser.add_argument("--data-path", metavar="PATH",
+                        help="where the dataset is now (default: the run's data_path)")
     parser.add_argument("--weights", choices=WEIGHTS, default="validated",
-                        help="validated (default): those the run's accuracy belongs to")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--num-workers", type=int, default=0)
-    args = parser.parse_args(argv)
+                        help="validated: those the run's accuracy belongs to (the weight "
+                             "average once it has an update, else the model); model: the "
+                             "trained weights; weight_average: the average (default: "
+                             "validated)")
+    parser.add_argument("--batch-size", type=count(1), default=256, metavar="N",
+                        help="images per forward pass (default: 256)")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--num-workers", type=count(0), default=0, metavar="N",
+                        help="data loading processes; 0 loads in this one (default: 0)")
+    return parser
+
+
+def main(argv=None):
+    from datasets import DataError, error_line
+    from train.config import ConfigError
+
+    args = build_parser().parse_args(argv)
     try:
         model, info = load_model(args.checkpoint, args.weights, args.device)
         result = evaluate(model, info["config"], args.data_path, args.batch_size, args.device,
