@@ -411,6 +411,9 @@ DAMAGES = [
     (lambda c: c["config"].update(seed="abc"), "config.seed is 'abc', not an integer"),
     (lambda c: c.update(weight_average={"model": 7, "updates": 1}),
      "weight_average is not a weight average's state"),
+    (lambda c: c["totals"].update(train_seconds=0.5, train_images=-1, wall_seconds=0.5),
+     "totals {'train_seconds': 0.5, 'train_images': -1, 'wall_seconds': 0.5} are not seconds "
+     "and images"),
 ]
 
 
@@ -454,7 +457,7 @@ def test_an_older_checkpoint_resumes_and_evaluates(tmp_path, trained):
     from train.evaluate import load_model
 
     older = {key: value for key, value in copy.deepcopy(trained).items() if key not in (
-        "validation_due", "val_weights", "num_classes", "in_channels")}
+        "validation_due", "val_weights", "num_classes", "in_channels", "totals")}
     added = [key for key in OPTIONS if key.startswith("clutter") or key in (
         "compile", "collective_timeout", "stable_norm", "recompute_checkpoints",
         "available_memory_proportion", "executable_cache_dir", "compile_only",

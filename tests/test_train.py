@@ -301,3 +301,18 @@ def test_compile_only_needs_poptorch(tmp_path, capsys):
     assert train(tmp_path / "run", "--engine", "ipu", "--compile-only", "true") == 2
     assert error_line(capsys) == ("error: compile_only compiles IPU executables: it needs "
                                   "engine ipu and PopTorch (a Poplar SDK host)")
+
+
+def test_a_resumed_runs_summary_covers_all_of_its_parts(tmp_path):
+    """Images/s and wall time of a run stopped at step 2 and resumed to step 8 are those of
+    both parts (the first part's come through the checkpoint)."""
+    run_dir = tmp_path / "run"
+    flags = [*SYNTHETIC, *plan(16, 1, 1), "--epochs", 2]
+    assert train(run_dir, *flags, "--max-steps", 2) == 0
+    first = summary(run_dir)
+    assert first["train_images"] == 32
+    assert load(run_dir / "checkpoint_last.pt")["totals"]["train_images"] == 32
+    assert train(run_dir, *flags, "--resume", "auto") == 0
+    both = summary(run_dir)
+    assert both["train_images"] == 128 and both["steps"] == 8
+    assert both["wall_seconds"] >= first["wall_seconds"]

@@ -24,18 +24,19 @@ class CheckpointError(Exception):
 
 # The schema, in one place: `make` builds a checkpoint, `load` reads one back and checks it
 # with `malformed` before anything is built from it. Every checkpoint of FORMAT holds the
-# keys `make` writes but the last four ("validation_due", "val_weights", "num_classes",
-# "in_channels"), which later versions added; `load` gives an older checkpoint's dict
-# those, and its config the options added since (their defaults), so that readers need no
-# fallbacks of their own.
+# keys `make` writes but the last five ("validation_due", "val_weights", "num_classes",
+# "in_channels", "totals"), which later versions added; `load` gives an older checkpoint's
+# dict those, and its config the options added since (their defaults), so that readers
+# need no fallbacks of their own.
 REQUIRED_CONFIG = MODEL_KEYS + ("seed", "epochs", "micro_batch_size", "gradient_accumulation",
                                 "replicas")
 
 
-def make(config, step, steps_per_epoch, engine, weight_average, val_accuracy,
-         best_val_accuracy, skipped_images, validation_due, num_classes, in_channels):
+def make(*, config, step, steps_per_epoch, engine, weight_average, val_accuracy,
+         best_val_accuracy, skipped_images, validation_due, num_classes, in_channels, totals):
     """A checkpoint: engine and weight_average are their state_dicts (weight_average None
-    without averaging); the random generators' states are taken here."""
+    without averaging); the random generators' states are taken here. totals: the run's
+    train_seconds, train_images and wall_seconds up to this step, over all of its parts."""
     return {
         "format": FORMAT, "config": config, "step": step, "epoch": step / steps_per_epoch,
         "engine": engine, "weight_average": weight_average, "rng": rng_state(),
@@ -46,7 +47,7 @@ def make(config, step, steps_per_epoch, engine, weight_average, val_accuracy,
         # what train.evaluate.load_model needs: the accuracy's weights, the network's shape
         "val_weights": "weight_average" if weight_average and weight_average["updates"]
         else "model",
-        "num_classes": num_classes, "in_channels": in_channels,
+        "num_classes": num_classes, "in_channels": in_channels, "totals": totals,
     }
 
 
@@ -78,6 +79,7 @@ def load(path, mmap=False):
                           else "model")
     checkpoint.setdefault("num_classes", None)
     checkpoint.setdefault("in_channels", None)
+    checkpoint.setdefault("totals", None)  # unknown: the summary covers the parts after it
     checkpoint["config"] = {**defaults(), **checkpoint["config"]}
     return checkpoint
 
@@ -172,6 +174,11 @@ def malformed(checkpoint):
             return f"{key} {checkpoint[key]!r} is not a positive count"
     if (checkpoint.get("num_classes") is None) != (checkpoint.get("in_channels") is None):
         return "num_classes and in_channels go together"
+    totals = checkpoint.get("totals")
+    if totals is not None and not (isinstance(totals, dict) and all(
+            is_number(totals.get(key)) and totals[key] >= 0
+            for key in ("train_seconds", "wall_seconds")) and is_count(totals.get("train_images"))):
+        return f"totals {totals!r} are not seconds and images"
     problem = config_problem(checkpoint["config"])
     if problem:
         return problem

@@ -242,7 +242,7 @@ class Run:
 
         self.step, self.val_accuracy, self.best_val_accuracy = 0, None, None
         self.skipped_images, self.last_checkpoint_step = 0, None
-        self.train_seconds, self.train_images = 0.0, 0
+        self.train_seconds, self.train_images, self.wall_before = 0.0, 0, 0.0
         self.validation_due, self.signals = False, StopSignals()
 
         self.run_dir, self.lock = self.claim_run_dir(config, resume_path, saved)
@@ -342,6 +342,10 @@ class Run:
         self.val_accuracy = saved["val_accuracy"]
         self.best_val_accuracy = saved["best_val_accuracy"]
         self.skipped_images = saved["skipped_images"]
+        if saved["totals"] is not None:  # the parts before this one
+            self.train_seconds = saved["totals"]["train_seconds"]
+            self.train_images = saved["totals"]["train_images"]
+            self.wall_before = saved["totals"]["wall_seconds"]
         self.validation_due = saved["validation_due"] and self.config["validation"]
         self.epoch_line = f"epoch {self.step // self.steps_per_epoch}/{self.config['epochs']}"
         into = "" if os.path.samefile(os.path.dirname(path) or ".", self.run_dir) else \
@@ -368,10 +372,19 @@ class Run:
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint(self):
         return checkpoint.make(
-            self.config, self.step, self.steps_per_epoch, self.engine.state_dict(),
-            self.average.state_dict() if self.average else None, self.val_accuracy,
-            self.best_val_accuracy, self.skipped_images, self.validation_due,
-            self.data.num_classes, self.data.in_channels)
+            config=self.config, step=self.step, steps_per_epoch=self.steps_per_epoch,
+            engine=self.engine.state_dict(),
+            weight_average=self.average.state_dict() if self.average else None,
+            val_accuracy=self.val_accuracy, best_val_accuracy=self.best_val_accuracy,
+            skipped_images=self.skipped_images, validation_due=self.validation_due,
+            num_classes=self.data.num_classes, in_channels=self.data.in_channels,
+            totals={"train_seconds": self.train_seconds, "train_images": self.train_images,
+                    "wall_seconds": self.wall_seconds()})
+
+    def wall_seconds(self):
+        """Since the run started, over all of its parts (a resumed run's up to its
+        checkpoint, and this part's)."""
+        return self.wall_before + time.time() - self.started
 
     def save_checkpoints(self, improved=False, epoch_end=False):
         """The checkpoints of this step; a second Ctrl-C waits until they are written."""
@@ -548,7 +561,7 @@ class Run:
             "val_accuracy": self.val_accuracy, "best_val_accuracy": self.best_val_accuracy,
             "train_images_per_second": self.train_images / self.train_seconds
             if self.train_seconds else None,
-            "wall_seconds": time.time() - self.started,
+            "train_images": self.train_images, "wall_seconds": self.wall_seconds(),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
             "device": str(self.engine.device), "skipped_images": self.skipped_images,
             "run_dir": self.run_dir,
