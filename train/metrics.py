@@ -12,16 +12,16 @@ from train.files import RunFolderError, reason, write_atomically
 
 
 def read_records(path):
-    """metrics.jsonl's records, in order ([] without the file); a line cut short by a crash
-    is left out."""
+    """metrics.jsonl's records, in order ([] without the file); a line that is not a JSON
+    object in UTF-8 (cut short by a crash, or damaged) is left out."""
     records = []
     if not os.path.exists(path):
         return records
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = json.loads(line.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError is one
                 continue
             if isinstance(record, dict):
                 records.append(record)
