@@ -33,8 +33,9 @@ def load(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing file, pickle, zip and weights_only errors differ
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        from train.checkpoint import unreadable
+
+        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable(error)}") from None
     if isinstance(checkpoint, dict) and "format" in checkpoint:  # the training application's
         from train import checkpoint as schema
 

@@ -441,6 +441,27 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, trained, damage, pro
             read(damaged)
 
 
+def test_a_file_that_is_not_a_checkpoint_gets_no_advice_to_unpickle_it(tmp_path, capsys):
+    """torch.load(weights_only=True) refuses a pickle of other objects and advises
+    weights_only=False, which would let the file run code: the line never passes that on."""
+    import argparse
+
+    from analysis import checkpoint as analysis
+    from train.evaluate import main as evaluate
+
+    path = tmp_path / "not_a_checkpoint.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, path)
+    line = (f"error: cannot read checkpoint {path}: it holds objects (argparse.Namespace) "
+            f"besides tensors and plain data, as no checkpoint does")
+    assert train(tmp_path / "run", *RUN, "--resume", path) == 2
+    assert error_line(capsys) == line
+    assert evaluate([str(path)]) == 2
+    assert error_line(capsys) == line
+    with pytest.raises(analysis.CheckpointError) as error:
+        analysis.load(str(path))
+    assert str(error.value) == line[len("error: "):]
+
+
 def test_a_checkpoint_past_the_end_of_its_run_is_one_line(tmp_path, capsys, trained):
     checkpoint = {**trained, "step": 10 ** 9}
     torch.save(checkpoint, tmp_path / "damaged.pt")

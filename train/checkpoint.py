@@ -7,6 +7,7 @@ no state: it is a function of (seed, epoch), and the step says where in the epoc
 """
 import glob
 import os
+import re
 
 import torch
 
@@ -66,8 +67,7 @@ def load(path, mmap=False):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and weights_only errors differ by torch version
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable(error)}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this training application")
     problem = malformed(checkpoint)
@@ -82,6 +82,19 @@ def load(path, mmap=False):
     checkpoint.setdefault("totals", None)  # unknown: the summary covers the parts after it
     checkpoint["config"] = {**defaults(), **checkpoint["config"]}
     return checkpoint
+
+
+def unreadable(error):
+    """Why torch.load failed, in a line. A file that holds more than tensors and plain data
+    (weights_only refuses it) is not a checkpoint of ours: never pass on torch's advice to
+    load it with weights_only=False, which would let the file run code."""
+    text = str(error)
+    if "weights_only" in text or "WeightsUnpickler" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        held = f" ({found.group(1)})" if found else ""
+        return f"it holds objects{held} besides tensors and plain data, as no checkpoint does"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def is_count(value, least=0):
