@@ -414,7 +414,7 @@ def test_train_a_torchvision_model(tmp_path, capsys):
         "torchvision:resnet18: convert_norms to group_pn: 9 BatchNorm+activation pairs -> "
         "norm-act modules (relu 9); 11 BatchNorms without activation -> norms without "
         "activation; 0 left as they were")
-    assert lines[-1].startswith("digits_resnet_group_pn: max_steps, val_accuracy ")
+    assert lines[-1].startswith("digits_resnet_group_pn: stopped at step 2 (max_steps), ")
     assert train(tmp_path / "bad", "--model", "torchvision:resnet1") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(

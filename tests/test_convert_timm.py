@@ -410,7 +410,7 @@ def test_train_a_timm_model(tmp_path, capsys):
         "norm-act modules (silu 9); 4 BatchNorms without activation -> norms without "
         "activation; 0 left as they were")
     assert lines[0].startswith("digits_resnet_group_pn: timm:test_efficientnet with group_pn")
-    assert lines[-1].startswith("digits_resnet_group_pn: max_steps, val_accuracy ")
+    assert lines[-1].startswith("digits_resnet_group_pn: stopped at step 2 (max_steps), ")
     assert train(tmp_path / "bad", "--model", "timm:test_efficientnt") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(

@@ -66,7 +66,8 @@ def test_digits_run_folder(tmp_path, capsys):
     checkpoint = load(run_dir / "checkpoint_last.pt")  # a plain dict, weights_only
     assert checkpoint["step"] == 3 and checkpoint["config"]["config"] == "digits_resnet_group_pn"
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line.startswith("digits_resnet_group_pn: max_steps, val_accuracy ")
+    assert last_line.startswith("digits_resnet_group_pn: stopped at step 3 (max_steps), "
+                                "val_accuracy ")
     assert str(run_dir) in last_line
 
 
@@ -316,3 +317,19 @@ def test_a_resumed_runs_summary_covers_all_of_its_parts(tmp_path):
     both = summary(run_dir)
     assert both["train_images"] == 128 and both["steps"] == 8
     assert both["wall_seconds"] >= first["wall_seconds"]
+
+
+def test_max_steps_says_where_it_stopped(tmp_path, capsys):
+    """25 steps of 22 an epoch: the partial second epoch and the end say step 25, and the
+    epochs have two decimals (not 1.13636)."""
+    from train.loop import epochs_text
+
+    assert train(tmp_path / "run", *SYNTHETIC, "--synthetic-samples", 352, *plan(16, 1, 1),
+                 "--epochs", 3, "--max-steps", 25, "--log-every", 100) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("epoch 2/3, stopped at step 25 (max_steps): train loss ")
+    assert lines[-1].startswith("digits_resnet_group_pn: stopped at step 25 (max_steps), "
+                                "val_accuracy ")
+    assert ", 1.14 epochs, 25 steps, " in lines[-1]
+    assert [epochs_text(x) for x in (3.0, 1.2, 1 / 3, 0.004, 0)] == ["3", "1.2", "0.33",
+                                                                    "0.004", "0"]

@@ -51,14 +51,9 @@ def main(argv=None):
         return 130
     if summary is None:  # a torchrun process other than rank 0
         return status
-    accuracy = summary["val_accuracy"]
-    best = summary["best_val_accuracy"]
-    speed = summary["train_images_per_second"]
-    print(f"{config['config']}: {summary['status']}, val_accuracy "
-          f"{'n/a' if accuracy is None else f'{accuracy:.2%}'} (best "
-          f"{'n/a' if best is None else f'{best:.2%}'}), {summary['epochs']:g} epochs, "
-          f"{summary['steps']} steps, {'n/a' if speed is None else f'{speed:.0f}'} images/s, "
-          f"{summary['wall_seconds']:.0f} s; run folder {summary['run_dir']}")
+    from train.loop import summary_line
+
+    print(summary_line(summary))
     return status
 
 

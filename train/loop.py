@@ -503,7 +503,9 @@ class Run:
         seconds = time.time() - started
         self.train_seconds += seconds
         self.train_images += seen
-        self.epoch_line = (f"epoch {epoch + 1}/{self.config['epochs']}: train loss "
+        stopped = (f", stopped at step {self.step} (max_steps)" if self.step % self.steps_per_epoch
+                   and self.step == self.total_steps else "")
+        self.epoch_line = (f"epoch {epoch + 1}/{self.config['epochs']}{stopped}: train loss "
                            f"{loss_sum / max(seen, 1):.4f}, accuracy {correct / max(seen, 1):.2%}, "
                            f"{seen / max(seconds, 1e-9):.0f} images/s")
         if self.step % self.steps_per_epoch and self.step < self.total_steps:
@@ -566,6 +568,27 @@ class Run:
             "device": str(self.engine.device), "skipped_images": self.skipped_images,
             "run_dir": self.run_dir,
         }
+
+
+def epochs_text(epochs):
+    """Epochs as a person reads them: 3, 1.2, 1.14 (two decimals at most), 0.004."""
+    text = f"{epochs:.2f}".rstrip("0").rstrip(".")
+    return f"{epochs:.1g}" if text == "0" and epochs else text
+
+
+def summary_line(summary):
+    """The line a run ends with: how it ended, its accuracy, length, speed and folder."""
+    def share(value):
+        return "n/a" if value is None else f"{value:.2%}"
+
+    speed = summary["train_images_per_second"]
+    ended = (f"stopped at step {summary['steps']} (max_steps)"
+             if summary["status"] == "max_steps" else summary["status"])
+    return (f"{summary['config']['config']}: {ended}, val_accuracy "
+            f"{share(summary['val_accuracy'])} (best {share(summary['best_val_accuracy'])}), "
+            f"{epochs_text(summary['epochs'])} epochs, {summary['steps']} steps, "
+            f"{'n/a' if speed is None else f'{speed:.0f}'} images/s, "
+            f"{summary['wall_seconds']:.0f} s; run folder {summary['run_dir']}")
 
 
 def run(config, on_start=None):
