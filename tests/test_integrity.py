@@ -117,6 +117,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_folder(
     # once it holds a checkpoint, it is a run again
     assert train(run_dir, *RUN, "--max-steps", 2) == 2
     assert "already holds a run" in error_line(capsys)
+    # and a summary.json or metrics.jsonl without the config.yml a run writes first is not
+    # a run's: never cleared
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "summary.json").write_text("mine")
+    assert train(theirs, *RUN, "--max-steps", 1) == 2
+    assert "already holds a run" in error_line(capsys)
+    assert (theirs / "summary.json").read_text() == "mine"
 
 
 def test_resume_auto_takes_the_newest_run_it_can_continue(tmp_path, monkeypatch, capsys):

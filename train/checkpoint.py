@@ -13,7 +13,7 @@ import torch
 
 from train.config import (MODEL_KEYS, OPTIONS, ConfigError, check_value, defaults,
                           run_name, show)
-from train.files import holds_run, holds_run_files, write_atomically
+from train.files import holds_unfinished_start, write_atomically
 
 FORMAT = "proxy-norm-train/1"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -232,7 +232,7 @@ def find_resume(config, passed_over=None):
             return path
         return None
     path = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
-    if os.path.isdir(resume) and not holds_run(resume) and holds_run_files(resume):
+    if os.path.isdir(resume) and holds_unfinished_start(resume):
         return None
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {resume}: no checkpoint at {path}")

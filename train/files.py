@@ -174,6 +174,14 @@ def holds_run(path):
     return any(name.startswith("checkpoint") and name.endswith(".pt") for name in names)
 
 
-def holds_run_files(path):
-    """Whether the folder holds files of a run (one that may have written no checkpoint)."""
-    return any(os.path.lexists(os.path.join(path, name)) for name in RUN_FILES)
+def holds_unfinished_start(path):
+    """Whether the folder holds what a run that stopped before its first checkpoint leaves:
+    its config.yml (written first), perhaps metrics.jsonl and summary.json, no checkpoint."""
+    return os.path.isfile(os.path.join(path, "config.yml")) and not holds_run(path)
+
+
+def holds_other_files(path):
+    """Whether the folder holds a run file's name that no run of ours left (metrics.jsonl
+    or summary.json without the config.yml a run writes first)."""
+    return not os.path.isfile(os.path.join(path, "config.yml")) and any(
+        os.path.lexists(os.path.join(path, name)) for name in RUN_FILES)

@@ -153,14 +153,14 @@ def take_run_dir(config, resume_path, saved):
     try:
         metrics = os.path.join(path, "metrics.jsonl")
         if saved is None:
-            if files.holds_run(path):
+            if files.holds_run(path) or files.holds_other_files(path):
                 raise RunFolderError(f"{path} already holds a run: continue it with "
                                      f"--resume {path}, or choose another --output-dir")
             forget_unfinished_start(path)
             return path, lock
         source = os.path.dirname(resume_path) or "."
         if not os.path.samefile(source, path):
-            if files.holds_run(path):
+            if files.holds_run(path) or files.holds_other_files(path):
                 raise RunFolderError(f"{path} already holds another run: give an empty "
                                      f"--output-dir to continue {resume_path} there")
             forget_unfinished_start(path)
