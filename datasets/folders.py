@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from datasets import CorruptImageError, DataError, Source
 
@@ -320,12 +321,78 @@ def load_cifar(name, data_path, image_size=CIFAR_IMAGE_SIZE):
 
 
 def read_image(path):
-    """An RGB PIL image; CorruptImageError naming the file if it cannot be decoded."""
+    """An RGB PIL image; CorruptImageError naming the file if it cannot be decoded or is not a
+    regular file (opened without blocking: opening a FIFO waits for a writer forever)."""
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            kind = file_kind(os.fstat(f.fileno()).st_mode)
+            if kind != "file":
+                raise CorruptImageError(f"cannot read image {path}: it is a {kind}, not a file",
+                                        path=path)
             return Image.open(f).convert("RGB")  # convert() decodes the whole file
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise CorruptImageError(f"cannot read image {path}: {error}", path=path) from None
+
+
+def file_kind(mode):
+    return next((kind for test, kind in (
+        (stat.S_ISREG, "file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device")) if test(mode)), "special file")
+
+
+def list_images(root, class_to_idx):
+    """(path, class index) of the images below each class folder, in ImageFolder's order,
+    without following a symlink into a folder already read: a link back up the tree made
+    os.walk read the same images again at every level (8 images became 328). An image name
+    that is neither a file nor a broken link (which reads as an unreadable image) is refused:
+    a FIFO blocks its reader."""
+    seen = {}  # (device, inode) of each folder read -> its path
+
+    def read_folder(path):
+        status = os.stat(path)
+        key = (status.st_dev, status.st_ino)
+        if key in seen:
+            raise DataError(f"ImageNet folder {root}: {path} is {seen[key]} again (a symlink to "
+                            f"a folder already read, or a loop); each folder may be read once")
+        seen[key] = path
+        with os.scandir(path) as entries:
+            return list(entries)
+
+    status = os.stat(root)
+    seen[status.st_dev, status.st_ino] = root
+    samples = []
+    for name in sorted(class_to_idx):
+        folders, images = [os.path.join(root, name)], []
+        while folders:
+            folder = folders.pop()
+            for entry in read_folder(folder):
+                if entry.is_dir():
+                    folders.append(entry.path)
+                elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                    if not entry.is_file() and os.path.exists(entry.path):
+                        raise DataError(f"ImageNet folder {root}: {entry.path} is a "
+                                        f"{file_kind(os.stat(entry.path).st_mode)}, not an "
+                                        f"image file; remove it")
+                    images.append((folder, entry.name))
+        # os.walk's order, as ImageFolder sorts it: by folder path, then by file name
+        samples += [(os.path.join(folder, file), class_to_idx[name])
+                    for folder, file in sorted(images)]
+    found = {index for _, index in samples}
+    empty = [name for name in sorted(class_to_idx) if class_to_idx[name] not in found]
+    if empty:
+        raise DataError(f"ImageNet folder {root}: no images in the class folder(s) "
+                        f"{', '.join(empty)} (image files end in {', '.join(IMG_EXTENSIONS)})")
+    return samples
+
+
+class ImageFolder(tv_datasets.ImageFolder):
+    """torchvision's ImageFolder, its images listed by list_images."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        return list_images(directory, class_to_idx)
 
 
 def image_folder(root, data_path):
@@ -334,8 +401,8 @@ def image_folder(root, data_path):
             f"ImageNet not found: {root} is not a folder; {data_path} must hold train/ and val/, "
             f"each with one folder of images per class (or pass --data-path)")
     try:
-        return tv_datasets.ImageFolder(root, loader=read_image)
-    except (FileNotFoundError, OSError) as error:  # no class folders, or no images in them
+        return ImageFolder(root, loader=read_image)
+    except (FileNotFoundError, OSError) as error:  # no class folders, or a folder unreadable
         raise DataError(f"ImageNet folder {root}: {error}") from None
 
 

@@ -454,3 +454,67 @@ def test_a_cifar_file_cannot_change_an_allowed_function(tmp_path, module, name):
         for f, defaults, attributes in before:
             f.__defaults__ = defaults
             f.__dict__.update(attributes)
+
+
+@pytest.mark.parametrize("link, target, message", [
+    ("train/cat/loop", "..", "train/cat/loop is {root}/train again"),  # back up the tree
+    ("train/cat/deeper/loop", "../../../train", "train/cat/deeper/loop is {root}/train again"),
+    ("train/cat/dogs", "../dog", "train/dog is {root}/train/cat/dogs again"),  # read twice
+])
+def test_an_image_folder_reads_each_folder_once(tmp_path, link, target, message):
+    """os.walk followed a symlink back up the tree at every level: 8 images became 328."""
+    write_image_folder(tmp_path)
+    (tmp_path / link).parent.mkdir(exist_ok=True)
+    os.symlink(target, tmp_path / link)
+    with pytest.raises(DataError) as error:
+        get_dataset("imagenet", data_path=str(tmp_path), image_size=16)
+    assert str(error.value) == (
+        f"ImageNet folder {tmp_path}/train: {tmp_path}/{message.format(root=tmp_path)} (a "
+        f"symlink to a folder already read, or a loop); each folder may be read once")
+    os.remove(tmp_path / link)
+    os.symlink(tmp_path / "val" / "dog", tmp_path / link)  # elsewhere: read as part of cat
+    data = get_dataset("imagenet", data_path=str(tmp_path), image_size=16)
+    assert (len(data.train), len(data.val)) == (12, 8)
+
+
+def test_an_image_name_that_is_not_a_file_is_refused(tmp_path):
+    """A FIFO named x.png hung the first read of it in open(), past SIGTERM."""
+    write_image_folder(tmp_path)
+    fifo = tmp_path / "train" / "dog" / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as error:
+        get_dataset("imagenet", data_path=str(tmp_path), image_size=16)
+    assert str(error.value) == (f"ImageNet folder {tmp_path}/train: {fifo} is a FIFO, not an "
+                                f"image file; remove it")
+    os.remove(fifo)
+    os.symlink(tmp_path / "missing.png", fifo)  # a broken link is an unreadable image, as before
+    data = get_dataset("imagenet", data_path=str(tmp_path), image_size=16)
+    assert len(data.train) == 9
+
+
+def test_reading_an_image_never_blocks_on_a_fifo(tmp_path):
+    """An image replaced by a FIFO or a device after the folder was listed is an unreadable
+    image: opened without blocking, it is refused before it is read."""
+    import threading
+
+    from datasets.folders import read_image
+
+    device = tmp_path / "zero.png"
+    os.symlink("/dev/zero", device)
+    with pytest.raises(CorruptImageError) as error:
+        read_image(str(device))
+    assert str(error.value) == f"cannot read image {device}: it is a character device, not a file"
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    # a writer that opens and closes at once, so that a reader which waits for one (the old
+    # code) reads an empty file instead of waiting forever
+    writer = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(CorruptImageError) as error:
+            read_image(str(fifo))
+        assert str(error.value) == f"cannot read image {fifo}: it is a FIFO, not a file"
+    finally:  # a reader held open lets the writer's open return, whenever it began
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join()
+        os.close(reader)
