@@ -12,6 +12,7 @@ BatchNorm over each group's concatenated batch.
 """
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,27 @@ def test_all_reduce_is_a_custom_op_of_the_library(monkeypatch):
     assert args == ([t], "ReplicaAllReduceSum", "ai.graphcore.proxynorm", 1)
     assert kwargs == {"example_outputs": [t], "attributes": {"group_size": 2}}
     assert args[0][0] is t and type(kwargs["attributes"]["group_size"]) is int
+
+
+def test_all_reduce_ops_declare_their_outputs_replica_equal():
+    """Read, not compiled (no Poplar SDK here): both IR ops of replica_all_reduce.cpp override
+    PopART's Op::fwdPropagateIsReplicaEqual with the base's parameter types at SDK 3.3
+    (willow/include/popart/op.hpp:1062-1065), as PopART's ReplicatedAllReduceOp does, and
+    include the proxy's header, whose method the override calls."""
+    with open(os.path.join(OP_DIR, "replica_all_reduce.cpp")) as f:
+        source = f.read()
+    code = "\n".join(line.split("//")[0] for line in source.splitlines())
+    declaration = re.compile(
+        r"std::tuple<popart::ReplEqOutputMap,\s*popart::ReplEqModifiedInputMap>\s*"
+        r"fwdPropagateIsReplicaEqual\(\s*const popart::AliasModel &\w+,\s*"
+        r"const popart::ReplEqInputMap &\w+,\s*popart::ReplicaEqualAnalysisProxy &\w+\)"
+        r"\s*const final")
+    classes = re.split(r"\nclass ", code)
+    for name in ("ReplicaAllReduceSumOp", "ReplicaAllReduceSumGradOp"):
+        body, = [c for c in classes if c.startswith(f"{name} : public popart::Op")]
+        assert len(declaration.findall(body)) == 1, name
+    assert "#include <popart/analysis/replicaequal/replicaequalanalysisproxy.hpp>" in code
+    assert "getModifiedInputMapFromAliases(" in code
 
 
 def test_op_knows_every_fused_activation():

@@ -2,8 +2,10 @@
 // PopTorch: poptorch.custom_op([x], "ReplicaAllReduceSum",
 // "ai.graphcore.proxynorm", 1, ...). Built into the same library as
 // proxynorm_ipu.cpp by proxynorm/ops/ipu/Makefile; the Python side is
-// ops.ipu.replica_all_reduce_sum, which SyncBatchNormAct calls once per
-// layer to share its batch statistics across replicas.
+// ops.ipu.replica_all_reduce_sum, which SyncBatchNormAct calls in the forward
+// pass of each layer to share its batch statistics across replicas. With the
+// grad op (the same all-reduce in the backward pass) that is two all-reduces
+// per layer per micro-batch: 2 x gradient_accumulation per optimiser step.
 //
 //   input  : 0 x, any shape, float32 or float16
 //   output : 0 y = sum of x over this replica's group, x's shape and type
@@ -16,23 +18,25 @@
 // same all-reduce of the incoming gradient over the same groups (the rule that
 // proxynorm/norms.py's AllReduceSum uses under torchrun). PopART's own
 // ReplicatedAllReduce has no grad op at SDK 3.0-3.4 (willow/src/op/collectives/
-// replicatedallreduce.cpp defines none, so autodiff drops its gradient), which is
-// why this op exists.
+// replicatedallreduce.cpp defines none, so autodiff drops its gradient), which
+// is why this op exists.
 //
 // The lowering follows PopART's ReplicatedAllReduceOpx::grow (popart
 // willow/src/popx/op/collectives/replicatedallreducex.cpp:39-65 at SDK 3.4):
 // gcl::allReduceCrossReplica(graph, x, gcl::CollectiveOperator::ADD, prog,
 // group, debugContext, options) from <gcl/Collectives.hpp>, out of place, with
 // the session's GCL options (IrLowering::gclOptions, popart
-// willow/include/popart/popx/irlowering.hpp:418; PopTorch sets them through
-// options._Popart.set("gclOptions", {...})). Written, like proxynorm_ipu.cpp,
-// against the Poplar SDK 3.x headers (popart::popx::Opx with poplar types);
+// willow/include/popart/popx/irlowering.hpp:418 at 3.4, :412 at 3.3; PopTorch
+// sets them through options._Popart.set("gclOptions", {...})). Written, like
+// proxynorm_ipu.cpp, against the Poplar SDK 3.3 headers (popart::popx::Opx with
+// poplar types; the IPU path needs SDK 3.3 or later, proxynorm/ops/ipu/sdk.py);
 // never compiled where it was written (no SDK there).
 
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gcl/Collectives.hpp>
@@ -40,6 +44,7 @@
 #include <poplar/Program.hpp>
 #include <poplar/Tensor.hpp>
 
+#include <popart/analysis/replicaequal/replicaequalanalysisproxy.hpp>
 #include <popart/attributes.hpp>
 #include <popart/datatype.hpp>
 #include <popart/error.hpp>
@@ -93,6 +98,46 @@ int64_t globalReplicas(const popart::Op &op) {
   return op.getIr().getSessionOptions().getGlobalReplicationFactor();
 }
 
+// Whether the sum runs over every replica (group_size 0, or all of them).
+bool sumsOverAllReplicas(const popart::Op &op, int64_t groupSize) {
+  return groupSize == 0 || groupSize == globalReplicas(op);
+}
+
+// Op::fwdPropagateIsReplicaEqual for a sum over groups of replicas, as PopART's
+// ReplicatedAllReduceOp overrides it (willow/src/op/collectives/
+// replicatedallreduce.cpp:78-104 at sdk/poplar/3.3.0, the same at 3.0-3.4;
+// the base's signature: willow/include/popart/op.hpp:1062-1065 at 3.3.0).
+// Output `out` is equal on every replica when the group holds all of them;
+// otherwise, like PopART's op, defer to Op's default (outputs equal where all
+// inputs are): the analysis tracks equality over all replicas only (PopART's
+// TODO T51589), not within smaller groups.
+// Why it matters: with RNG state management on
+// (SessionOptions::_enableRngStateManagement, sessionoptions.hpp:1194), the
+// StochasticRounding transform gives identical stochastic-rounding seeds only
+// to the ops whose outputs this analysis finds replica-equal
+// (willow/src/transforms/stochasticrounding.cpp:31-47 at 3.3.0). Without the
+// override the group's mean and variance computed from the sum, and the
+// float16 running statistics updated from them, would round differently per
+// replica, and so would the shift K (the running mean) about which the next
+// step's sums are taken, and which must be common to the group. The option is
+// off by default, and then every op gets identical seeds (:54-60); PopTorch
+// 3.3 does not register it among the options options._Popart.set accepts
+// (poptorch scripts/PopParse.py:66), so it matters to PopART sessions that
+// turn it on.
+std::tuple<popart::ReplEqOutputMap, popart::ReplEqModifiedInputMap>
+replicaEqualSum(const popart::Op &op, int64_t groupSize, popart::OutIndex out,
+                const popart::AliasModel &aliasModel,
+                const popart::ReplEqInputMap &inputMap,
+                popart::ReplicaEqualAnalysisProxy &proxy) {
+  if (sumsOverAllReplicas(op, groupSize)) {
+    popart::ReplEqOutputMap result;
+    result[out] = true;
+    return std::make_tuple(result,
+                           proxy.getModifiedInputMapFromAliases(&op, result));
+  }
+  return op.Op::fwdPropagateIsReplicaEqual(aliasModel, inputMap, proxy);
+}
+
 void checkInput(const char *opName, const popart::TensorInfo &x) {
   const auto type = x.dataType();
   if (type != popart::DataType::FLOAT && type != popart::DataType::FLOAT16) {
@@ -135,6 +180,16 @@ public:
 
   // A few values per channel: not worth outlining for its own sake.
   float getSubgraphValue() const final { return getLowSubgraphValue(); }
+
+  // Equal on every replica when summed over all of them (replicaEqualSum).
+  std::tuple<popart::ReplEqOutputMap, popart::ReplEqModifiedInputMap>
+  fwdPropagateIsReplicaEqual(
+      const popart::AliasModel &aliasModel,
+      const popart::ReplEqInputMap &inputMap,
+      popart::ReplicaEqualAnalysisProxy &proxy) const final {
+    return replicaEqualSum(*this, groupSize_, out(), aliasModel, inputMap,
+                           proxy);
+  }
 
   int64_t groupSize() const { return groupSize_; }
 
@@ -182,6 +237,17 @@ public:
   }
 
   float getSubgraphValue() const final { return getLowSubgraphValue(); }
+
+  // The gradient summed over all replicas is equal on every replica, as the
+  // forward sum is (replicaEqualSum).
+  std::tuple<popart::ReplEqOutputMap, popart::ReplEqModifiedInputMap>
+  fwdPropagateIsReplicaEqual(
+      const popart::AliasModel &aliasModel,
+      const popart::ReplEqInputMap &inputMap,
+      popart::ReplicaEqualAnalysisProxy &proxy) const final {
+    return replicaEqualSum(*this, groupSize_, gradXOut(), aliasModel, inputMap,
+                           proxy);
+  }
 
   int64_t groupSize() const { return groupSize_; }
 
@@ -245,18 +311,22 @@ protected:
       setOutTensor(0, cloneNcopy(prog, x, "copy"));
       return;
     }
-    // gcl::CommGroup(type, replicaGroupSize): the two-argument constructor that
-    // PopART 3.0 (collectivesx.cpp:280-288, {ALL, 0}) and popxl-addons 3.4
-    // (ops/replicated_strided_collectives/mgcl.cpp:26-31, 224) use; later
-    // PopART adds a stride as a third argument, which consecutive groups do
-    // not need. A group of every replica is asked for as ALL, as both of
-    // those do ("GCL's preference of ALL"); it also spans poprun instances,
-    // as the gradient all-reduce does (popart docs/popxl/distributed.rst:118-125).
-    const gcl::CommGroup group =
-        size == replicas
-            ? gcl::CommGroup(gcl::CommGroupType::ALL, 0)
-            : gcl::CommGroup(gcl::CommGroupType::CONSECUTIVE,
-                             static_cast<unsigned>(size));
+    // The group as PopART 3.3 and 3.4 ask GCL for a ReplicaGrouping's, in
+    // toGclCommGroup (willow/src/popx/op/collectives/collectivesx.cpp:275-279
+    // at sdk/poplar/3.3.0 and 3.4.0): gcl::CommGroup{CONSECUTIVE, group size,
+    // stride}, stride 1 for consecutive replicas, and every replica as one
+    // CONSECUTIVE group of all of them (ReplicaGrouping(R) is R replicas with
+    // stride 1 and group size R: willow/src/replicagrouping.cpp:36-37). That is
+    // how PopART 3.3 lowers its gradient all-reduce, which spans poprun
+    // instances (willow/src/patterns/optimizerdecompose.cpp:427-435: the
+    // weight's grouping over the global replication factor; popart
+    // docs/popxl/distributed.rst:118-125). PopART 3.0 still asked for a single
+    // group as {ALL, 0} (collectivesx.cpp:280-288 at 3.0.0, marked for removal,
+    // TODO T68176) and 3.1 dropped it; popxl-addons keeps that form for a group
+    // of a Poplar graph's every replica ("GCL's preference of ALL",
+    // ops/replicated_strided_collectives/mgcl.cpp:26-31 at sdk-release-3.3.0).
+    const gcl::CommGroup group(gcl::CommGroupType::CONSECUTIVE,
+                               static_cast<unsigned>(size), 1U);
     const poplar::Tensor y = gcl::allReduceCrossReplica(
         graph(), x, gcl::CollectiveOperator::ADD, prog, group,
         debugContext("replicaAllReduceSum"), dv_p->lowering().gclOptions);
