@@ -7,10 +7,13 @@ Marked ipu (PopTorch and the IPU Model; conftest skips them elsewhere): one trai
 on the IPU Model against other execution plans and against the PyTorch engine. The IPU
 custom op itself is tested in tests/test_ipu_op.py.
 """
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -30,27 +33,95 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = SimpleNamespace(num_classes=4, in_channels=3)  # what build_model reads of a dataset
 
 
-class Recorder:
-    """Stands in for poptorch or popdist: every attribute is a Recorder named by its path, and
-    every call is logged as (path, args, kwargs) and returns fakes[path](*args, **kwargs) when
-    there is one, else a Recorder named path + "()"."""
+API_FILE = os.path.join(REPO, "tests", "poptorch_api.txt")
+_API_LINE = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)(?:\((?P<params>[^)]*)\))?"
+                       r"(?:\s*->\s*(?P<returns>[\w.]+))?(?:\s*:\s*(?P<type>[\w.]+))?"
+                       r"\s{2,}(?P<source>\S.*)$")
+SDK_3_3 = "3.3.0+1403-f6f9c3ea9b"  # poptorch.__version__'s form: version+build-snapshot
 
-    def __init__(self, path="", log=None, fakes=None):
+
+def read_api(path=API_FILE):
+    """{OWNER.NAME: entry} of the API list; entry.signature (inspect.Signature, None unless
+    callable), entry.returns (what a call returns), entry.type (an attribute's type)."""
+    api = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            match = _API_LINE.match(line)
+            if match is None:
+                raise ValueError(f"{path}:{number}: expected OWNER.NAME[(PARAMETERS)]"
+                                 f"[ -> TYPE][ : TYPE]  SOURCE, got {line!r}")
+            if match["name"] in api:
+                raise ValueError(f"{path}:{number}: {match['name']} is listed twice")
+            signature = None
+            if match["params"] is not None:
+                namespace = {}
+                exec(f"def listed({match['params']}): pass", namespace)  # noqa: S102
+                signature = inspect.signature(namespace["listed"])
+            api[match["name"]] = SimpleNamespace(signature=signature, returns=match["returns"],
+                                                 type=match["type"], source=match["source"])
+    return api
+
+
+API = read_api()
+
+
+class Recorder:
+    """Stands in for poptorch (owner "poptorch") or popdist ("popdist"): every attribute is a
+    Recorder named by its path, and every call is logged as (path, args, kwargs) and returns
+    fakes[path](*args, **kwargs) when there is one, else a Recorder named path + "()".
+
+    Only the names of tests/poptorch_api.txt exist (PopTorch 3.3's, as the IPU path uses
+    them): another attribute raises AttributeError, and a call whose arguments do not bind
+    to the listed parameters raises TypeError before it is logged or faked, as PopTorch
+    would fail on an IPU host. Attributes of a call's result are those of the type it
+    returns (Options(), trainingModel() -> PoplarExecutor)."""
+
+    def __init__(self, path="", log=None, fakes=None, owner="poptorch", callee=None,
+                 version=SDK_3_3):
         self._path, self.log, self.fakes = path, [] if log is None else log, fakes or {}
+        self._owner, self._callee = owner, callee  # listed names: OWNER.NAME; the call's entry
+        self._values = {"__version__": version} if path == "" and owner == "poptorch" else {}
 
     def __getattr__(self, name):
-        if name.startswith("__"):
+        if name.startswith("__") and name not in self._values:
             raise AttributeError(name)
-        return Recorder(f"{self._path}.{name}" if self._path else name, self.log, self.fakes)
+        key = f"{self._owner}.{name}"
+        entry = API.get(key)
+        if entry is None:
+            raise AttributeError(f"{key} is not a PopTorch 3.3 name (tests/poptorch_api.txt)")
+        if name in self._values:
+            return self._values[name]
+        owner = entry.type or key
+        callee = entry if entry.signature is not None else API.get(f"{owner}.__call__")
+        return Recorder(f"{self._path}.{name}" if self._path else name, self.log, self.fakes,
+                        owner, callee)
 
     def __call__(self, *args, **kwargs):
+        entry = self._callee
+        if entry is None:
+            raise TypeError(f"{self._owner} is not callable in PopTorch 3.3 "
+                            f"(tests/poptorch_api.txt)")
+        try:
+            entry.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{self._path}: {error} (PopTorch 3.3's parameters, "
+                            f"tests/poptorch_api.txt)") from None
         self.log.append((self._path, args, kwargs))
         if self._path in self.fakes:
             return self.fakes[self._path](*args, **kwargs)
-        return Recorder(self._path + "()", self.log, self.fakes)
+        owner = entry.returns or f"{self._owner}()"
+        return Recorder(self._path + "()", self.log, self.fakes, owner,
+                        API.get(f"{owner}.__call__"))
 
     def __repr__(self):
         return self._path
+
+
+def popdist_recorder(fakes):
+    return Recorder(fakes=fakes, owner="popdist")
 
 
 def option_calls(log):
@@ -121,6 +192,132 @@ def small_config(**overrides):
 
 def small_engine(config):
     return PopTorchEngine(build_model(config, DATA), config)
+
+
+# --- the stand-in knows PopTorch's names ------------------------------------------------
+
+def test_stand_in_refuses_what_poptorch_lacks():
+    """Misspelt Options methods, option groups, enum members, module functions and keywords
+    fail as on an IPU host (AttributeError, TypeError); the listed ones are recorded."""
+    stand_in = Recorder()
+    options = stand_in.Options()
+    options.Training.gradientAccumulation(2)
+    stand_in.optim.SGD([], lr=0.1, velocity_accum_type=torch.float32)
+    executable = stand_in.trainingModel(None, options=options)
+    executable.copyWeightsToDevice()
+    assert [path for path, _, _ in stand_in.log] == [
+        "Options", "Options().Training.gradientAccumulation", "optim.SGD", "trainingModel",
+        "trainingModel().copyWeightsToDevice"]
+    for name, misspelt in (
+            ("replicationFactor", lambda: options.replicationfactor),
+            ("gradientAccumulation", lambda: options.Training.gradientAcumulation),
+            ("Precision", lambda: options.Precison),
+            ("ReductionType", lambda: stand_in.ReductionType.MEAN),
+            ("identity_loss", lambda: stand_in.identityLoss),
+            ("PoplarExecutor", lambda: executable.copyWeightToDevice)):
+        with pytest.raises(AttributeError, match="is not a PopTorch 3.3 name"):
+            misspelt()
+    for misspelt in (lambda: stand_in.optim.SGD([], lr=0.1, velocity_accum_typ=torch.float32),
+                     lambda: stand_in.identity_loss(torch.ones(1), reduce="mean"),
+                     lambda: options.deviceIterations(),
+                     lambda: stand_in.BeginBlock(None, ipuid=1),
+                     lambda: stand_in.ReductionType.Mean()):
+        with pytest.raises(TypeError):
+            misspelt()
+    assert len(stand_in.log) == 5  # refused calls are not recorded
+
+
+@pytest.mark.parametrize("written, misspelt, error", [
+    ("options.replicationFactor(", "options.replicationfactor(", AttributeError),
+    ("options.Training.gradientAccumulation(", "options.Training.gradientAcumulation(",
+     AttributeError),
+    ("options.Precision.enableStochasticRounding(", "options.Precision.enableStochasticRoundng(",
+     AttributeError),
+    ("OutputMode.Sum)", "OutputMode.SUM)", AttributeError),
+    ("velocity_accum_type=torch.float32", "velocity_accum_typ=torch.float32", TypeError),
+    ("auto_distributed_partitioning=False", "auto_distributed_partition=False", TypeError),
+])
+def test_a_misspelt_poptorch_name_in_the_engine_fails(poptorch, written, misspelt, error):
+    """The engine with one PopTorch name misspelt, built and asked for its training loader
+    against the stand-in: the misspelling fails the test."""
+    import train.ipu_engine
+
+    with open(train.ipu_engine.__file__) as f:
+        source = f.read()
+    assert source.count(written) == 1, written
+    module = types.ModuleType("misspelt_ipu_engine")
+    exec(compile(source.replace(written, misspelt), "misspelt_ipu_engine.py", "exec"),  # noqa: S102
+         module.__dict__)
+    config = small_config()
+    with pytest.raises(error):
+        engine = module.PopTorchEngine(build_model(config, DATA), config)
+        engine.make_loader(object(), engine.call_batch, EpochOrder(128, 32, seed=0))
+
+
+IPU_PATH_FILES = ("train/ipu_engine.py", "proxynorm/norms.py", "proxynorm/ops/__init__.py",
+                  "proxynorm/ops/ipu/__init__.py", "tests/test_ipu_engine.py",
+                  "tests/test_ipu_op.py", "tests/conftest.py", "docs/scaling.md")
+WRITTEN_NAME = re.compile(r"\b(poptorch|popdist|Options)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+RECORDER_ATTRIBUTES = {"log", "fakes"}  # the stand-in's own (tests name it poptorch)
+
+
+def listed(owner, dotted):
+    """Whether OWNER.DOTTED is in the API list, following attribute types and what calls
+    return (text names a method of an Options object after "Options.", as PopTorch's docs do)."""
+    for part in dotted.split("."):
+        key = f"{owner}.{part}"
+        if key not in API:
+            return False
+        owner = API[key].type or API[key].returns or key
+    return True
+
+
+def test_the_ipu_path_writes_only_poptorch_names():
+    """Every name written after "poptorch.", "popdist." or "Options." in the IPU path's code,
+    tests (the ipu-marked ones run only on IPU hosts) and docs/scaling.md is in the API list,
+    and so is every method the engine calls on PopTorch's executables and optimisers."""
+    unknown = []
+    for path in IPU_PATH_FILES:
+        with open(os.path.join(REPO, path)) as f:
+            text = f.read()
+        for match in WRITTEN_NAME.finditer(text):
+            owner = "Options" if match[1] == "Options" else match[1]
+            if match[2].split(".")[0] in RECORDER_ATTRIBUTES and path.startswith("tests/"):
+                continue
+            if not listed(owner, match[2]):
+                unknown.append(f"{path}: {match[0]}")
+    with open(os.path.join(REPO, "train", "ipu_engine.py")) as f:
+        engine = f.read()
+    calls = re.findall(r"\b(?:training_model|inference_model|executable|other|"
+                       r"get_training_model\(\)|get_inference_model\(\))\.(\w+)", engine)
+    unknown += [f"PoplarExecutor.{name}" for name in calls if f"PoplarExecutor.{name}" not in API]
+    methods = re.findall(r"\bself\.optimizer\.(\w+)", engine)
+    unknown += [f"Optimizer.{name}" for name in methods if f"Optimizer.{name}" not in API]
+    assert len(calls) >= 8 and len(methods) >= 3
+    assert unknown == []
+    assert listed("poptorch", "Options.broadcastBuffers") and listed("Options", "Training")
+    assert not listed("Options", "broadcastBufers")  # what a misspelling gives
+
+
+def test_the_fakes_define_only_poptorch_methods():
+    for fake, owner, helpers in ((FakeExecutable, "PoplarExecutor", set()),
+                                 (HostExecutable, "PoplarExecutor", {"run"}),
+                                 (FakeIpuOptimizer, "Optimizer", set())):
+        methods = {name for name, value in vars(fake).items()
+                   if inspect.isfunction(value) and value.__qualname__.startswith(fake.__name__)
+                   and (not name.startswith("_") or name == "__call__")}
+        assert methods - helpers and {f"{owner}.{name}" for name in methods - helpers} <= set(API)
+
+
+def test_the_api_list_is_poptorch_3_3():
+    with open(API_FILE) as f:
+        header = f.read().split("\n\n")[0]
+    assert "graphcore/poptorch at tag sdk/poptorch/3.3.0" in header
+    for name, entry in API.items():
+        if name.startswith("popdist."):
+            continue
+        assert re.match(r"(python/\w+\.py|poptorch tests/\w+\.py):\d+|torch\.optim",
+                        entry.source), name
 
 
 # --- options ----------------------------------------------------------------------------
@@ -250,7 +447,8 @@ def poprun(monkeypatch, total, local):
     values = {"isPopdistEnvSet": True, "getNumTotalReplicas": total,
               "getNumLocalReplicas": local, "getInstanceIndex": 0,
               "getNumInstances": total // local, "getNumIpusPerReplica": 1}
-    popdist = Recorder(fakes={name: (lambda value=value: value) for name, value in values.items()})
+    popdist = popdist_recorder({name: (lambda value=value: value)
+                                for name, value in values.items()})
     monkeypatch.setitem(sys.modules, "popdist", popdist)
     monkeypatch.setitem(sys.modules, "popdist.poptorch", popdist.poptorch)
 
@@ -296,7 +494,8 @@ def test_engine_marks_stages_checkpoints_and_replica_batchnorm(poptorch):
 def test_poprun_takes_replicas_from_popdist(poptorch, monkeypatch):
     values = {"isPopdistEnvSet": True, "getNumTotalReplicas": 4, "getNumLocalReplicas": 2,
               "getInstanceIndex": 1, "getNumInstances": 2, "getNumIpusPerReplica": 1}
-    popdist = Recorder(fakes={name: (lambda value=value: value) for name, value in values.items()})
+    popdist = popdist_recorder({name: (lambda value=value: value)
+                                for name, value in values.items()})
     monkeypatch.setitem(sys.modules, "popdist", popdist)
     monkeypatch.setitem(sys.modules, "popdist.poptorch", popdist.poptorch)
     engine = small_engine(small_config(device_iterations=2))

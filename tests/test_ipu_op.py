@@ -28,6 +28,7 @@ from proxynorm.ops import ipu
 from proxynorm import proxy
 from proxynorm.activations import ACTS, FUSED_ACTS, get_act
 from proxynorm.norms import SyncBatchNormAct
+from tests.test_ipu_engine import Recorder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP_DIR = os.path.join(REPO, "proxynorm", "ops", "ipu")
@@ -87,18 +88,33 @@ def test_all_reduce_dtype_is_checked_before_poptorch_is_needed(dtype):
     assert str(error.value) == f"replica_all_reduce_sum takes float32 or float16, got {dtype}"
 
 
-def test_all_reduce_is_a_custom_op_of_the_library(monkeypatch):
-    calls = []
-    fake = SimpleNamespace(custom_op=lambda *args, **kwargs: calls.append((args, kwargs)) or
-                           ["out"])
-    monkeypatch.setitem(sys.modules, "poptorch", fake)
+def custom_op_stand_in(monkeypatch):
+    """poptorch as the ops see it while PopTorch traces: the API-checked stand-in of
+    tests/test_ipu_engine.py (a call must bind to poptorch.custom_op's parameters)."""
+    stand_in = Recorder(fakes={"custom_op": lambda *args, **kwargs: ["out"]})
+    monkeypatch.setitem(sys.modules, "poptorch", stand_in)
     monkeypatch.setattr(ipu, "load", lambda: ipu.LIBRARY)
+    return stand_in
+
+
+def test_all_reduce_is_a_custom_op_of_the_library(monkeypatch):
+    stand_in = custom_op_stand_in(monkeypatch)
     t = torch.zeros(3, 4)
     assert ipu.replica_all_reduce_sum(t, 2) == "out"
-    (args, kwargs), = calls
-    assert args == ([t], "ReplicaAllReduceSum", "ai.graphcore.proxynorm", 1)
+    (path, args, kwargs), = stand_in.log
+    assert path == "custom_op" and args == ([t], "ReplicaAllReduceSum", "ai.graphcore.proxynorm", 1)
     assert kwargs == {"example_outputs": [t], "attributes": {"group_size": 2}}
     assert args[0][0] is t and type(kwargs["attributes"]["group_size"]) is int
+
+
+def test_fused_op_is_a_custom_op_of_the_library(monkeypatch):
+    stand_in = custom_op_stand_in(monkeypatch)
+    x, c = torch.zeros(2, 4, 3), torch.zeros(4)
+    assert ipu.group_norm_proxy_act(x, 2, c, c, c, c, "silu", 1e-3) == "out"
+    (path, args, kwargs), = stand_in.log
+    assert path == "custom_op" and args[1:] == ("GroupNormProxyAct", "ai.graphcore.proxynorm", 1)
+    assert [len(args[0]), kwargs["example_outputs"]] == [5, [x]]
+    assert kwargs["attributes"] == {"groups": 2, "act": "silu", "epsilon": 1e-3}
 
 
 def test_all_reduce_ops_declare_their_outputs_replica_equal():
@@ -445,8 +461,8 @@ def ipu_tracing(monkeypatch):
         checkpoints.append(t)
         return t
 
-    monkeypatch.setitem(sys.modules, "poptorch", SimpleNamespace(
-        isRunningOnIpu=lambda: True, recomputationCheckpoint=checkpoint))
+    monkeypatch.setitem(sys.modules, "poptorch", Recorder(fakes={
+        "isRunningOnIpu": lambda: True, "recomputationCheckpoint": checkpoint}))
     return checkpoints
 
 
@@ -611,7 +627,7 @@ def test_ipu_sync_batch_path_only_while_training_across_replicas(ipu_tracing, mo
     torch.testing.assert_close(layer.train()(x), expected)  # ipu_group_size 1: PopART's BN
     layer.ipu_group_size = 0
     layer.eval()(x)
-    sys.modules["poptorch"].isRunningOnIpu = lambda: False
+    sys.modules["poptorch"].fakes["isRunningOnIpu"] = lambda: False
     layer.train()(x)
     assert not ipu_tracing
 
