@@ -30,9 +30,10 @@
 #   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
 #                  (PopTorch's pin) + requirements-ipu.txt, in .venv-torch20
 #
-# IPU hosts: activate the Poplar SDK's PopTorch environment first. When the active Python
-# already imports poptorch, requirements-ipu.txt goes into that environment and its torch
-# is left alone; any other active environment (CI, laptops) still gets .venv.
+# IPU hosts: activate the Poplar SDK's PopTorch environment first (SDK 3.3 or later: an
+# older one is refused before anything is installed). When the active Python already
+# imports poptorch, requirements-ipu.txt goes into that environment and its torch is left
+# alone; any other active environment (CI, laptops) still gets .venv.
 
 SYSTEM_PYTHON ?= python3
 HAS_POPTORCH := $(shell $(SYSTEM_PYTHON) -c "import poptorch" >/dev/null 2>&1 && echo yes)
@@ -56,7 +57,9 @@ POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 install: $(INSTALLED) custom_ops
 
 $(INSTALLED): $(REQUIREMENTS)
-ifneq ($(HAS_POPTORCH),yes)
+ifeq ($(HAS_POPTORCH),yes)
+	$(PYTHON) proxynorm/ops/ipu/sdk.py  # Poplar SDK >= 3.3 (torch 2.0.1), else one line, exit 2
+else
 	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv .venv
 endif
 	$(PYTHON) -m pip install -r $(REQUIREMENTS)

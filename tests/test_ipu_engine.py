@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -318,6 +319,64 @@ def test_the_api_list_is_poptorch_3_3():
             continue
         assert re.match(r"(python/\w+\.py|poptorch tests/\w+\.py):\d+|torch\.optim",
                         entry.source), name
+
+
+# --- the Poplar SDK ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, torch_version", [
+    ("3.0.0+1145-18c1a71bb8", "1.10.0"), ("3.1.0+1205-58b501c780", "1.13.0"),
+    ("3.2.0+1277-7cd8ade3cd", "1.13.1"), ("unknown", "2.0.1")])
+def test_sdks_before_3_3_are_refused_in_one_line(poptorch, monkeypatch, version, torch_version):
+    """PopTorch 3.0-3.2 pin torch 1.10/1.13/1.13.1, not the 2.0.1 the IPU path is written for."""
+    monkeypatch.setitem(sys.modules, "poptorch", Recorder(fakes=poptorch.fakes, version=version))
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    with pytest.raises(ConfigError) as error:
+        small_engine(small_config())
+    assert str(error.value) == (
+        f"the IPU path needs Poplar SDK 3.3 or later (PopTorch 3.3+, torch 2.0.1), found "
+        f"PopTorch {version} with torch {torch_version}: enable a newer SDK")
+    assert not [path for path, _, _ in poptorch.log if path.startswith("Options")]
+
+
+def test_sdk_3_3_and_3_4_are_accepted(poptorch, monkeypatch):
+    small_engine(small_config())  # the stand-in is PopTorch 3.3.0
+    monkeypatch.setitem(sys.modules, "poptorch", Recorder(fakes=poptorch.fakes,
+                                                          version="3.4.0+1507-55b24f8e53"))
+    small_engine(small_config())
+
+
+@pytest.mark.parametrize("version, returncode", [("3.2.0+1277-7cd8ade3cd", 2),
+                                                 ("3.3.0+1403-f6f9c3ea9b", 0)])
+def test_sdk_check_as_the_makefile_runs_it(tmp_path, version, returncode):
+    """python proxynorm/ops/ipu/sdk.py, outside the checkout, with a poptorch of that version."""
+    (tmp_path / "poptorch").mkdir()
+    (tmp_path / "poptorch" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "proxynorm", "ops", "ipu",
+                                                          "sdk.py")],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True)
+    assert result.returncode == returncode
+    assert result.stdout == ""
+    assert result.stderr == ("" if returncode == 0 else
+                             f"error: the IPU path needs Poplar SDK 3.3 or later (PopTorch 3.3+, "
+                             f"torch 2.0.1), found PopTorch {version}: enable a newer SDK\n")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_checks_the_sdk_before_installing(tmp_path):
+    """The Makefile's IPU branch (the active Python imports poptorch) runs the SDK check
+    before pip: `make -n` lists the commands without running them."""
+    (tmp_path / "poptorch").mkdir()
+    (tmp_path / "poptorch" / "__init__.py").write_text("__version__ = '3.2.0+1277-7cd8ade3cd'\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    result = subprocess.run(["make", "-n", "-B", ".installed-ipu",
+                             f"SYSTEM_PYTHON={sys.executable}"],
+                            cwd=REPO, env={**env, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split("#")[0].split() for line in result.stdout.splitlines()]
+    assert commands[0] == [sys.executable, "proxynorm/ops/ipu/sdk.py"]
+    assert commands[1] == [sys.executable, "-m", "pip", "install", "-r", "requirements-ipu.txt"]
 
 
 # --- options ----------------------------------------------------------------------------

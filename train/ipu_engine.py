@@ -1,4 +1,4 @@
-"""The PopTorch engine: the loop's engine interface on Graphcore IPUs (PopTorch 3.x, torch 2.0).
+"""The PopTorch engine: the loop's engine interface on Graphcore IPUs (SDK 3.3+, torch 2.0.1).
 
 The same batch semantics as PyTorchEngine (train/engine.py): a host call carries
 device_iterations global batches laid out [device iteration, accumulation step, replica,
@@ -29,7 +29,9 @@ Where it differs from the PyTorch engine, by necessity:
   willow/include/popart/variablesettings.hpp:24-31), as rank 0's under torchrun. The
   PyTorch engine in one process averages the groups' instead.
 
-Nothing here imports poptorch at module level: `import train.ipu_engine` works without it.
+Poplar SDK 3.3 or later: the engine refuses an older PopTorch (whose torch is not 2.0.1) in
+one line as it starts (proxynorm/ops/ipu/sdk.py). Nothing here imports poptorch at module
+level: `import train.ipu_engine` works without it.
 None of this has been run on an IPU or the IPU Model: PopTorch could not be installed where
 it was written; tests/test_ipu_engine.py checks the host side against a stand-in, and
 tests/test_ipu_op.py the sync_batch IPU code path with an emulated all-reduce.
@@ -46,6 +48,7 @@ from torch import nn
 from proxynorm import ops
 from datasets.pipeline import EpochOrder, collate, ignore_interrupts, make_loader
 from proxynorm.norms import BatchNormAct, SyncBatchNormAct
+from proxynorm.ops.ipu.sdk import sdk_problem
 from train.config import ConfigError, global_batch_size
 from train.engine import NonFiniteLoss, count_correct
 from train.optim import build_optimizer, param_groups
@@ -243,6 +246,10 @@ class PopTorchEngine:
     def __init__(self, model, config):
         import poptorch
 
+        # SDK 3.3 or later (PopTorch's torch 2.0.1); an older one is refused in one line
+        problem = sdk_problem(getattr(poptorch, "__version__", "unknown"), torch.__version__)
+        if problem:
+            raise ConfigError(problem)
         self.poptorch = poptorch
         self.popdist = popdist_if_launched()
         stages = pipeline_stages(config)
