@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from proxynorm import ops
 from datasets.pipeline import EpochOrder
 from proxynorm.norms import BatchNormAct, SyncBatchNormAct
-from train.config import ConfigError, resolve_config
+from train.config import ConfigError, global_batch_size, parse_command_line, resolve_config
 from train.engine import NonFiniteLoss, classification_loss, count_correct, make_engine
 from train.ipu_engine import (PopTorchEngine, check_config, cross_entropy, ipu_optimizer,
                               ipu_options)
@@ -415,7 +416,7 @@ def test_pipelined_efficientnet_options():
 
 
 def test_ipu_only_options():
-    config = small_config(precision="32.32", ipu_model=True, executable_cache_dir="cache",
+    config = small_config(precision="32.32", ipu_model=True, replicas=1,
                           available_memory_proportion=0.3, recompute_checkpoints=["layer2"],
                           stochastic_rounding=False, stable_norm=False)
     poptorch = Recorder()
@@ -424,13 +425,15 @@ def test_ipu_only_options():
     assert calls["enableStableNorm"] == [(False,)]
     assert calls["Precision.setPartialsType"] == [(torch.float32,)]
     assert calls["useIpuModel"] == [(True,)]
-    assert calls["enableExecutableCaching"] == [("cache",)]
+    assert calls["replicationFactor"] == [(1,)]
     assert calls["setAvailableMemoryProportion"] == [({"IPU0": 0.3},)]
     assert calls["_Popart.set"] == [("explicitRecomputation", True), ("autoRecomputation", 4)]
-    assert "useOfflineIpuTarget" not in calls
+    assert "useOfflineIpuTarget" not in calls and "enableExecutableCaching" not in calls
     offline = Recorder()
-    ipu_options(small_config(compile_only=True), offline)
-    assert option_calls(offline.log)["useOfflineIpuTarget"] == [()]
+    ipu_options(small_config(compile_only=True, executable_cache_dir="cache"), offline)
+    calls = option_calls(offline.log)
+    assert calls["useOfflineIpuTarget"] == [()] and "useIpuModel" not in calls
+    assert calls["enableExecutableCaching"] == [("cache",)]
 
 
 @pytest.mark.parametrize("precision, partials, weights, inputs", [
@@ -454,13 +457,62 @@ def test_pipelining_needs_accumulation(poptorch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"compile_only": True, "ipu_model": True}, "cannot be combined with ipu_model"),
+    ({"compile_only": True, "ipu_model": True, "replicas": 1}, "cannot be combined with ipu_model"),
     ({"optimizer": "rmsprop", "grad_clip_norm": 1.0}, "no gradient clipping"),
+    ({"ipu_model": True}, "the IPU Model does not run replicated graphs"),
+    ({"ipu_model": True, "replicas": 1, "executable_cache_dir": "cache"},
+     "caches no IPU Model executable"),
 ])
 def test_refused_combinations_are_one_line(poptorch, overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         small_engine(small_config(**overrides))
     assert "\n" not in str(error.value)
+
+
+def test_the_ipu_model_runs_one_replica():
+    """The IPU Model does not replicate (PopART's user guide); check_config, which needs no
+    PopTorch, says so in one line and names the plan that keeps the global batch."""
+    config = small_config()  # 4 replicas x micro-batches of 8
+    config["ipu_model"] = True  # past resolve_config, which may run the same check
+    with pytest.raises(ConfigError) as error:
+        check_config(config)
+    assert str(error.value) == (
+        "ipu_model: the IPU Model does not run replicated graphs, so replicas must be 1, got 4 "
+        "(the same global batch: --replicas 1 --gradient-accumulation 4)")
+    check_config(small_config(ipu_model=True, replicas=1, gradient_accumulation=4))
+    config = small_config(ipu_model=True, replicas=1)
+    config["executable_cache_dir"] = "cache"
+    with pytest.raises(ConfigError) as error:
+        check_config(config)
+    assert str(error.value) == ("executable_cache_dir: PopTorch caches no IPU Model executable; "
+                                "unset it (--executable-cache-dir null) with ipu_model")
+
+
+def test_python_m_train_refuses_a_replicated_ipu_model_anywhere(tmp_path, capsys, monkeypatch):
+    """Without PopTorch (where engine ipu falls back to the PyTorch engine) the IPU checks run
+    as the config is resolved: one line, exit status 2, nothing written."""
+    from train.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "poptorch", None)  # `import poptorch` fails, as here
+    assert main(["--config", "digits_resnet_group_pn", "--engine", "ipu", "--ipu-model", "true",
+                 "--output-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"]) == 2
+    assert capsys.readouterr().err == (
+        "error: ipu_model: the IPU Model does not run replicated graphs, so replicas must be 1, "
+        "got 4 (the same global batch: --replicas 1 --gradient-accumulation 4)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_docs_ipu_model_command_is_accepted():
+    """docs/scaling.md's IPU Model command: a plan the IPU Model runs."""
+    with open(os.path.join(REPO, "docs", "scaling.md")) as f:
+        text = f.read().replace("\\\n", " ")  # continued lines
+    line, = [line for line in text.splitlines() if "--ipu-model true" in line]
+    words = shlex.split(line.split("#")[0])
+    assert words[:3] == ["python", "-m", "train"]
+    config, _ = parse_command_line(words[3:])
+    assert config["engine"] == "ipu" and config["ipu_model"] and config["replicas"] == 1
+    assert global_batch_size(config) == global_batch_size(resolve_config(config["config"]))
+    check_config(config)
 
 
 def ipu_group_sizes(engine_or_model):

@@ -455,6 +455,10 @@ def check_combination(config):
                           f"{config['replicas']}")
     if config["lr_schedule"] == "step" and not config["lr_milestones"]:
         raise ConfigError("lr_schedule step needs lr_milestones (epochs at which to decay)")
+    if config["engine"] == "ipu":  # what an IPU host would refuse, refused on any machine
+        from train.ipu_engine import check_config  # needs no PopTorch
+
+        check_config(config)
 
 
 def global_batch_size(config):

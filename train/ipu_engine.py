@@ -28,6 +28,8 @@ Where it differs from the PyTorch engine, by necessity:
   the lowest replica of a variable's group: VariableRetrievalMode::OnePerGroup,
   willow/include/popart/variablesettings.hpp:24-31), as rank 0's under torchrun. The
   PyTorch engine in one process averages the groups' instead.
+- The IPU Model (ipu_model) does not replicate, and PopTorch caches none of its executables:
+  check_config refuses replicas > 1 and executable_cache_dir with it.
 
 Poplar SDK 3.3 or later: the engine refuses an older PopTorch (whose torch is not 2.0.1) in
 one line as it starts (proxynorm/ops/ipu/sdk.py). Nothing here imports poptorch at module
@@ -91,9 +93,23 @@ def check_config(config, local_replicas=None):
                  f"the {local} replicas of each poprun instance, or be 0 (all {replicas} "
                  f"replicas: the only group that may span instances)")
         raise ConfigError(f"norm sync_batch: bn_group_size {group} must divide {where}")
+    # PopTorch refuses an offline target with the IPU Model (poptorch
+    # popart_compiler/source/CompilerImpl.cpp:654-656 at sdk/poptorch/3.3.0)
     if config["compile_only"] and config["ipu_model"]:
         raise ConfigError("compile_only compiles for a real IPU (an offline target); it cannot "
                           "be combined with ipu_model")
+    # The IPU Model does not replicate: "Replication is not supported on IPU Model targets"
+    # (popart docs/popart/performance.rst:83 at sdk/poplar/3.3.0; docs/popxl/graph.rst:229),
+    # and PopTorch's replicated examples need hardware (docs/user_guide/device_iterations.py:5-7)
+    if config["ipu_model"] and replicas > 1:
+        raise ConfigError(f"ipu_model: the IPU Model does not run replicated graphs, so replicas "
+                          f"must be 1, got {replicas} (the same global batch: --replicas 1 "
+                          f"--gradient-accumulation {config['gradient_accumulation'] * replicas})")
+    # PopTorch only warns that "enableExecutableCaching doesn't work with the IPU model"
+    # (CompilerImpl.cpp:640-643 at sdk/poptorch/3.3.0): nothing would be cached
+    if config["ipu_model"] and config["executable_cache_dir"] is not None:
+        raise ConfigError("executable_cache_dir: PopTorch caches no IPU Model executable; unset "
+                          "it (--executable-cache-dir null) with ipu_model")
     if config["optimizer"] == "rmsprop" and config["grad_clip_norm"] > 0:
         raise ConfigError("grad_clip_norm: PopTorch's RMSprop has no gradient clipping; use sgd "
                           "or adamw, or --grad-clip-norm 0")
