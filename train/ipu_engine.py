@@ -17,17 +17,24 @@ Where it differs from the PyTorch engine, by necessity:
   the weights move (the optimiser state restarts, with a warning on the IPU side).
 - norm sync_batch across replicas needs the IPU ops library (`make custom_ops`): each
   SyncBatchNormAct sums its float32 moments over groups of bn_group_size replicas (0 = all)
-  with one custom all-reduce whose gradient is the all-reduce of the gradient
+  with a custom all-reduce whose gradient op is the same all-reduce of the gradient
   (proxynorm/ops/ipu/replica_all_reduce.cpp; PopART's ReplicatedAllReduce has no gradient op at
-  SDK 3.0-3.4, willow/src/op/collectives/replicatedallreduce.cpp). bn_group_size must divide
+  SDK 3.0-3.4, willow/src/op/collectives/replicatedallreduce.cpp): one in the forward and one
+  in the backward pass of every micro-batch, so 2 x gradient_accumulation all-reduces per
+  layer per optimiser step (recomputation reuses the forward one). bn_group_size must divide
   the replicas; under poprun a group must also lie within one instance (divide its replicas)
   unless it holds all replicas, the one cross-instance group GCL is known to form (the
   gradient all-reduce). Running statistics are updated in place on every replica
   (poptorch.Options.broadcastBuffers(False)); every replica of a group holds the same ones,
   and the host copy (checkpoints, evaluation) is replica 0's, i.e. group 0's (PopART returns
   the lowest replica of a variable's group: VariableRetrievalMode::OnePerGroup,
-  willow/include/popart/variablesettings.hpp:24-31), as rank 0's under torchrun. The
-  PyTorch engine in one process averages the groups' instead.
+  willow/include/popart/variablesettings.hpp:24-31), as rank 0's under torchrun. Each
+  evaluation overwrites the other groups' running statistics with group 0's: the training
+  executable detaches for it, PopTorch copying the weights and buffers (replica 0's) to the
+  host (poptorch python/_poplar_executor.py:1550-1566 at sdk/poptorch/3.3.0), and the next
+  step re-attaches it, which writes that host copy to every replica (:1240-1241, then
+  _on_device_attach's copyWeightsToDevice, :414-417); loading a checkpoint does the same.
+  The PyTorch engine in one process averages the groups' instead.
 - The IPU Model (ipu_model) does not replicate, and PopTorch caches none of its executables:
   check_config refuses replicas > 1 and executable_cache_dir with it.
 
