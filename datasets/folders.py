@@ -324,7 +324,7 @@ def read_image(path):
     """An RGB PIL image; CorruptImageError naming the file if it cannot be decoded or is not a
     regular file (opened without blocking: opening a FIFO waits for a writer forever)."""
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        with open(path, "rb", opener=open_without_blocking) as f:
             kind = file_kind(os.fstat(f.fileno()).st_mode)
             if kind != "file":
                 raise CorruptImageError(f"cannot read image {path}: it is a {kind}, not a file",
@@ -332,6 +332,10 @@ def read_image(path):
             return Image.open(f).convert("RGB")  # convert() decodes the whole file
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise CorruptImageError(f"cannot read image {path}: {error}", path=path) from None
+
+
+def open_without_blocking(path, flags):
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def file_kind(mode):
