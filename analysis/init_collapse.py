@@ -32,6 +32,7 @@ from analysis.power import RESULTS
 from benchmarks.accuracy import COLLAPSE_IMAGES, EVIDENCE, collapse_shares
 from benchmarks.measure import write_json
 from benchmarks.readme import markdown_table, replace_section
+from proxynorm.norms import norm_kind
 
 MODELS = ("cifar_preact_resnet20", "cifar_preact_resnet56", "cifar_preact_resnet110")
 FAMILY = "cluttered_digits_preact_resnet20"
@@ -53,7 +54,7 @@ def build(model, norm, seed, zero_init_residual):
 
 def measure(model, norm, seed, zero_init_residual):
     network, images = build(model, norm, seed, zero_init_residual)
-    names, shares = collapse_shares(network, images, train=norm in ("batch", "sync_batch"))
+    names, shares = collapse_shares(network, images, train=norm_kind(norm).batch_statistics)
     return {"model": model, "norm": norm, "seed": seed,
             "zero_init_residual": zero_init_residual, "images": len(images),
             "layers": names, "shares": shares["layers"], "mean": shares["mean"],

@@ -129,8 +129,9 @@ def split_invariant(norm):
     """Whether the norm's statistics ignore how the global batch is split into micro-batches:
     every batch-independent norm, and sync_batch over all replicas (the study's
     bn_group_size 0). tests/test_execution_plans.py proves both exactly."""
-    from proxynorm.norms import BATCH_INDEPENDENT
-    return norm in BATCH_INDEPENDENT or norm == "sync_batch"
+    from proxynorm.norms import norm_kind
+    kind = norm_kind(norm)
+    return not kind.batch_statistics or kind.synchronised
 
 
 def family_configs(configs, data):

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from proxynorm import ops
 from proxynorm.ops import gpu
+from proxynorm.norms import norm_kind
 
 # allocations: memory, no kernel (a zeros or full launches a fill and is counted)
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
@@ -127,7 +128,7 @@ def main(argv=None):
                             ("layer_pn_relu", "layer_pn", "relu")]:
         layer = get_norm_act(norm, channels, act=act, groups=args.groups).to(args.device)
         path = ""
-        if norm.endswith("_pn"):
+        if norm_kind(norm).proxy:
             op = ops.fused_op(x)
             path = {None: " (eager)", gpu.group_norm_proxy_act: " (GPU op)"}.get(op, " (CPU op)")
         layer(x)  # first use: builds, compiles, caches the quantile table

@@ -32,7 +32,7 @@ import torch
 from proxynorm import ops
 from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes, write_json
 from benchmarks.readme import ROOT, markdown_table, replace_section
-from proxynorm.norms import get_norm_act
+from proxynorm.norms import get_norm_act, norm_kind
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (32, 512, 7, 7), (2, 256, 56, 56)]
 GROUPS = 32
@@ -56,7 +56,7 @@ DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 
 
 def build(norm, act, how, channels, device):
-    options = {"fused": how == "fused"} if norm.endswith("_pn") else {}
+    options = {"fused": how == "fused"} if norm_kind(norm).proxy else {}
     layer = get_norm_act(norm, channels, act=act, groups=GROUPS, **options).train().to(device)
     return torch.compile(layer) if how == "compiled" else layer
 

@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.measure import cpu_name, log2_x_axis, write_json, write_png
 from benchmarks.readme import ROOT, markdown_table, replace_section
+from proxynorm.norms import norm_kind
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sync.json")
 PLOT = os.path.join(ROOT, "docs", "sync_benchmark.png")
@@ -198,16 +199,16 @@ def beyond_ddp(collectives):
 
 def table(report):
     env = report["environment"]
+    proxies = [n for n in env["norms"] if norm_kind(n).proxy]
     header = (["model", "processes", "micro-batch"] + [f"`{n}` images/s" for n in env["norms"]]
-              + [f"{n} / {BASELINE}" for n in env["norms"] if n.endswith("_pn")])
+              + [f"{n} / {BASELINE}" for n in proxies])
     rows = []
     for launch_result in report["results"]:
         for row in launch_result["rows"]:
             speed = {n: r["images_per_second"] for n, r in row["norms"].items()}
             rows.append([f"`{launch_result['model']}`", launch_result["processes"],
                          row["micro_batch"], *(f"{speed[n]:.1f}" for n in env["norms"]),
-                         *(f"**{speed[n] / speed[BASELINE]:.2f}x**" for n in env["norms"]
-                           if n.endswith("_pn"))])
+                         *(f"**{speed[n] / speed[BASELINE]:.2f}x**" for n in proxies)])
     counts_header = ["model"] + [f"`{n}`: calls, KiB per step" for n in env["norms"]] + [
         "DDP gradients: calls, MiB"]
     counts = []

@@ -15,15 +15,17 @@ imports this package as any user would; nothing else of it is installed.
 from proxynorm.activations import ACTS
 from proxynorm.convert import ConversionError, ConversionReport, convert_norms
 from proxynorm.factories import norm_act_layer, norm_layer
-from proxynorm.norms import (BATCH_INDEPENDENT, DEFAULT_GROUPS, NORMS, BatchNormAct,
-                             GroupNormAct, GroupNormProxyAct, SyncBatchNormAct, get_norm_act)
+from proxynorm.norms import (BATCH_INDEPENDENT, DEFAULT_GROUPS, NORM_KINDS, NORMS, BatchNormAct,
+                             GroupNormAct, GroupNormProxyAct, NormKind, SyncBatchNormAct,
+                             get_norm_act, norm_kind)
 from proxynorm.proxy import NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_quantiles, proxy_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTS", "BATCH_INDEPENDENT", "DEFAULT_GROUPS", "NORMS", "NUM_PROXY_SAMPLES", "PROXY_EPS",
+    "ACTS", "BATCH_INDEPENDENT", "DEFAULT_GROUPS", "NORM_KINDS", "NORMS", "NUM_PROXY_SAMPLES", "PROXY_EPS",
     "BatchNormAct", "ConversionError", "ConversionReport", "GroupNormAct", "GroupNormProxyAct",
+    "NormKind", "norm_kind",
     "SyncBatchNormAct", "convert_norms", "get_norm_act", "norm_act_layer", "norm_layer",
     "proxy_norm_act", "proxy_quantiles", "proxy_stats",
 ]

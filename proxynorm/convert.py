@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from proxynorm.activations import ACTS, unknown_name_error
-from proxynorm.norms import DEFAULT_GROUPS, NORMS, get_norm_act
+from proxynorm.activations import ACTS
+from proxynorm.norms import DEFAULT_GROUPS, get_norm_act, norm_kind
 
 # exact types only: a subclass may do more in its forward (ours splits replicas) and
 # would silently lose it; timm's norm-act classes are known (_timm_norm_act)
@@ -195,8 +195,7 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
     BatchNorm names to what became of them (norm_act, norm_only, left, groups,
     dropped_bias); counts() gives the numbers, str() a short summary.
     """
-    if norm not in NORMS:
-        raise unknown_name_error("norm", norm, NORMS)
+    norm_kind(norm)  # an unknown name is one error before any work
     model = copy.deepcopy(model)
     result = ConversionReport(norm)
     graph = _trace(model, strict, result)
@@ -443,7 +442,7 @@ def _unsupported_kind(module):
 
 def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
     """Swap the BatchNorms of `model` (traced as `graph`) for `norm` layers, in place."""
-    proxy = norm.endswith("_pn")
+    proxy = norm_kind(norm).proxy
     modules = dict(model.named_modules())
     sites = {}  # BatchNorm module name -> its call nodes (a module may be called twice)
     for node in graph.nodes:
@@ -630,7 +629,8 @@ def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result, drop=None, 
     (timm's); keep: an activation module outside the registry to apply as it is."""
     channels = bn.num_features
     group_count = None
-    if norm in ("group", "group_pn"):
+    kind = norm_kind(norm)
+    if kind.groups == "any":
         if groups is None:
             group_count = default_groups(channels)
             if group_count != DEFAULT_GROUPS:
@@ -638,7 +638,7 @@ def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result, drop=None, 
         else:
             group_count = groups(channels) if callable(groups) else groups
     kwargs = dict(norm_kwargs)
-    batch = norm in ("batch", "sync_batch")
+    batch = kind.batch_statistics
     if batch:
         kwargs.setdefault("momentum", bn.momentum)
     try:

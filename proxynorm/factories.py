@@ -29,9 +29,9 @@ up to 32 that leaves 2 channels per group.
 import functools
 from typing import Callable, Optional, Union
 
-from proxynorm.activations import check_act, unknown_name_error
+from proxynorm.activations import check_act
 from proxynorm.convert import default_groups
-from proxynorm.norms import DEFAULT_EPS, NORMS, get_norm_act
+from proxynorm.norms import DEFAULT_EPS, get_norm_act, norm_kind
 
 Groups = Union[int, Callable[[int], int], None]
 
@@ -50,8 +50,7 @@ def norm_layer(norm: str, groups: Groups = None, eps: Optional[float] = None,
     channels, up to 32). eps: None takes the model's (when it passes one), else 1e-5.
     norm_kwargs: further get_norm_act options (e.g. stats_chunks for `batch`).
     """
-    _check_norm(norm)
-    if norm.endswith("_pn"):
+    if norm_kind(norm).proxy:  # an unknown name is one error here too
         raise ValueError(
             f"norm_layer('{norm}'): the model applies its own activation after a norm_layer, "
             f"and Proxy Norm must hold it; build the model with BatchNorm and convert it with "
@@ -76,15 +75,10 @@ def norm_act_layer(norm: str, act: str, groups: Groups = None, eps: Optional[flo
     ignored (our activations never work in place); act_kwargs must be empty. groups, eps,
     norm_kwargs: as norm_layer.
     """
-    _check_norm(norm)
+    norm_kind(norm)  # an unknown name is one error, now
     check_act(act)
     return functools.partial(_norm_act, norm=norm, act=act, groups=groups, layer_eps=eps,
                              norm_kwargs=norm_kwargs)
-
-
-def _check_norm(norm):
-    if norm not in NORMS:
-        raise unknown_name_error("norm", norm, NORMS)
 
 
 def _norm(num_channels, *, norm, groups, layer_eps, norm_kwargs, **kwargs):
@@ -116,10 +110,11 @@ def _build(num_channels, norm, act, apply_act, groups, layer_eps, norm_kwargs, d
         raise TypeError(f"the {norm} layer factory takes no argument "
                         f"{', '.join(sorted(unknown))}")
     kwargs = dict(norm_kwargs)
-    if norm in ("group", "group_pn"):
+    kind = norm_kind(norm)
+    if kind.groups == "any":
         kwargs["groups"] = (default_groups(num_channels) if groups is None
                             else groups(num_channels) if callable(groups) else groups)
-    if norm in ("batch", "sync_batch") and momentum is not None:
+    if kind.batch_statistics and momentum is not None:
         kwargs.setdefault("momentum", momentum)
     eps = layer_eps if layer_eps is not None else eps if eps is not None else DEFAULT_EPS
     layer = get_norm_act(norm, num_channels, act=act, eps=eps, apply_act=apply_act,

@@ -16,7 +16,7 @@ Statistics domains, which is what the comparison is about:
 This module must also run on torch 2.0 (PopTorch's pin): no newer torch API here.
 """
 from collections import OrderedDict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -26,9 +26,44 @@ from proxynorm.activations import FUSED_ACTS, check_act, get_act, unknown_name_e
 from proxynorm.proxy import (NUM_PROXY_SAMPLES, PROXY_EPS, proxy_norm_act, proxy_quantiles,
                           proxy_stats, statistics_dtype)
 
-NORMS = ("batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn", "none")
-BATCH_INDEPENDENT = ("group", "layer", "instance", "group_pn", "layer_pn", "none")
 DEFAULT_GROUPS = 32
+
+
+class NormKind(NamedTuple):
+    """What a norm is; every module asks this rather than testing names.
+
+    batch_statistics: statistics over the samples of a (micro-)batch, with running
+        statistics for eval (the BatchNorms); the others are per sample.
+    synchronised: those statistics cover the micro-batches of several replicas.
+    proxy: Proxy Norm follows the activation (it needs one: without, the scale-only norm).
+    groups: how the channels are grouped: "any" (the `groups` argument), 1 (all channels),
+        "channels" (each its own), or None (no grouping: BatchNorm, none).
+    """
+    batch_statistics: bool = False
+    synchronised: bool = False
+    proxy: bool = False
+    groups: object = None
+
+
+NORM_KINDS = {
+    "batch": NormKind(batch_statistics=True),
+    "sync_batch": NormKind(batch_statistics=True, synchronised=True),
+    "group": NormKind(groups="any"),
+    "layer": NormKind(groups=1),
+    "instance": NormKind(groups="channels"),
+    "group_pn": NormKind(proxy=True, groups="any"),
+    "layer_pn": NormKind(proxy=True, groups=1),
+    "none": NormKind(),
+}
+NORMS = tuple(NORM_KINDS)
+BATCH_INDEPENDENT = tuple(name for name, kind in NORM_KINDS.items() if not kind.batch_statistics)
+
+
+def norm_kind(name):
+    """The NormKind of norm `name`; a ValueError naming close names for an unknown one."""
+    if name not in NORM_KINDS:
+        raise unknown_name_error("norm", name, NORMS)
+    return NORM_KINDS[name]
 DEFAULT_EPS = 1e-5
 
 
@@ -367,8 +402,7 @@ def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Option
     kwargs go to the layer: stats_chunks, bn_group_size, process_group, momentum for the
     BatchNorms; proxy_eps, num_proxy_samples, fused for the Proxy Norms.
     """
-    if name not in NORMS:
-        raise unknown_name_error("norm", name, NORMS)
+    kind = norm_kind(name)
     check_act(act)
     eps = DEFAULT_EPS if eps is None else eps
     if name == "none":
@@ -376,12 +410,12 @@ def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Option
             raise TypeError(f"norm 'none' takes no options, got {sorted(kwargs)}")
         act = get_act(act) if apply_act else nn.Identity()
         return act if drop is None else nn.Sequential(OrderedDict(drop=drop, act=act))
-    if name in ("batch", "sync_batch"):
-        layer = BatchNormAct if name == "batch" else SyncBatchNormAct
+    if kind.batch_statistics:
+        layer = SyncBatchNormAct if kind.synchronised else BatchNormAct
         return layer(num_channels, eps=eps, act=act, apply_act=apply_act, drop=drop, **kwargs)
-    groups = {"layer": 1, "layer_pn": 1, "instance": num_channels}.get(
-        name, DEFAULT_GROUPS if groups is None else groups)
-    if name.endswith("_pn"):
+    groups = {"any": DEFAULT_GROUPS if groups is None else groups, 1: 1,
+              "channels": num_channels}[kind.groups]
+    if kind.proxy:
         if not apply_act:  # the scale-only norm has no proxy: its options do not apply
             for option in ("proxy_eps", "num_proxy_samples", "fused"):
                 kwargs.pop(option, None)

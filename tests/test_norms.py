@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 from proxynorm.norms import (BATCH_INDEPENDENT, NORMS, BatchNormAct, GroupNormAct,
-                          GroupNormProxyAct, SyncBatchNormAct, get_norm_act)
+                             GroupNormProxyAct, SyncBatchNormAct, get_norm_act, norm_kind)
 from proxynorm.proxy import proxy_norm_act
 
 ACT_FORMULAS = {  # written out, not taken from torch.nn
@@ -324,3 +324,18 @@ def test_batchnorm_layers_are_batchnorm2d_for_poptorch(norm):
     before = layer.running_mean.clone()
     layer.train()(torch.randn(4, 8, 3, 3) + 1.0)
     assert not torch.equal(layer.running_mean, before)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_each_norm_is_what_its_kind_declares(name):
+    """The registry's traits, which every other module asks, against the layer built."""
+    kind = norm_kind(name)
+    layer = get_norm_act(name, 12, groups=4)
+    assert kind.batch_statistics == isinstance(layer, BatchNormAct)
+    assert kind.synchronised == isinstance(layer, SyncBatchNormAct)
+    assert kind.proxy == isinstance(layer, GroupNormProxyAct)
+    expected_groups = {"any": 4, 1: 1, "channels": 12, None: None}[kind.groups]
+    assert getattr(layer, "groups", None) == expected_groups
+    assert (name in BATCH_INDEPENDENT) == (not kind.batch_statistics)
+    with pytest.raises(ValueError, match="unknown norm 'group-pn' .did you mean 'group_pn'"):
+        norm_kind("group-pn")

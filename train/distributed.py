@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from proxynorm.norms import norm_kind
 from train.config import ConfigError
 
 
@@ -159,7 +160,7 @@ def setup(config, device):
     rank = dist.get_rank()
     group = None
     size = config["bn_group_size"] or world_size
-    if config["norm"] == "sync_batch" and size > 1:
+    if norm_kind(config["norm"]).synchronised and size > 1:
         for first in range(0, world_size, size):
             ranks = list(range(first, first + size))
             created = dist.new_group(ranks, timeout=timeout)  # else torch's 30 min

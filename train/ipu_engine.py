@@ -56,7 +56,7 @@ from torch import nn
 
 from proxynorm import ops
 from datasets.pipeline import EpochOrder, collate, ignore_interrupts, make_loader
-from proxynorm.norms import BatchNormAct, SyncBatchNormAct
+from proxynorm.norms import BatchNormAct, SyncBatchNormAct, norm_kind
 from proxynorm.ops.ipu.sdk import sdk_problem
 from train.config import ConfigError, global_batch_size
 from train.engine import NonFiniteLoss, count_correct
@@ -76,7 +76,7 @@ def sync_batch_group(config):
     and the all-reduce's group_size take it: 1 when no statistics cross replicas (another
     norm, one replica, bn_group_size 1), 0 for all replicas, else bn_group_size."""
     replicas, size = config["replicas"], config["bn_group_size"]
-    if config["norm"] != "sync_batch" or replicas == 1 or size == 1:
+    if not norm_kind(config["norm"]).synchronised or replicas == 1 or size == 1:
         return 1
     return 0 if size in (0, replicas) else size
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from datasets import DataError, cluttered_digits, error_line, get_dataset
 from datasets.pipeline import EpochOrder, sample_seed
+from proxynorm.norms import norm_kind
 from train import checkpoint, distributed, files
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, global_batch_size, run_name
@@ -58,11 +59,12 @@ def build_model(config, data, context=None, report=False, **options):
     norm_kwargs = None
     distributed = context is not None and context.distributed
     chunks = 1 if distributed else config["replicas"]
-    if config["norm"] == "batch":
-        norm_kwargs = {"stats_chunks": chunks}
-    elif config["norm"] == "sync_batch":
+    kind = norm_kind(config["norm"])
+    if kind.synchronised:
         norm_kwargs = {"stats_chunks": chunks, "bn_group_size": config["bn_group_size"],
                        "process_group": context.bn_process_group if distributed else None}
+    elif kind.batch_statistics:
+        norm_kwargs = {"stats_chunks": chunks}
     model_kwargs = {key: config[key] for key in ("group_dim", "expand_ratio", "drop_rate",
                                                  "drop_path_rate") if config[key] is not None}
     try:
