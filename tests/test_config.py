@@ -223,9 +223,14 @@ def test_list_configs_shows_every_config(tmp_path):
     from train.config import describe_configs
 
     path = write_configs(tmp_path, "a: {model: resnet50, replicas: 4}\nb: {}\n_base: {}\n")
-    lines = describe_configs(path=path)
+    header, *lines = describe_configs(path=path)
     assert len(lines) == 2 and lines[0].split()[:2] == ["a", "resnet50"]
     assert "global batch 128 (32 x 1 x 4)" in lines[0]
+    # the header says what the columns and the three factors are
+    assert header.split()[:4] == ["config", "model", "norm", "data"]
+    assert header.endswith("global batch (micro_batch_size x gradient_accumulation x replicas), "
+                           "engine")
+    assert header.index("model") == lines[0].index("resnet50")
 
 
 def test_a_config_file_of_your_own(tmp_path, capsys, monkeypatch):
@@ -255,8 +260,8 @@ def test_a_config_file_of_your_own(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--config", "cluttered_digits_preact_resnet20_group_pn", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 0.2)" in help_text and "cluttered_digits_preact_resnet20_group_pn's values" \
-        in help_text
+    assert "(default: 0.2; >= 0)" in help_text and \
+        "cluttered_digits_preact_resnet20_group_pn's values" in help_text
 
 
 def test_a_run_of_a_config_file_is_named_after_it(tmp_path, monkeypatch):
@@ -264,3 +269,84 @@ def test_a_run_of_a_config_file_is_named_after_it(tmp_path, monkeypatch):
 
     assert run_name({"config": "dir/mine.yml"}) == "mine"
     assert run_name({"config": "digits_resnet_batch"}) == "digits_resnet_batch"
+
+
+def nested_aliases(levels):
+    """lr: a list whose aliases nest `levels` deep, each of 9: 9**levels values."""
+    items = ["&l0 [" + ", ".join(["1"] * 9) + "]"]
+    items += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return f"lr: [{', '.join(items)}]\n"
+
+
+def test_yaml_aliases_cannot_expand_without_bound(tmp_path, capsys):
+    """Aliases of aliases multiply: 9 levels of 9 in 337 bytes printed a 1.4 GB line after
+    1 min 45 s (10 levels ran out of memory); 6 levels are half a million values. What a file
+    expands to is counted before anything is built or printed; configs.yml keeps its
+    anchors, and a recursive alias is refused as well."""
+    mine = tmp_path / "mine.yml"
+    for levels in (6, 9):
+        mine.write_text(nested_aliases(levels))
+        assert main_error(capsys, ["--config", str(mine)]) == (
+            f"{mine}: its aliases expand to more than 50000 values (aliases of aliases "
+            f"multiply); a config needs far fewer")
+    mine.write_text("lr: &a [1, *a]\n")
+    assert main_error(capsys, ["--config", str(mine)]) == \
+        f"{mine} line 1: an alias inside the value it names (a recursive alias)"
+    assert main_error(capsys, ["--lr-milestones", "[&a [1, 2], *a]"]) == \
+        "--lr-milestones expects a finite number, got '[1, 2]'"
+    configs = load_configs()  # shares settings through anchors: loads as before
+    assert configs == yaml.safe_load(open(CONFIGS_PATH))
+
+
+def test_a_key_given_twice_is_one_line(tmp_path, capsys):
+    """YAML keeps the last of two equal keys, silently; a merge (<<) still overrides."""
+    mine = tmp_path / "mine.yml"
+    mine.write_text("lr: 0.1\nepochs: 2\nlr: 0.2\n")
+    with pytest.raises(ConfigError) as error:  # (not main(): the old code trained with lr 0.2)
+        parse_command_line(["--config", str(mine)])
+    assert str(error.value) == \
+        f"{mine} line 3: key lr appears twice in one mapping (lines 1 and 3); give it once"
+    path = write_configs(tmp_path, "_b: &b {lr: 1}\nc: {<<: *b, lr: 2}\nc: {lr: 3}\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_config("c", path=path)
+    assert str(error.value) == \
+        f"{path} line 3: key c appears twice in one mapping (lines 2 and 3); give it once"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """A file starting with UTF-16's byte-order mark \\xff\\xfe was a UnicodeDecodeError
+    traceback: read as bytes, YAML decodes UTF-8 or UTF-16 by its mark."""
+    mine = tmp_path / "mine.yml"
+    mine.write_bytes(b"\xff\xfe" + "lr: 0.5\n".encode("utf-16-le"))
+    assert resolve_config(str(mine))["lr"] == 0.5
+    mine.write_bytes(b"\xff\xfelr: 0.5\n\n")
+    assert main_error(capsys, ["--config", str(mine)]).startswith(f"{mine}: not a text file in "
+                                                                  f"UTF-8 or UTF-16 (")
+    mine.write_bytes(b"lr: 0.5 \xe9\n")
+    assert main_error(capsys, ["--config", str(mine)]) == (
+        f"{mine}: not a text file in UTF-8 or UTF-16 (invalid continuation byte at byte 8)")
+
+
+@pytest.mark.parametrize("flag, value, limits", [
+    ("--image-size", "100000", ">= 8 and <= 2048"),  # asked for 71 TB
+    ("--micro-batch-size", "1000000", ">= 1 and <= 65536"),
+    ("--expand-ratio", "100000", ">= 1 and <= 64"),
+    ("--synthetic-samples", "10000000000", ">= 1 and <= 10000000"),
+    ("--num-workers", "100000", ">= 0 and <= 256"),
+])
+def test_numbers_that_can_only_be_a_mistake_are_bounded(flag, value, limits):
+    with pytest.raises(ConfigError) as error:  # (not main(): the old code started the run)
+        parse_command_line([flag, value])
+    assert str(error.value) == f"{flag} must be {limits}, got {value}"
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"; {limits})" in help_text.split(f"{flag} INT")[1].split("--")[0]
+
+
+def test_every_unknown_key_is_named_at_once(tmp_path, capsys):
+    mine = tmp_path / "mine.yml"
+    mine.write_text("lrr: 0.05\nweight_dekay: 0.1\nepochs: 2\nxyzzy: 1\n")
+    assert main_error(capsys, ["--config", str(mine)]) == (
+        "mine.yml: unknown keys lrr (did you mean lr?), weight_dekay (did you mean "
+        "weight_decay?), xyzzy")
+    assert main_error(capsys, ["--lrr", "0.1", "--epoch=3"]) == \
+        "unknown options --lrr (did you mean --lr?), --epoch (did you mean --epochs?)"

@@ -25,10 +25,18 @@ SEED_MAX = 2 ** 63 - 1
 # Float options end in float32 arithmetic (weights, images, optimiser steps), where a
 # larger magnitude overflows (an lr of 1e308: "value cannot be converted to type float").
 FLOAT32_MAX = 3.4028234663852886e38
+# Upper bounds where a larger value can only be a mistake and would allocate (or spawn) in
+# proportion: --image-size 100000 asked for 71 TB. Each option's help gives its bounds.
+IMAGE_SIZE_MAX = 2048  # pixels a side: 9 times EfficientNet-B7's 600 in area
+BATCH_MAX = 2 ** 16  # samples per micro-batch, micro-batches per step, replicas
 
 
 class ConfigError(Exception):
     """A bad config, flag or value: printed as one line, exit status 2."""
+
+
+class InvalidYaml(ConfigError):
+    """Text that is not YAML."""
 
 
 class Option:
@@ -47,6 +55,12 @@ class Option:
     @property
     def flag(self):
         return "--" + self.name.replace("_", "-")
+
+    def limits(self):
+        """The bounds in words: '>= 8 and <= 2048' ('' for none)."""
+        return " and ".join(f"{sign} {limit}" for sign, limit in (
+            (">=", self.at_least), (">", self.above), ("<=", self.at_most), ("<", self.below))
+            if limit is not None)
 
 
 # The defaults suit a quick CPU run; configs.yml holds the recipes.
@@ -88,7 +102,7 @@ OPTION_GROUPS = [
         Option("group_dim", None, int, "EfficientNet: channels per group in its grouped convs (1 = "
                "depthwise, G1; 16 = G16)", null_ok=True, at_least=1),
         Option("expand_ratio", None, int, "EfficientNet: expansion ratio of its inverted "
-               "bottlenecks", null_ok=True, at_least=1),
+               "bottlenecks (EfficientNet's own: 6)", null_ok=True, at_least=1, at_most=64),
         Option("drop_rate", None, float, "EfficientNet: dropout before the classifier",
                null_ok=True, at_least=0, below=1),
         Option("drop_path_rate", None, float, "EfficientNet: stochastic depth, the probability of "
@@ -99,16 +113,17 @@ OPTION_GROUPS = [
         Option("data", "digits", str, "dataset", choices=DATASETS),
         Option("data_path", None, str, "dataset folder (null: data/DATA)", null_ok=True),
         Option("image_size", None, int, "training and validation resolution (null: the dataset's)",
-               null_ok=True, at_least=8),
+               null_ok=True, at_least=8, at_most=IMAGE_SIZE_MAX),
         Option("num_workers", 0, int, "data loading processes (0 = in the training process)",
-               at_least=0),
+               at_least=0, at_most=256),
         Option("skip_corrupt_images", False, bool, "replace an unreadable image by the next "
                "readable one and count it, instead of stopping with its file name"),
         Option("synthetic_samples", 1024, int, "synthetic: training samples (validation: a "
-               "quarter)", at_least=1),
-        Option("synthetic_num_classes", 1000, int, "synthetic: classes", at_least=2),
+               "quarter)", at_least=1, at_most=10 ** 7),
+        Option("synthetic_num_classes", 1000, int, "synthetic: classes", at_least=2,
+               at_most=10 ** 5),
         Option("clutter", CLUTTER.clutter, int, "cluttered_digits: patches of other digits per "
-               "canvas", at_least=0),
+               "canvas", at_least=0, at_most=64),
         Option("clutter_size", CLUTTER.clutter_size, int, "cluttered_digits: side of a clutter "
                "patch, in pixels of an 8x8 digit", at_least=1, at_most=8),
         Option("clutter_scale_min", CLUTTER.scale_min, float, "cluttered_digits: smallest "
@@ -119,9 +134,9 @@ OPTION_GROUPS = [
         Option("clutter_noise", CLUTTER.noise, float, "cluttered_digits: standard deviation of "
                "the Gaussian noise on [0, 1] pixels", at_least=0),
         Option("clutter_train_samples", CLUTTER.train_samples, int, "cluttered_digits: training "
-               "canvases (from the 1,437 training digits)", at_least=1),
+               "canvases (from the 1,437 training digits)", at_least=1, at_most=10 ** 6),
         Option("clutter_val_samples", CLUTTER.val_samples, int, "cluttered_digits: validation "
-               "canvases (from the 360 validation digits)", at_least=1),
+               "canvases (from the 360 validation digits)", at_least=1, at_most=10 ** 6),
         Option("clutter_seed", CLUTTER.seed, int, "cluttered_digits: seed of the canvases, apart "
                "from the run's seed so that every run sees the same ones", at_least=0,
                at_most=SEED_MAX),
@@ -135,19 +150,20 @@ OPTION_GROUPS = [
                choices=("auto", "cpu", "cuda", "ipu")),
         Option("cpu_threads", 0, int, "CPU threads for PyTorch's operators (0 = its default: one "
                "per core); 1 suits small models on shared cores, where a descheduled second "
-               "thread stalls every operator", at_least=0),
+               "thread stalls every operator", at_least=0, at_most=1024),
         Option("compile", False, bool, "CPU/GPU: torch.compile the training network (the first "
                "steps compile it; evaluation stays eager); the IPU engine compiles its own graph"),
         Option("precision", "32.32", str, "activations.weights: 32.32, 16.32 or 16.16 (IPU "
                "float16); on CPU/GPU both 16.x run bfloat16 autocast with float32 weights",
                choices=("32.32", "16.32", "16.16")),
-        Option("micro_batch_size", 32, int, "samples per replica per forward pass", at_least=1),
+        Option("micro_batch_size", 32, int, "samples per replica per forward pass", at_least=1,
+               at_most=BATCH_MAX),
         Option("gradient_accumulation", 1, int, "micro-batches per replica per optimiser step",
-               at_least=1),
+               at_least=1, at_most=BATCH_MAX),
         Option("replicas", 1, int, "data-parallel replicas (emulated in one process on CPU/GPU)",
-               at_least=1),
+               at_least=1, at_most=BATCH_MAX),
         Option("bn_group_size", 0, int, "sync_batch: replicas that share statistics (0 = all)",
-               at_least=0),
+               at_least=0, at_most=BATCH_MAX),
         Option("collective_timeout", 300, int, "torchrun: seconds a process waits for the others "
                "(to join, or in a collective) before it fails; it must cover the longest gap "
                "between two collectives: rank 0 starting wandb or writing a checkpoint, "
@@ -237,6 +253,12 @@ def show(value):
     return str(value)
 
 
+def brief(value, limit=80):
+    """show(value) for a message: at most `limit` characters, so that a line stays a line."""
+    text = value if isinstance(value, str) else show(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_value(option, value, where, from_cli=False):
     """The value, converted to the option's type; ConfigError if it is not acceptable.
 
@@ -253,7 +275,8 @@ def check_value(option, value, where, from_cli=False):
     if option.choices is not None and value not in option.choices:
         hint = closest(str(value), list(option.choices))
         hint = f" (did you mean '{hint}'?)" if hint else ""
-        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(option.choices)}{hint}")
+        raise ConfigError(f"{where}: '{brief(value)}' is not one of {', '.join(option.choices)}"
+                          f"{hint}")
     check_range(option, value, where)
     return value
 
@@ -268,9 +291,9 @@ def parse_flag_value(option, text, where):
     if not text.strip().startswith("["):
         return [item.strip() for item in text.split(",") if item.strip()]
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"{where} expects a list such as [a, b], got {text!r}") from None
+        return parse_yaml(text, where)
+    except InvalidYaml:
+        raise ConfigError(f"{where} expects a list such as [a, b], got {brief(text)!r}") from None
 
 
 def convert(option, value, where):
@@ -297,13 +320,13 @@ def convert(option, value, where):
             items = [convert(Option(option.name, None, option.item, ""), v, where) for v in value]
             if option.length is not None and len(items) != option.length:
                 raise ConfigError(
-                    f"{where} expects a list of {option.length} values, got {show(value)}")
+                    f"{where} expects a list of {option.length} values, got {brief(value)}")
             return items
     except (TypeError, ValueError):
         pass
     if kind is str and isinstance(value, (int, float)):
         raise ConfigError(f"{where} expects a string, got the number {value} (quote it in YAML)")
-    raise ConfigError(f"{where} expects {names[kind]}, got {show(value)!r}")
+    raise ConfigError(f"{where} expects {names[kind]}, got {brief(show(value))!r}")
 
 
 def check_range(option, value, where):
@@ -313,30 +336,95 @@ def check_range(option, value, where):
             continue
         if isinstance(v, float) and abs(v) > FLOAT32_MAX:
             raise ConfigError(f"{where} must be at most {FLOAT32_MAX:.7g} in magnitude (the "
-                              f"largest float32), got {show(value)}")
+                              f"largest float32), got {brief(value)}")
         bad = ((option.at_least is not None and v < option.at_least)
                or (option.above is not None and v <= option.above)
                or (option.at_most is not None and v > option.at_most)
                or (option.below is not None and v >= option.below))
         if bad:
-            limits = [f"{sign} {limit}" for sign, limit in (
-                (">=", option.at_least), (">", option.above), ("<=", option.at_most),
-                ("<", option.below)) if limit is not None]
-            raise ConfigError(f"{where} must be {' and '.join(limits)}, got {show(value)}")
+            raise ConfigError(f"{where} must be {option.limits()}, got {brief(value)}")
+
+
+# A config is a few hundred values (configs.yml, every alias expanded, about 2,800), but
+# aliases of aliases expand exponentially (9 levels of 9 made a 1.4 GB value from 337 bytes),
+# so what a document expands to is counted before anything is built.
+YAML_SIZE = 50_000
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that checks the composed document before it builds anything: no key
+    twice in a mapping (YAML keeps the last, silently), no alias inside itself, and at most
+    YAML_SIZE values with every alias expanded."""
+
+    def check_document(self, root, where):
+        sizes, open_nodes = {}, set()  # expanded size of each node, nodes being counted
+
+        def size(node):
+            if id(node) in sizes:
+                return sizes[id(node)]
+            if id(node) in open_nodes:
+                raise ConfigError(f"{where} line {node.start_mark.line + 1}: an alias inside "
+                                  f"the value it names (a recursive alias)")
+            open_nodes.add(id(node))
+            total = 1
+            if isinstance(node, yaml.SequenceNode):
+                total += sum(size(child) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                lines = {}
+                for key, value in node.value:
+                    total += size(key) + size(value)
+                    if key.tag != MERGE_TAG and isinstance(key, yaml.ScalarNode):
+                        name = self.construct_object(key)
+                        if name in lines:
+                            raise ConfigError(
+                                f"{where} line {key.start_mark.line + 1}: key {name} appears "
+                                f"twice in one mapping (lines {lines[name]} and "
+                                f"{key.start_mark.line + 1}); give it once")
+                        lines[name] = key.start_mark.line + 1
+            if total > YAML_SIZE:
+                raise ConfigError(f"{where}: its aliases expand to more than {YAML_SIZE} values "
+                                  f"(aliases of aliases multiply); a config needs far fewer")
+            open_nodes.discard(id(node))
+            sizes[id(node)] = total
+            return total
+
+        size(root)
+
+
+def parse_yaml(stream, where):
+    """yaml.safe_load(stream), each document checked by _Loader first; ConfigError (one
+    line) for what is not YAML. `where` names the source in messages."""
+    loader = None
+    try:
+        loader = _Loader(stream)  # reads the first bytes: their encoding
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        loader.check_document(node, where)
+        return loader.construct_document(node)
+    except yaml.reader.ReaderError as error:  # not UTF-8 (or UTF-16 with its byte-order mark)
+        raise ConfigError(f"{where}: not a text file in UTF-8 or UTF-16 ({error.reason} at "
+                          f"byte {error.position})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise InvalidYaml(f"{where}{at}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise InvalidYaml(f"{where}: invalid YAML (nested too deeply)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path):
     """A YAML file's content ({} if empty); ConfigError (one line) if unreadable."""
     try:
-        with open(path) as f:
-            return yaml.safe_load(f) or {}
+        with open(path, "rb") as f:  # bytes: YAML reads UTF-8, or UTF-16 by its byte-order mark
+            return parse_yaml(f, path) or {}
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(error, "problem", error)
-        raise ConfigError(f"{path}{at}: invalid YAML ({problem})") from None
 
 
 def load_configs(path=CONFIGS_PATH):
@@ -351,11 +439,16 @@ def config_names(configs):
     return [name for name in configs if not str(name).startswith("_")]
 
 
-def unknown_key_error(key, where, flag=False):
+def unknown_key_error(keys, where, flag=False):
+    """ConfigError naming every unknown key (or flag) given, each with its closest valid name."""
     valid = [OPTIONS[k].flag for k in OPTIONS] if flag else list(OPTIONS)
-    hint = closest(key, valid)
-    hint = f" (did you mean {hint}?)" if hint else ""
-    return ConfigError(f"{where}unknown {'option' if flag else 'key'} {key}{hint}")
+    keys = [keys] if isinstance(keys, str) else keys
+    named = []
+    for key in keys:
+        hint = closest(key, valid)
+        named.append(f"{brief(key)} (did you mean {hint}?)" if hint else brief(key))
+    kind = "option" if flag else "key"
+    return ConfigError(f"{where}unknown {kind}{'s' if len(keys) > 1 else ''} {', '.join(named)}")
 
 
 def is_config_file(name):
@@ -383,11 +476,11 @@ def read_config_file(path):
 
 def apply_entries(config, entries, file, name=None):
     """config updated with a config's entries (name: of configs.yml; None: a user's file),
-    each checked."""
+    each checked; every unknown key is named at once."""
+    unknown = [str(key) for key in entries if key not in OPTIONS or key == "config"]
+    if unknown:
+        raise unknown_key_error(unknown, f"{file}, config '{name}': " if name else f"{file}: ")
     for key, value in entries.items():
-        if key not in OPTIONS or key == "config":
-            raise unknown_key_error(str(key), f"{file}, config '{name}': " if name else
-                                    f"{file}: ")
         config[key] = check_value(OPTIONS[key], value,
                                   f"{file} '{name}': {key}" if name else f"{file}: {key}")
 
@@ -498,7 +591,8 @@ def build_parser(shown=None):
                 option.flag, dest=option.name, default=argparse.SUPPRESS,
                 metavar=option.kind.__name__.upper(), **extra,
                 help=f"{option.help}{choices} (default: "
-                     f"{show(shown[option.name] if shown else option.default)})")
+                     f"{show(shown[option.name] if shown else option.default)}"
+                     f"{'; ' + option.limits() if option.limits() else ''})")
     return parser
 
 
@@ -524,8 +618,9 @@ def parse_command_line(argv):
     if extras:
         first = extras[0]
         if first.startswith("--"):
-            raise unknown_key_error(first.split("=")[0], "", flag=True)
-        raise ConfigError(f"unexpected argument '{first}' (options are --name value)")
+            raise unknown_key_error([extra.split("=")[0] for extra in extras
+                                     if extra.startswith("--")], "", flag=True)
+        raise ConfigError(f"unexpected argument '{brief(first)}' (options are --name value)")
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("list_configs", "print_config", "config")}
     if args.list_configs:
@@ -535,7 +630,8 @@ def parse_command_line(argv):
 
 
 def describe_configs(configs=None, path=CONFIGS_PATH):
-    """One line per config: name, model, norm, data, global batch.
+    """A header line, then one line per config: name, model, norm, data, global batch (its
+    factors) and engine.
 
     Checks only the values it shows (ConfigError naming the config for a bad one, such as
     `model: null`): a config with another bad key is still listed.
@@ -544,22 +640,18 @@ def describe_configs(configs=None, path=CONFIGS_PATH):
     names = config_names(configs)
     shown = ("model", "norm", "data", "micro_batch_size", "gradient_accumulation", "replicas",
              "engine")
-    resolved = []
+    rows = []
     for name in names:
         config = defaults()
         for key in set(shown) & set(configs[name]):
             config[key] = check_value(OPTIONS[key], configs[name][key],
                                       f"{os.path.basename(path)} '{name}': {key}")
-        resolved.append(config)
-    width = {key: max([len(str(c[key])) for c in resolved], default=0)
-             for key in ("model", "norm", "data")}
-    width["name"] = max([len(str(name)) for name in names], default=0)
-    lines = []
-    for name, config in zip(names, resolved):
-        batch = config["micro_batch_size"] * config["gradient_accumulation"] * config["replicas"]
-        lines.append(f"{name:<{width['name']}} {config['model']:<{width['model']}} "
-                     f"{config['norm']:<{width['norm']}} {config['data']:<{width['data']}} "
-                     f"global batch {batch} ({config['micro_batch_size']} x "
+        rows.append([str(name), config["model"], config["norm"], config["data"],
+                     f"global batch {global_batch_size(config)} ({config['micro_batch_size']} x "
                      f"{config['gradient_accumulation']} x {config['replicas']}), "
-                     f"{config['engine']}")
-    return lines
+                     f"{config['engine']}"])
+    header = ["config", "model", "norm", "data", "global batch (micro_batch_size x "
+              "gradient_accumulation x replicas), engine"]
+    width = [max(len(row[column]) for row in rows + [header]) for column in range(4)]
+    return [" ".join([f"{text:<{w}}" for text, w in zip(row, width)] + [row[4]])
+            for row in [header] + rows]
