@@ -1,7 +1,7 @@
 # Set-up and entry points; run from the repository root.
 #
-#   make install   create .venv, install requirements.txt (once; again when it changes) and
-#                  build the custom ops
+#   make install   create .venv, install requirements.txt (once; again when it changes, quietly
+#                  unless something is missing) and build the custom ops
 #   make custom_ops  the fused Proxy Norm ops: the CPU op (into ~/.cache/proxynorm/, or
 #                  $PROXYNORM_CACHE; the library builds it on first use otherwise), and the
 #                  IPU op where the Poplar SDK is present (popc on PATH or POPLAR_SDK_ENABLED)
@@ -52,6 +52,14 @@ endif
 
 POPLAR_SDK := $(or $(POPLAR_SDK_ENABLED),$(shell command -v popc 2>/dev/null))
 
+# pip install -r FILE, run (and shown) only when FILE asks for something not installed: a
+# fresh checkout's requirements files are newer than an existing .venv's stamps, and pip then
+# printed a "Requirement already satisfied" line for every package. pip's dry run reports what
+# it would install; a pip without one (before 22.2) always runs.
+pip_install = $(PYTHON) -m pip install --dry-run --quiet --report - -r $(1) 2>/dev/null \
+	| grep -q '"install": \[\]' || { echo "$(PYTHON) -m pip install -r $(1)"; \
+	$(PYTHON) -m pip install -r $(1); }
+
 .PHONY: install custom_ops train test bench-layer bench bench-sync bench-gpu plan accuracy analysis test-torch20 clean
 
 install: $(INSTALLED) custom_ops
@@ -60,14 +68,14 @@ $(INSTALLED): $(REQUIREMENTS)
 ifeq ($(HAS_POPTORCH),yes)
 	$(PYTHON) proxynorm/ops/ipu/sdk.py  # Poplar SDK >= 3.3 (torch 2.0.1), else one line, exit 2
 else
-	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv .venv
+	@test -x $(PYTHON) || { echo "$(SYSTEM_PYTHON) -m venv .venv"; $(SYSTEM_PYTHON) -m venv .venv; }
 endif
-	$(PYTHON) -m pip install -r $(REQUIREMENTS)
-	touch $@
+	@$(call pip_install,$(REQUIREMENTS))
+	@touch $@
 
 $(DEV_INSTALLED): requirements-dev.txt $(INSTALLED)
-	$(PYTHON) -m pip install -r requirements-dev.txt
-	touch $@
+	@$(call pip_install,requirements-dev.txt)
+	@touch $@
 
 custom_ops: $(INSTALLED)
 	$(PYTHON) -m proxynorm.ops.build

@@ -1,0 +1,27 @@
+"""Makefile: set-up that says nothing when there is nothing to do."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_install_is_quiet_when_everything_is_installed(tmp_path):
+    """A fresh checkout's requirements files are newer than the stamps of an existing .venv,
+    so make re-ran pip, which printed a 'Requirement already satisfied' line for each of
+    about 100 packages. This Python has them all (the tests run in it): the stamps are made
+    and nothing is said. The requirements are copied beside stamps of their own, so that the
+    checkout's stamps are left alone; nothing is installed."""
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    stamps = tmp_path / ".installed", tmp_path / ".installed-dev"
+    result = subprocess.run(
+        ["make", "-f", os.path.join(ROOT, "Makefile"), "HAS_POPTORCH=", f"PYTHON={sys.executable}",
+         f"INSTALLED={stamps[0]}", f"DEV_INSTALLED={stamps[1]}", str(stamps[1])],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert all(stamp.exists() for stamp in stamps)
