@@ -15,6 +15,7 @@ import yaml
 
 from datasets import DATASETS
 from datasets.cluttered_digits import DEFAULTS as CLUTTER
+from proxynorm.norms import norm_kind
 
 CONFIGS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs.yml")
@@ -70,9 +71,9 @@ OPTION_GROUPS = [
                "them)"),
         Option("output_dir", None, str, "run folder (null: runs/CONFIG-YYYYmmdd-HHMMSS)",
                null_ok=True),
-        Option("resume", None, str, "continue a run: auto (the newest run folder of this config, "
-               "or --output-dir, when it has a checkpoint; else start afresh), a checkpoint file "
-               "or a run folder", null_ok=True),
+        Option("resume", None, str, "continue a run: auto (the newest run of this config that "
+               "it can continue, or --output-dir's; else start afresh), a checkpoint file or a "
+               "run folder", null_ok=True),
         Option("seed", 0, int, "seeds initialisation, sample order, augmentation and dropout",
                at_least=0, at_most=SEED_MAX),
         Option("epochs", 10, int, "training epochs", at_least=1),
@@ -542,7 +543,7 @@ def check_combination(config):
                 raise ConfigError(f"{key} does not apply to {config['model']} ({source.LABEL} "
                                   f"models keep their own); unset it (--{key.replace('_', '-')}"
                                   f" null)")
-    if config["norm"] == "sync_batch" and config["bn_group_size"] > 1 and (
+    if norm_kind(config["norm"]).synchronised and config["bn_group_size"] > 1 and (
             config["replicas"] % config["bn_group_size"]):
         raise ConfigError(f"bn_group_size {config['bn_group_size']} does not divide replicas "
                           f"{config['replicas']}")
