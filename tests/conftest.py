@@ -39,3 +39,16 @@ def seeded():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): on
+    2 shared cores a second intra-op thread mostly spins (such a file took 2-4x longer with
+    it). Restored for the other test files."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,13 +37,7 @@ TIMM = {"resnet50": (33, "layer1.0.conv1"), "efficientnet_b0": (33, "blocks.0.0.
 ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on shared cores a second intra-op thread mostly spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def timm_model(name, **kw):

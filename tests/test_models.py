@@ -15,14 +15,7 @@ from models.efficientnet import ARCHS as EFFICIENTNETS, conv_groups, make_divisi
 from models.layers import DropPath, NormAct
 from proxynorm.norms import BATCH_INDEPENDENT, NORMS
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on 2 shared cores a second intra-op thread mostly spins
-    (the file took 2-4x longer with it). Restored for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 SMALL = ["cifar_resnet20", "cifar_resnet56", "digits_resnet", "cifar_preact_resnet20",
