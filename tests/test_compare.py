@@ -101,6 +101,19 @@ def test_a_damaged_summary_is_one_line(two_batches, tmp_path, capsys, damage, pr
     assert capsys.readouterr().err == f"error: {run / problem}\n"
 
 
+def test_a_run_config_that_expands_without_bound_is_one_line(two_batches, tmp_path, capsys):
+    """config.yml is read with the trainer's bounded YAML loader: nested aliases that would
+    expand past its bound (here to 111,110 values; 9 levels took 1.4 GB) are one line."""
+    run = copy_run(two_batches / "runs" / "batch16", tmp_path / "run")
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 5)]
+    (run / "config.yml").write_text("\n".join(levels) + "\n")
+    assert main([str(run), "--plot", str(tmp_path / "curves.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read run folder {run}: ") and err.count("\n") == 1
+
+
 def test_damaged_records_are_left_out(two_batches, tmp_path, capsys):
     """Records without a step, with an accuracy that is not a number, or lines that are not
     UTF-8 are left out of the table and the curves."""

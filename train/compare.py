@@ -17,8 +17,7 @@ import math
 import os
 import sys
 
-import yaml
-
+from train.config import ConfigError, read_yaml
 from train.files import RunFolderError, write_atomically
 from train.metrics import read_records
 
@@ -70,12 +69,11 @@ def read_run(folder):
     if not os.path.isfile(config_path):
         raise CompareError(f"{folder} is not a run folder (no config.yml)")
     try:
-        with open(config_path) as f:
-            config = yaml.safe_load(f)
+        config = read_yaml(config_path)  # the same bounded loader as the trainer's
         summary = read_summary(os.path.join(folder, "summary.json"))
         records = [record for record in read_records(os.path.join(folder, "metrics.jsonl"))
                    if record.get("kind") == "val"]
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError, ConfigError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise CompareError(f"cannot read run folder {folder}: {reason}") from None
     if not isinstance(config, dict):
