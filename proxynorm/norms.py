@@ -15,7 +15,7 @@ Statistics domains, which is what the comparison is about:
 
 This module must also run on torch 2.0 (PopTorch's pin): no newer torch API here.
 """
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
@@ -424,3 +424,20 @@ def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Option
         return GroupNormProxyAct(num_channels, groups, eps, act=act, drop=drop, **kwargs)
     return GroupNormAct(num_channels, groups, eps, act=act, apply_act=apply_act, drop=drop,
                         **kwargs)
+
+
+def proxy_norm_path(model, device, dtype=torch.float32):
+    """How the Proxy Norm layers of `model` compute for inputs of `dtype` on `device` (a CPU
+    or CUDA device), in words a run records: "fused CPU op (53 layers)", "eager PyTorch (53
+    layers)", or both counted where some layers cannot take the fused op (an activation
+    without a fused kernel, fused=False); None when the model has no Proxy Norm layer. It
+    depends on the environment (a built op, Triton, PROXYNORM_FUSED), not the config."""
+    layers = [m for m in model.modules() if isinstance(m, GroupNormProxyAct)]
+    if not layers:
+        return None
+    op = ops.fused_op(torch.empty(0, device=device, dtype=dtype))
+    fused = {ops.cpu.group_norm_proxy_act: "fused CPU op",
+             ops.gpu.group_norm_proxy_act: "fused GPU op (Triton)"}.get(op)
+    counts = Counter(fused if fused and layer.fused and layer.act_name in FUSED_ACTS
+                     else "eager PyTorch" for layer in layers)
+    return ", ".join(f"{path} ({n} layer{'s' if n > 1 else ''})" for path, n in counts.items())

@@ -10,7 +10,7 @@ from torch import nn
 
 from proxynorm import ops
 from proxynorm.ops import cpu
-from proxynorm.norms import get_norm_act
+from proxynorm.norms import get_norm_act, proxy_norm_path
 from proxynorm.activations import get_act
 from proxynorm.proxy import PROXY_EPS, proxy_quantiles, proxy_stats
 from test_norms import ACT_FORMULAS, randomise, reference_proxy_norm
@@ -318,3 +318,15 @@ for act in ACTS:
     if result.returncode == 77:
         pytest.skip(f"this CPU cannot run the {capability} copy")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_proxy_norm_path_counts_the_layers_each_way():
+    """What a run records: the layers the fused op takes, and those it cannot (an
+    activation without a fused kernel, fused=False, a dtype the op lacks) on the eager path."""
+    model = nn.Sequential(get_norm_act("group_pn", 8, act="relu", groups=2),
+                          get_norm_act("group_pn", 8, act="hardswish", groups=2),
+                          get_norm_act("layer_pn", 8, act="silu", fused=False),
+                          get_norm_act("batch", 8))
+    assert proxy_norm_path(model, "cpu") == "fused CPU op (1 layer), eager PyTorch (2 layers)"
+    assert proxy_norm_path(model, "cpu", torch.float16) == "eager PyTorch (3 layers)"
+    assert proxy_norm_path(nn.Sequential(get_norm_act("group", 8, groups=2)), "cpu") is None

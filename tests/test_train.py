@@ -333,3 +333,23 @@ def test_max_steps_says_where_it_stopped(tmp_path, capsys):
     assert ", 1.14 epochs, 25 steps, " in lines[-1]
     assert [epochs_text(x) for x in (3.0, 1.2, 1 / 3, 0.004, 0)] == ["3", "1.2", "0.33",
                                                                     "0.004", "0"]
+
+
+def test_the_run_records_how_proxy_norm_layers_compute(tmp_path, capsys, monkeypatch):
+    """The environment (a built op, PROXYNORM_FUSED) decides between the fused op and the
+    eager path: the start lines and summary.json say which ran, and a BatchNorm run says
+    nothing of it."""
+    from proxynorm.ops import cpu
+
+    flags = [*SYNTHETIC, "--synthetic-samples", 32, *plan(16, 1, 1), "--epochs", 1,
+             "--max-steps", 1, "--validation", "false"]
+    assert cpu.load()
+    for name, fused, expected in (("fused", "1", "fused CPU op (7 layers)"),
+                                  ("eager", "0", "eager PyTorch (7 layers)")):
+        monkeypatch.setenv("PROXYNORM_FUSED", fused)
+        assert train(tmp_path / name, *flags) == 0
+        assert summary(tmp_path / name)["proxy_norm_path"] == expected
+        assert f"Proxy Norm layers: {expected}" in capsys.readouterr().out.splitlines()
+    assert train(tmp_path / "batch", *flags, "--norm", "batch") == 0
+    assert summary(tmp_path / "batch")["proxy_norm_path"] is None
+    assert "Proxy Norm layers" not in capsys.readouterr().out

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datasets import DataError, cluttered_digits, error_line, get_dataset
 from datasets.pipeline import EpochOrder, sample_seed
-from proxynorm.norms import norm_kind
+from proxynorm.norms import norm_kind, proxy_norm_path
 from train import checkpoint, distributed, files
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, global_batch_size, run_name
@@ -204,6 +204,7 @@ class Run:
     def __init__(self, config):
         self.started = time.time()
         self.passed_over = []  # resume auto: the newer runs it cannot continue, and why
+        self.proxy_path = None  # how Proxy Norm layers compute (PyTorch engines; see start_engine)
         resume_path = checkpoint.find_resume(config, self.passed_over)
         saved = checkpoint.load(resume_path) if resume_path else None
         changed = checkpoint.check_compatible(saved, config, resume_path) if saved else []
@@ -286,6 +287,8 @@ class Run:
                  f"{self.run_dir}")
         if self.conversion is not None:  # the report's summary: its counts, by activation
             self.say(f"{config['model']}: {str(self.conversion).splitlines()[0]}")
+        if self.proxy_path is not None:
+            self.say(f"Proxy Norm layers: {self.proxy_path}")
         for reason in self.passed_over:
             self.say(f"resume auto: passed over {reason}")
         if saved is not None:
@@ -320,6 +323,9 @@ class Run:
         context = distributed.setup(config, device)
         model, self.conversion = build_model(config, self.data, context, report=True)
         engine = make_engine(config, model, context, device)
+        # what the Proxy Norm layers compute with here (the environment decides, not the config)
+        self.proxy_path = proxy_norm_path(model, device, torch.bfloat16 if engine.autocast
+                                          else torch.float32)
         return engine, context
 
     def say(self, line, file=None):
@@ -567,7 +573,8 @@ class Run:
             if self.train_seconds else None,
             "train_images": self.train_images, "wall_seconds": self.wall_seconds(),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-            "device": str(self.engine.device), "skipped_images": self.skipped_images,
+            "device": str(self.engine.device), "proxy_norm_path": self.proxy_path,
+            "skipped_images": self.skipped_images,
             "run_dir": self.run_dir,
         }
 
