@@ -102,7 +102,7 @@ def main(argv=None):
     setting.update(batch_size=args.batch_size, trials=args.trials)
     json_path = args.json or os.path.join(RESULTS, default_json if args.checkpoint
                                           else "batch_dependence.json")
-    write_json({"setting": setting, "relative_change": results}, json_path, significant=5)
+    write_json(json_path, {"setting": setting, "relative_change": results}, significant=5)
 
     print(f"{'norm':12} {'train':>10} {'eval':>10}  batch-independent by design")
     for norm, modes in results.items():

@@ -118,7 +118,7 @@ def main(argv=None):
                           "command": " ".join(["python -m analysis.init_collapse",
                                                *map(shlex.quote, shown)])},
               "rows": rows}
-    write_json(report, args.output, significant=5)
+    write_json(args.output, report, significant=5)
     text = table(report)
     print(text)
     if not args.no_readme:

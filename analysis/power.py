@@ -265,7 +265,7 @@ def main(argv=None):
         xlabel = "depth"
     json_path = args.json or os.path.join(RESULTS, f"power_{label}.json")
     figure_path = args.figure or os.path.join(DOCS, f"power_{label}.png")
-    write_json({"setting": setting, "norms": curves}, json_path, significant=5)
+    write_json(json_path, {"setting": setting, "norms": curves}, significant=5)
     plot(curves, figure_path, title, xlabel)
     print("\n".join(summary_lines(curves)))
     print(f"wrote {os.path.relpath(json_path)} and {os.path.relpath(figure_path)}")

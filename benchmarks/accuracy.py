@@ -891,7 +891,7 @@ def study(args, command):
         report["runs"] = [run for run in report["runs"] if cell_key(run) != key]
         report["runs"].append({**cell, **result, "command": command,
                                "cpu": report["environment"]["cpu"]})
-        write_json(report, args.output)
+        write_json(args.output, report)
         accuracy = result["val_accuracy"]
         print(f"{len(report['runs'])} in JSON: {cell['config']} model {cell['model']} norm "
               f"{cell['norm']} epochs {cell['epochs']} micro-batch "
@@ -923,7 +923,7 @@ def study(args, command):
         # a run that raised (missing data, a bug): stop, keep what finished, show its log
         print(f"error: {error}", file=sys.stderr)
         status = 1
-    write_json(report, args.output)
+    write_json(args.output, report)
     text = table(report) + "\n\n" + time_table(report)
     print(text)
     runs = study_runs(report, cells)

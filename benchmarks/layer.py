@@ -222,7 +222,7 @@ def main(argv=None):
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results, "summary": summarise(results)}
-    write_json(report, RESULTS[device.type])
+    write_json(RESULTS[device.type], report)
     print(table(report))
     if (device.type == "cpu" and not args.no_readme) or args.readme:
         replace_section("layer", table(report), DOCS_PAGE)

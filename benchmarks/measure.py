@@ -29,11 +29,11 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def write_json(report, path, significant=None):
-    """Written whole or not at all (train.files.write_atomically), into a folder it creates.
-    significant: round every float to that many significant digits, so that a rerun whose
-    numbers differ only by floating-point noise (threads summing in another order) writes
-    the same file."""
+def write_json(path, report, significant=None):
+    """train.files.write_json (whole or not at all, same argument order) into a folder it
+    creates. significant: round every float to that many significant digits, so that a
+    rerun whose numbers differ only by floating-point noise (threads summing in another
+    order) writes the same file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     files.write_json(path, report if significant is None else rounded(report, significant))
 

@@ -256,7 +256,7 @@ def main(argv=None):
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results}
-    write_json(report, args.output or RESULTS[device.type])
+    write_json(args.output or RESULTS[device.type], report)
     plot(report, args.plot or PLOT[device.type])
     print(table(report))
     if (device.type == "cpu" and not args.no_readme) or args.readme:

@@ -81,8 +81,8 @@ def main(argv=None):
         print(f"{name:16} {variant:15} {resolution:4} {macs / 1e9:7.3f} GMACs "
               + " ".join(f"{n}={r['params']:,}" for n, r in row["norms"].items()), flush=True)
         rows.append(row)
-    write_json({"torch": torch.__version__, "macs": "FlopCounterMode FLOPs / 2", "rows": rows},
-               RESULTS)
+    write_json(RESULTS, {"torch": torch.__version__, "macs": "FlopCounterMode FLOPs / 2",
+                         "rows": rows})
     print(table(rows))
     if not args.no_readme:
         replace_section("models", table(rows), DOCS_PAGE)

@@ -87,7 +87,7 @@ def main(argv=None):
             print(f"{config_name:30} {norm:9} activations per sample "
                   f"{per_stage(bytes_per_sample(s) for s in fit['stages'])} MB, "
                   f"largest micro-batch {fit['largest_micro_batch']}", flush=True)
-    write_json({"torch": torch.__version__, "cpu": cpu_name(), "rows": rows}, RESULTS)
+    write_json(RESULTS, {"torch": torch.__version__, "cpu": cpu_name(), "rows": rows})
     print(table(rows))
     if not args.no_readme:
         replace_section("plan", table(rows), DOCS_PAGE)

@@ -297,7 +297,7 @@ def main(argv=None):
                             "rounds": args.rounds, "cores": args.cores, "cpu": cpu_name(),
                             "torch": torch.__version__},
             "results": results}
-        write_json(report, args.output, significant=5)
+        write_json(args.output, report, significant=5)
     plot(report, args.plot)
     print(table(report))
     if not args.no_readme:

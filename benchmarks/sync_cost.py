@@ -173,7 +173,7 @@ def main(argv=None):
         raise SystemExit(f"benchmarks.sync_cost: cannot read {args.counts} ({error}); run "
                          f"`python -m benchmarks.sync` first")
     report = {"fabrics": [vars(f) for f in FABRICS], "projection": project(counts)}
-    write_json(report, args.output, significant=5)
+    write_json(args.output, report, significant=5)
     print(table(report))
     if not args.no_readme:
         replace_section("sync_cost", table(report), DOCS_PAGE)

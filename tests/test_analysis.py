@@ -172,8 +172,8 @@ def test_reruns_that_differ_by_float_noise_write_the_same_file(tmp_path):
     from benchmarks.measure import write_json
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    write_json({"x": [0.123456789, 3], "y": {"z": 1e-9 / 3}}, first, significant=5)
-    write_json({"x": [0.123456781, 3], "y": {"z": 1.0000001e-9 / 3}}, second, significant=5)
+    write_json(first, {"x": [0.123456789, 3], "y": {"z": 1e-9 / 3}}, significant=5)
+    write_json(second, {"x": [0.123456781, 3], "y": {"z": 1.0000001e-9 / 3}}, significant=5)
     assert first.read_bytes() == second.read_bytes()
     assert json.loads(first.read_text()) == {"x": [0.12346, 3], "y": {"z": 3.3333e-10}}
 
