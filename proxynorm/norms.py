@@ -205,8 +205,9 @@ class SyncBatchNormAct(BatchNormAct):
         squares about its own mean: the group's variance is then E[(x-K)^2] - E[x-K]^2,
         which cancels only in (mean - K)^2, small once the running mean has settled (a
         first step from K = 0 loses float32 digits as (mean / std)^2). One all-reduce call
-        per layer; recomputation keeps its output instead of repeating it. Only ops that
-        PopTorch 3.x lowers (no lerp_) and in-place updates of buffers by copy_.
+        per layer and micro-batch forward, and one for its gradient in the backward;
+        recomputation keeps its output instead of repeating it. Only ops that PopTorch 3.x
+        lowers (no lerp_) and in-place updates of buffers by copy_.
         """
         import poptorch
 
