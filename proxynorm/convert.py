@@ -146,6 +146,14 @@ def default_groups(channels, limit=DEFAULT_GROUPS):
     return 1
 
 
+def layer_groups(groups, channels):
+    """The GroupNorm groups of a layer of `channels` for a `groups` argument as convert_norms
+    and the factories take it: None (default_groups), an int, or a callable channels -> groups."""
+    if groups is None:
+        return default_groups(channels)
+    return groups(channels) if callable(groups) else groups
+
+
 def convert_norms(model: nn.Module, norm: str = "group_pn",
                   groups: Union[int, Callable[[int], int], None] = None,
                   eps: Optional[float] = None, strict: bool = True, report: bool = False,
@@ -631,12 +639,9 @@ def _new_norm(name, bn, norm, act, groups, eps, norm_kwargs, result, drop=None, 
     group_count = None
     kind = norm_kind(norm)
     if kind.groups == "any":
-        if groups is None:
-            group_count = default_groups(channels)
-            if group_count != DEFAULT_GROUPS:
-                result.groups[name] = (channels, group_count)
-        else:
-            group_count = groups(channels) if callable(groups) else groups
+        group_count = layer_groups(groups, channels)
+        if groups is None and group_count != DEFAULT_GROUPS:
+            result.groups[name] = (channels, group_count)
     kwargs = dict(norm_kwargs)
     batch = kind.batch_statistics
     if batch:

@@ -30,7 +30,7 @@ import functools
 from typing import Callable, Optional, Union
 
 from proxynorm.activations import check_act
-from proxynorm.convert import default_groups
+from proxynorm.convert import layer_groups
 from proxynorm.norms import DEFAULT_EPS, get_norm_act, norm_kind
 
 Groups = Union[int, Callable[[int], int], None]
@@ -112,8 +112,7 @@ def _build(num_channels, norm, act, apply_act, groups, layer_eps, norm_kwargs, d
     kwargs = dict(norm_kwargs)
     kind = norm_kind(norm)
     if kind.groups == "any":
-        kwargs["groups"] = (default_groups(num_channels) if groups is None
-                            else groups(num_channels) if callable(groups) else groups)
+        kwargs["groups"] = layer_groups(groups, num_channels)
     if kind.batch_statistics and momentum is not None:
         kwargs.setdefault("momentum", momentum)
     eps = layer_eps if layer_eps is not None else eps if eps is not None else DEFAULT_EPS
