@@ -155,6 +155,37 @@ def test_options_page_lists_every_option():
     assert not missing
 
 
+# What resuming did with each option before roles replaced the two lists (MODEL_KEYS and
+# train.checkpoint.BOOKKEEPING): every other option warned.
+MUST_MATCH = ("model", "norm", "groups", "act", "group_dim", "expand_ratio", "data",
+              "synthetic_num_classes")
+FREE_ON_RESUME = {"config", "output_dir", "resume", "epochs", "max_steps", "validation",
+                  "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "data_path",
+                  "num_workers", "skip_corrupt_images", "cpu_threads", "executable_cache_dir",
+                  "compile_only", "device_memory_mb", "collective_timeout", "compile"}
+
+
+def test_every_option_has_a_role_and_resume_treats_each_as_before():
+    """A new option must say what a change of it does to a resumed run; a changed key is
+    refused (model), allowed with a warning (compute) or allowed (bookkeeping)."""
+    from train.checkpoint import CheckpointError, check_compatible
+    from train.config import ROLES, with_role
+
+    assert {name: option.role for name, option in OPTIONS.items()
+            if option.role not in ROLES} == {}
+    assert with_role("model") == MUST_MATCH  # in this order in the refusal's line
+    assert set(with_role("bookkeeping")) == FREE_ON_RESUME
+    saved = {"config": resolve_config(overrides={"data": "synthetic"})}
+    for key in OPTIONS:
+        config = {**saved["config"], key: "changed"}
+        if key in MUST_MATCH:
+            with pytest.raises(CheckpointError, match=f"from another model: {key} "):
+                check_compatible(saved, config, "c.pt")
+        else:
+            assert check_compatible(saved, config, "c.pt") == (
+                [] if key in FREE_ON_RESUME else [key]), key
+
+
 def main_error(capsys, argv):
     """The one stderr line of `python -m train ARGV`, which must exit with status 2."""
     from train.__main__ import main

@@ -11,8 +11,8 @@ import re
 
 import torch
 
-from train.config import (MODEL_KEYS, OPTIONS, ConfigError, check_value, defaults,
-                          run_name, show)
+from train.config import (OPTIONS, ConfigError, check_value, defaults, run_name, show,
+                          with_role)
 from train.files import holds_unfinished_start, write_atomically
 
 FORMAT = "proxy-norm-train/1"
@@ -29,7 +29,7 @@ class CheckpointError(Exception):
 # "in_channels", "totals"), which later versions added; `load` gives an older checkpoint's
 # dict those, and its config the options added since (their defaults), so that readers
 # need no fallbacks of their own.
-REQUIRED_CONFIG = MODEL_KEYS + ("seed", "epochs", "micro_batch_size", "gradient_accumulation",
+REQUIRED_CONFIG = with_role("model") + ("seed", "epochs", "micro_batch_size", "gradient_accumulation",
                                 "replicas")
 
 
@@ -239,28 +239,20 @@ def find_resume(config, passed_over=None):
     return path
 
 
-# Options that say where a run writes, how often it reports or how it is run, but not what
-# it computes: resuming with other values is still an exact continuation. (epochs changes
-# the maths only where it changes the learning-rate schedule: train.loop checks that.)
-BOOKKEEPING = {"config", "output_dir", "resume", "epochs", "max_steps", "validation",
-               "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "data_path",
-               "num_workers", "skip_corrupt_images", "cpu_threads", "executable_cache_dir",
-               "compile_only", "device_memory_mb", "collective_timeout", "compile"}
-
-
 def check_compatible(checkpoint, config, path):
     """CheckpointError unless the checkpoint's network is this run's; returns the other
     settings that changed what the run computes (resuming with them is allowed, but is no
     longer exact)."""
     saved = checkpoint["config"]
-    differ = [key for key in MODEL_KEYS if saved.get(key) != config[key]
+    differ = [key for key in with_role("model") if saved.get(key) != config[key]
               and (key != "synthetic_num_classes" or config["data"] == "synthetic")]
     if differ:
         described = ", ".join(f"{key} {show(saved.get(key))} (this run: {show(config[key])})"
                               for key in differ)
         raise CheckpointError(f"{path} is from another model: {described}")
-    ignore = set(MODEL_KEYS) | BOOKKEEPING
-    return [key for key in OPTIONS if key not in ignore and saved.get(key) != config[key]]
+    # bookkeeping options change nothing computed (epochs changes the maths only where it
+    # changes the learning-rate schedule: train.loop checks that)
+    return [key for key in with_role("compute") if saved.get(key) != config[key]]
 
 
 def load_state(target, state, path):

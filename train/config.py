@@ -40,16 +40,26 @@ class InvalidYaml(ConfigError):
     """Text that is not YAML."""
 
 
-class Option:
-    """One option: its default, type (int, float, bool, str or list), help and limits.
+# What changing an option does to a resumed run (train.checkpoint.check_compatible):
+#   model        defines the network: a checkpoint loads only into a run where it agrees
+#   compute      changes what the run computes: allowed, with a warning that the run is no
+#                longer an exact continuation
+#   bookkeeping  where the run writes, how often it reports, how it is run: free to change
+ROLES = ("model", "compute", "bookkeeping")
 
-    `item` is the element type of a list; `null_ok` allows None (written `null` in YAML,
-    `none` on the command line). Bounds: at_least/above and at_most/below.
+
+class Option:
+    """One option: its default, type (int, float, bool, str or list), help, role and limits.
+
+    `role` is one of ROLES; `item` is the element type of a list; `null_ok` allows None
+    (written `null` in YAML, `none` on the command line). Bounds: at_least/above and
+    at_most/below.
     """
 
-    def __init__(self, name, default, kind, help, choices=None, item=str, null_ok=False,
-                 at_least=None, above=None, at_most=None, below=None, length=None):
-        self.name, self.default, self.kind, self.help = name, default, kind, help
+    def __init__(self, name, default, kind, help, role=None, choices=None, item=str,
+                 null_ok=False, at_least=None, above=None, at_most=None, below=None,
+                 length=None):
+        self.name, self.default, self.kind, self.help, self.role = name, default, kind, help, role
         self.choices, self.item, self.null_ok, self.length = choices, item, null_ok, length
         self.at_least, self.above, self.at_most, self.below = at_least, above, at_most, below
 
@@ -68,170 +78,191 @@ class Option:
 OPTION_GROUPS = [
     ("run", [
         Option("config", DEFAULT_CONFIG, str, "named config from configs.yml (--list-configs lists "
-               "them)"),
+               "them)", role="bookkeeping"),
         Option("output_dir", None, str, "run folder (null: runs/CONFIG-YYYYmmdd-HHMMSS)",
-               null_ok=True),
+               null_ok=True, role="bookkeeping"),
         Option("resume", None, str, "continue a run: auto (the newest run of this config that "
                "it can continue, or --output-dir's; else start afresh), a checkpoint file or a "
-               "run folder", null_ok=True),
+               "run folder", null_ok=True, role="bookkeeping"),
         Option("seed", 0, int, "seeds initialisation, sample order, augmentation and dropout",
-               at_least=0, at_most=SEED_MAX),
-        Option("epochs", 10, int, "training epochs", at_least=1),
+               at_least=0, at_most=SEED_MAX, role="compute"),
+        Option("epochs", 10, int, "training epochs", at_least=1, role="bookkeeping"),
         Option("max_steps", 0, int, "stop after this many optimiser steps in all (0 = no limit)",
-               at_least=0),
+               at_least=0, role="bookkeeping"),
         Option("validation", True, bool, "validate at the end of every epoch (and at the end of "
-               "the run)"),
+               "the run)", role="bookkeeping"),
         Option("checkpoint_every", 0, int, "also keep checkpoint_epochN.pt every N epochs (0 = "
-               "only checkpoint_last.pt and checkpoint_best.pt)", at_least=0),
+               "only checkpoint_last.pt and checkpoint_best.pt)", at_least=0, role="bookkeeping"),
         Option("log_every", 10, int, "optimiser steps per training record in metrics.jsonl",
-               at_least=1),
+               at_least=1, role="bookkeeping"),
         Option("wandb_mode", "offline", str, "Weights & Biases: online, offline (no account "
                "needed; `wandb sync` uploads it later) or disabled",
-               choices=("online", "offline", "disabled")),
-        Option("wandb_project", "proxy-norm", str, "Weights & Biases project"),
+               choices=("online", "offline", "disabled"), role="bookkeeping"),
+        Option("wandb_project", "proxy-norm", str, "Weights & Biases project", role="bookkeeping"),
     ]),
     ("model", [
         Option("model", "digits_preact_resnet", str, "model name (models.list_models()), or "
                "torchvision:NAME / timm:NAME for a torchvision classification model / a timm "
-               "model converted to `norm`"),
+               "model converted to `norm`", role="model"),
         Option("norm", "group_pn", str, "normalisation: batch, sync_batch, group, layer, instance, "
-               "group_pn, layer_pn, none"),
+               "group_pn, layer_pn, none", role="model"),
         Option("groups", None, int, "GroupNorm groups for group/group_pn (null: the model's)",
-               null_ok=True, at_least=1),
+               null_ok=True, at_least=1, role="model"),
         Option("act", None, str, "activation: relu, silu, gelu, relu6, hardswish (null: the "
-               "model's)", null_ok=True),
+               "model's)", null_ok=True, role="model"),
         Option("group_dim", None, int, "EfficientNet: channels per group in its grouped convs (1 = "
-               "depthwise, G1; 16 = G16)", null_ok=True, at_least=1),
+               "depthwise, G1; 16 = G16)", null_ok=True, at_least=1, role="model"),
         Option("expand_ratio", None, int, "EfficientNet: expansion ratio of its inverted "
-               "bottlenecks (EfficientNet's own: 6)", null_ok=True, at_least=1, at_most=64),
+               "bottlenecks (EfficientNet's own: 6)", null_ok=True, at_least=1, at_most=64,
+               role="model"),
         Option("drop_rate", None, float, "EfficientNet: dropout before the classifier",
-               null_ok=True, at_least=0, below=1),
+               null_ok=True, at_least=0, below=1, role="compute"),
         Option("drop_path_rate", None, float, "EfficientNet: stochastic depth, the probability of "
                "dropping a residual branch (1 - survival probability)",
-               null_ok=True, at_least=0, below=1),
+               null_ok=True, at_least=0, below=1, role="compute"),
     ]),
     ("data", [
-        Option("data", "digits", str, "dataset", choices=DATASETS),
-        Option("data_path", None, str, "dataset folder (null: data/DATA)", null_ok=True),
+        Option("data", "digits", str, "dataset", choices=DATASETS, role="model"),
+        Option("data_path", None, str, "dataset folder (null: data/DATA)", null_ok=True,
+               role="bookkeeping"),
         Option("image_size", None, int, "training and validation resolution (null: the dataset's)",
-               null_ok=True, at_least=8, at_most=IMAGE_SIZE_MAX),
+               null_ok=True, at_least=8, at_most=IMAGE_SIZE_MAX, role="compute"),
         Option("num_workers", 0, int, "data loading processes (0 = in the training process)",
-               at_least=0, at_most=256),
+               at_least=0, at_most=256, role="bookkeeping"),
         Option("skip_corrupt_images", False, bool, "replace an unreadable image by the next "
-               "readable one and count it, instead of stopping with its file name"),
+               "readable one and count it, instead of stopping with its file name",
+               role="bookkeeping"),
         Option("synthetic_samples", 1024, int, "synthetic: training samples (validation: a "
-               "quarter)", at_least=1, at_most=10 ** 7),
+               "quarter)", at_least=1, at_most=10 ** 7, role="compute"),
         Option("synthetic_num_classes", 1000, int, "synthetic: classes", at_least=2,
-               at_most=10 ** 5),
+               at_most=10 ** 5, role="model"),
         Option("clutter", CLUTTER.clutter, int, "cluttered_digits: patches of other digits per "
-               "canvas", at_least=0, at_most=64),
+               "canvas", at_least=0, at_most=64, role="compute"),
         Option("clutter_size", CLUTTER.clutter_size, int, "cluttered_digits: side of a clutter "
-               "patch, in pixels of an 8x8 digit", at_least=1, at_most=8),
+               "patch, in pixels of an 8x8 digit", at_least=1, at_most=8, role="compute"),
         Option("clutter_scale_min", CLUTTER.scale_min, float, "cluttered_digits: smallest "
                "scale of a digit, drawn per canvas (1 = 8x8 pixels; its clutter takes the same "
-               "scale)", above=0),
+               "scale)", above=0, role="compute"),
         Option("clutter_scale_max", CLUTTER.scale_max, float, "cluttered_digits: largest scale "
-               "of a digit (8 x clutter_scale_max pixels must fit in image_size)", above=0),
+               "of a digit (8 x clutter_scale_max pixels must fit in image_size)", above=0,
+               role="compute"),
         Option("clutter_noise", CLUTTER.noise, float, "cluttered_digits: standard deviation of "
-               "the Gaussian noise on [0, 1] pixels", at_least=0),
+               "the Gaussian noise on [0, 1] pixels", at_least=0, role="compute"),
         Option("clutter_train_samples", CLUTTER.train_samples, int, "cluttered_digits: training "
-               "canvases (from the 1,437 training digits)", at_least=1, at_most=10 ** 6),
+               "canvases (from the 1,437 training digits)", at_least=1, at_most=10 ** 6,
+               role="compute"),
         Option("clutter_val_samples", CLUTTER.val_samples, int, "cluttered_digits: validation "
-               "canvases (from the 360 validation digits)", at_least=1, at_most=10 ** 6),
+               "canvases (from the 360 validation digits)", at_least=1, at_most=10 ** 6,
+               role="compute"),
         Option("clutter_seed", CLUTTER.seed, int, "cluttered_digits: seed of the canvases, apart "
                "from the run's seed so that every run sees the same ones", at_least=0,
-               at_most=SEED_MAX),
+               at_most=SEED_MAX, role="compute"),
         Option("clutter_holdout", CLUTTER.holdout, bool, "cluttered_digits: for tuning a recipe; "
                "train on canvases of four fifths of the training digits and validate on "
-               "canvases of the other fifth (the validation digits stay unseen)"),
+               "canvases of the other fifth (the validation digits stay unseen)", role="compute"),
     ]),
     ("execution (global batch = micro_batch_size x gradient_accumulation x replicas)", [
         Option("engine", "auto", str, "auto (cuda if available, else cpu), cpu, cuda, or ipu "
                "(PopTorch; without it: cpu, with a warning)",
-               choices=("auto", "cpu", "cuda", "ipu")),
+               choices=("auto", "cpu", "cuda", "ipu"), role="compute"),
         Option("cpu_threads", 0, int, "CPU threads for PyTorch's operators (0 = its default: one "
                "per core); 1 suits small models on shared cores, where a descheduled second "
-               "thread stalls every operator", at_least=0, at_most=1024),
+               "thread stalls every operator", at_least=0, at_most=1024, role="bookkeeping"),
         Option("compile", False, bool, "CPU/GPU: torch.compile the training network (the first "
-               "steps compile it; evaluation stays eager); the IPU engine compiles its own graph"),
+               "steps compile it; evaluation stays eager); the IPU engine compiles its own graph",
+               role="bookkeeping"),
         Option("precision", "32.32", str, "activations.weights: 32.32, 16.32 or 16.16 (IPU "
                "float16); on CPU/GPU both 16.x run bfloat16 autocast with float32 weights",
-               choices=("32.32", "16.32", "16.16")),
+               choices=("32.32", "16.32", "16.16"), role="compute"),
         Option("micro_batch_size", 32, int, "samples per replica per forward pass", at_least=1,
-               at_most=BATCH_MAX),
+               at_most=BATCH_MAX, role="compute"),
         Option("gradient_accumulation", 1, int, "micro-batches per replica per optimiser step",
-               at_least=1, at_most=BATCH_MAX),
+               at_least=1, at_most=BATCH_MAX, role="compute"),
         Option("replicas", 1, int, "data-parallel replicas (emulated in one process on CPU/GPU)",
-               at_least=1, at_most=BATCH_MAX),
+               at_least=1, at_most=BATCH_MAX, role="compute"),
         Option("bn_group_size", 0, int, "sync_batch: replicas that share statistics (0 = all)",
-               at_least=0, at_most=BATCH_MAX),
+               at_least=0, at_most=BATCH_MAX, role="compute"),
         Option("collective_timeout", 300, int, "torchrun: seconds a process waits for the others "
                "(to join, or in a collective) before it fails; it must cover the longest gap "
                "between two collectives: rank 0 starting wandb or writing a checkpoint, "
                "validation shards of unequal cost, a first step's set-up",
-               at_least=1, at_most=10 ** 9),  # (a timedelta holds up to 8.6e13 s)
-        Option("device_iterations", 1, int, "IPU: optimiser steps per host call", at_least=1),
+               at_least=1, at_most=10 ** 9,  # (a timedelta holds up to 8.6e13 s)
+               role="bookkeeping"),
+        Option("device_iterations", 1, int, "IPU: optimiser steps per host call", at_least=1,
+               role="compute"),
         Option("pipeline_splits", [], list, "IPU: modules that begin a pipeline stage (checked "
-               "against the model everywhere)"),
-        Option("stochastic_rounding", False, bool, "IPU: stochastic rounding of float16"),
+               "against the model everywhere)", role="compute"),
+        Option("stochastic_rounding", False, bool, "IPU: stochastic rounding of float16",
+               role="compute"),
         Option("stable_norm", True, bool, "IPU: norm statistics in two passes (mean first), "
-               "PopART's enableStableNorm; false: E[x^2] - E[x]^2, faster and less accurate"),
-        Option("loss_scaling", 1.0, float, "IPU: static loss scaling for float16", above=0),
-        Option("ipu_model", False, bool, "IPU: run on the IPU Model simulator"),
+               "PopART's enableStableNorm; false: E[x^2] - E[x]^2, faster and less accurate",
+               role="compute"),
+        Option("loss_scaling", 1.0, float, "IPU: static loss scaling for float16", above=0,
+               role="compute"),
+        Option("ipu_model", False, bool, "IPU: run on the IPU Model simulator", role="compute"),
         Option("recompute_checkpoints", [], list, "IPU: modules whose outputs are kept; the "
                "activations between them are recomputed in the backward pass (checked against "
-               "the model everywhere)"),
+               "the model everywhere)", role="compute"),
         Option("available_memory_proportion", None, float, "IPU: share of each tile's memory "
                "that convolutions and matmuls may use for temporaries (null: Poplar's 0.6)",
-               null_ok=True, above=0, at_most=1),
+               null_ok=True, above=0, at_most=1, role="compute"),
         Option("executable_cache_dir", None, str, "IPU: folder that caches compiled executables "
-               "(null: none)", null_ok=True),
+               "(null: none)", null_ok=True, role="bookkeeping"),
         Option("compile_only", False, bool, "IPU: compile for an offline IPU target (no IPU "
-               "needed), fill executable_cache_dir and exit"),
+               "needed), fill executable_cache_dir and exit", role="bookkeeping"),
         Option("device_memory_mb", 900, int, "python -m train.plan: memory per device in MB "
-               "(900: an IPU Mk2's In-Processor Memory)", at_least=1),
+               "(900: an IPU Mk2's In-Processor Memory)", at_least=1, role="bookkeeping"),
     ]),
     ("optimisation", [
         Option("optimizer", "sgd", str, "sgd, rmsprop (TensorFlow's: eps inside the square root) "
-               "or adamw", choices=("sgd", "rmsprop", "adamw")),
+               "or adamw", choices=("sgd", "rmsprop", "adamw"), role="compute"),
         Option("lr", 0.1, float, "peak learning rate, for the global batch as configured (not "
-               "rescaled)", above=0),
-        Option("momentum", 0.9, float, "sgd and rmsprop momentum", at_least=0, below=1),
-        Option("nesterov", False, bool, "sgd: Nesterov momentum"),
+               "rescaled)", above=0, role="compute"),
+        Option("momentum", 0.9, float, "sgd and rmsprop momentum", at_least=0, below=1,
+               role="compute"),
+        Option("nesterov", False, bool, "sgd: Nesterov momentum", role="compute"),
         Option("weight_decay", 0.0, float, "L2 (sgd, rmsprop) or decoupled (adamw) decay; none on "
                "biases and norm weights (Proxy Norm's proxy_weight/proxy_bias take it)",
-               at_least=0),
+               at_least=0, role="compute"),
         Option("rmsprop_decay", 0.9, float, "rmsprop: decay of the mean square",
-               at_least=0, below=1),
-        Option("optimizer_eps", 1e-08, float, "rmsprop/adamw epsilon", above=0),
-        Option("adam_betas", [0.9, 0.999], list, "adamw: [beta1, beta2]", item=float, length=2),
+               at_least=0, below=1, role="compute"),
+        Option("optimizer_eps", 1e-08, float, "rmsprop/adamw epsilon", above=0, role="compute"),
+        Option("adam_betas", [0.9, 0.999], list, "adamw: [beta1, beta2]", item=float, length=2,
+               role="compute"),
         Option("grad_clip_norm", 0.0, float, "clip the global-batch gradient to this norm (0 = "
-               "off)", at_least=0),
+               "off)", at_least=0, role="compute"),
         Option("lr_schedule", "cosine", str, "after warm-up: constant, step (x lr_decay at each of "
                "lr_milestones), cosine (to 0 at the last epoch) or exponential (x lr_decay every "
-               "lr_decay_epochs)", choices=("constant", "step", "cosine", "exponential")),
+               "lr_decay_epochs)", choices=("constant", "step", "cosine", "exponential"),
+               role="compute"),
         Option("warmup_epochs", 0.0, float, "linear warm-up from 0 over this many epochs",
-               at_least=0),
-        Option("lr_decay", 0.1, float, "step/exponential: decay factor", above=0, at_most=1),
-        Option("lr_decay_epochs", 1.0, float, "exponential: epochs per decay (staircase)", above=0),
+               at_least=0, role="compute"),
+        Option("lr_decay", 0.1, float, "step/exponential: decay factor", above=0, at_most=1,
+               role="compute"),
+        Option("lr_decay_epochs", 1.0, float, "exponential: epochs per decay (staircase)", above=0,
+               role="compute"),
         Option("lr_milestones", [], list, "step: epochs at which the learning rate decays",
-               item=float),
+               item=float, role="compute"),
     ]),
     ("regularisation", [
-        Option("label_smoothing", 0.0, float, "label smoothing", at_least=0, below=1),
+        Option("label_smoothing", 0.0, float, "label smoothing", at_least=0, below=1,
+               role="compute"),
         Option("mixup_alpha", 0.0, float, "mixup with a Beta(alpha, alpha) weight (0 = off)",
-               at_least=0),
+               at_least=0, role="compute"),
         Option("cutmix_alpha", 0.0, float, "cutmix with a Beta(alpha, alpha) area (0 = off; with "
-               "mixup, each sample takes one of the two at random)", at_least=0),
+               "mixup, each sample takes one of the two at random)", at_least=0, role="compute"),
         Option("weight_avg_decay", 0.0, float, "exponential average of the weights, updated every "
-               "epoch and used for validation and checkpoint_best (0 = off)", at_least=0, below=1),
+               "epoch and used for validation and checkpoint_best (0 = off)", at_least=0, below=1,
+               role="compute"),
     ]),
 ]
 
 OPTIONS = {option.name: option for _, group in OPTION_GROUPS for option in group}
-# Keys that define the network: a checkpoint only loads into a run where they agree.
-MODEL_KEYS = ("model", "norm", "groups", "act", "group_dim", "expand_ratio", "data",
-              "synthetic_num_classes")
+
+
+def with_role(role):
+    """The names of the options of one role (ROLES), in table order."""
+    return tuple(name for name, option in OPTIONS.items() if option.role == role)
 
 
 def defaults():
