@@ -29,6 +29,9 @@
 #                  analysis/results/ (about 2 minutes)
 #   make test-torch20  the suite on an IPU host's stack without PopTorch: torch 2.0.1
 #                  (PopTorch's pin) + requirements-ipu.txt, in .venv-torch20
+#   make docs      regenerate docs/options.md from the option table in train/config.py
+#                  (python -m train.config --markdown docs/options.md); a test fails until
+#                  it is regenerated
 #
 # IPU hosts: activate the Poplar SDK's PopTorch environment first (SDK 3.3 or later: an
 # older one is refused before anything is installed). When the active Python already
@@ -60,7 +63,7 @@ pip_install = $(PYTHON) -m pip install --dry-run --quiet --report - -r $(1) 2>/d
 	| grep -q '"install": \[\]' || { echo "$(PYTHON) -m pip install -r $(1)"; \
 	$(PYTHON) -m pip install -r $(1); }
 
-.PHONY: install custom_ops train test bench-layer bench bench-sync bench-gpu plan accuracy analysis test-torch20 clean
+.PHONY: install custom_ops train test bench-layer bench bench-sync bench-gpu plan accuracy analysis test-torch20 docs clean
 
 install: $(INSTALLED) custom_ops
 
@@ -123,6 +126,9 @@ analysis: install
 
 test-torch20: .venv-torch20/.installed
 	.venv-torch20/bin/python -m pytest $(PYTEST_ARGS)
+
+docs: $(INSTALLED)
+	$(PYTHON) -m train.config --markdown docs/options.md
 
 clean:
 	rm -rf proxynorm/ops/ipu/build
