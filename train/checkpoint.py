@@ -29,8 +29,8 @@ class CheckpointError(Exception):
 # "in_channels", "totals"), which later versions added; `load` gives an older checkpoint's
 # dict those, and its config the options added since (their defaults), so that readers
 # need no fallbacks of their own.
-REQUIRED_CONFIG = with_role("model") + ("seed", "epochs", "micro_batch_size", "gradient_accumulation",
-                                "replicas")
+REQUIRED_CONFIG = with_role("model") + ("seed", "epochs", "micro_batch_size",
+                                        "gradient_accumulation", "replicas")
 
 
 def make(*, config, step, steps_per_epoch, engine, weight_average, val_accuracy,
