@@ -99,7 +99,8 @@ def trained(run_dir):
 
 @linux_only
 def test_killing_torchrun_stops_its_workers_with_a_checkpoint(tmp_path):
-    from train.checkpoint import LAST, load
+    from train.checkpoint import load
+    from train.files import RunFolder
 
     run_dir, log_path = tmp_path / "run", tmp_path / "log.txt"
     workers = []
@@ -118,7 +119,7 @@ def test_killing_torchrun_stops_its_workers_with_a_checkpoint(tmp_path):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         launcher.wait()
-    saved = load(str(run_dir / LAST))  # CheckpointError unless whole and ours
+    saved = load(RunFolder(str(run_dir)).last)  # CheckpointError unless whole and ours
     assert saved["step"] >= 1
     assert (run_dir / "summary.json").exists(), log_path.read_text()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -30,7 +30,7 @@ def listing(folder):
 
 def test_a_run_folder_is_held_by_one_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    other = files.claim(str(run_dir))  # another run holds it
+    other = files.RunFolder(str(run_dir)).claim()  # another run holds it
     assert train(run_dir, *RUN, "--max-steps", 1) == 2
     assert error_line(capsys) == (f"error: {run_dir} is in use by another run (process "
                                   f"{os.getpid()}): wait for it to end or choose another "

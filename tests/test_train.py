@@ -48,6 +48,8 @@ def records(run_dir):
 
 
 def test_digits_run_folder(tmp_path, capsys):
+    from train.files import RunFolder
+
     run_dir = tmp_path / "run"
     status = main(["--config", "digits_resnet_group_pn", "--output-dir", str(run_dir),
                    "--max-steps", "3", "--log-every", "1", "--wandb-mode", "offline"])
@@ -55,6 +57,7 @@ def test_digits_run_folder(tmp_path, capsys):
     files = set(os.listdir(run_dir))
     assert {"config.yml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt",
             "summary.json", "wandb"} <= files
+    assert files == {*RunFolder.NAMES, "wandb"}  # RunFolder knows every file (wandb/: wandb's)
     result = summary(run_dir)
     for key in ("config", "epochs", "steps", "val_accuracy", "best_val_accuracy",
                 "train_images_per_second", "wall_seconds"):

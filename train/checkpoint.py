@@ -5,7 +5,6 @@ optimiser step, the engine's state (model and optimiser), the weight average, th
 number generators' states and the best validation accuracy so far. The sample order needs
 no state: it is a function of (seed, epoch), and the step says where in the epoch to start.
 """
-import glob
 import os
 import re
 
@@ -13,10 +12,9 @@ import torch
 
 from train.config import (OPTIONS, ConfigError, check_value, defaults, run_name, show,
                           with_role)
-from train.files import holds_unfinished_start, write_atomically
+from train.files import RunFolder, write_atomically
 
 FORMAT = "proxy-norm-train/1"
-LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 
 class CheckpointError(Exception):
@@ -218,10 +216,10 @@ def find_resume(config, passed_over=None):
         return None
     if resume == "auto":
         if config["output_dir"] is not None:
-            path = os.path.join(config["output_dir"], LAST)
+            path = RunFolder(config["output_dir"]).last
             return path if os.path.isfile(path) else None
-        pattern = os.path.join("runs", f"{glob.escape(run_name(config))}-*", LAST)
-        candidates = [path for path in glob.glob(pattern) if os.path.isfile(path)]
+        candidates = [folder.last for folder in RunFolder.of_config(run_name(config))
+                      if os.path.isfile(folder.last)]
         for path in sorted(candidates, key=os.path.getmtime, reverse=True):
             try:
                 check_compatible(load(path, mmap=True), config, path)
@@ -231,8 +229,8 @@ def find_resume(config, passed_over=None):
                 continue
             return path
         return None
-    path = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
-    if os.path.isdir(resume) and holds_unfinished_start(resume):
+    path = RunFolder.checkpoint_of(resume)
+    if os.path.isdir(resume) and RunFolder(resume).holds_unfinished_start():
         return None
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {resume}: no checkpoint at {path}")

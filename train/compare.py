@@ -18,7 +18,7 @@ import os
 import sys
 
 from train.config import ConfigError, read_yaml
-from train.files import RunFolderError, write_atomically
+from train.files import RunFolder, RunFolderError, write_atomically
 from train.metrics import read_records
 
 DESCRIPTION = ("Compare finished (or running) runs: a table of their settings, status, "
@@ -65,19 +65,18 @@ def read_summary(path):
 def read_run(folder):
     """{"name", "folder", "config", "summary", "curve", "left_out"} of a run folder: curve
     holds the validation records that can be drawn, left_out counts the others."""
-    config_path = os.path.join(folder, "config.yml")
-    if not os.path.isfile(config_path):
-        raise CompareError(f"{folder} is not a run folder (no config.yml)")
+    run = RunFolder(folder)
+    if not os.path.isfile(run.config):
+        raise CompareError(f"{folder} is not a run folder (no {RunFolder.CONFIG})")
     try:
-        config = read_yaml(config_path)  # the same bounded loader as the trainer's
-        summary = read_summary(os.path.join(folder, "summary.json"))
-        records = [record for record in read_records(os.path.join(folder, "metrics.jsonl"))
-                   if record.get("kind") == "val"]
+        config = read_yaml(run.config)  # the same bounded loader as the trainer's
+        summary = read_summary(run.summary)
+        records = [record for record in read_records(run.metrics) if record.get("kind") == "val"]
     except (OSError, ValueError, ConfigError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise CompareError(f"cannot read run folder {folder}: {reason}") from None
     if not isinstance(config, dict):
-        raise CompareError(f"{config_path} is not a run's config")
+        raise CompareError(f"{run.config} is not a run's config")
     curve = [record for record in records if is_curve_point(record)]
     return {"name": os.path.basename(os.path.normpath(folder)), "folder": folder,
             "config": config, "summary": summary, "curve": curve,

@@ -16,7 +16,6 @@ From the command line: top-1 and top-5 accuracy and the loss of those weights on
 checkpoint's validation set (`--data-path` where the data lives now).
 """
 import argparse
-import os
 import sys
 from types import SimpleNamespace
 from typing import Tuple, Union
@@ -25,13 +24,9 @@ import torch
 
 from train import checkpoint
 from train.checkpoint import CheckpointError
+from train.files import RunFolder
 
 WEIGHTS = ("validated", "model", "weight_average")
-
-
-def checkpoint_path(path):
-    """A run folder's checkpoint_last.pt, or the checkpoint file itself."""
-    return os.path.join(path, checkpoint.LAST) if os.path.isdir(path) else path
 
 
 def network_shape(state):
@@ -60,7 +55,7 @@ def load_model(path: str, weights: str = "validated",
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    path = checkpoint_path(path)
+    path = RunFolder.checkpoint_of(path)
     saved = checkpoint.load(path)
     validated = saved["val_weights"]
     which = validated if weights == "validated" else weights

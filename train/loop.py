@@ -8,8 +8,8 @@ last good one; status 1). Data that turns out unreadable during the run (a corru
 without skip_corrupt_images) stops it with a checkpoint at the last whole step, and a
 resumed run does the validation it missed first; then the DataError goes on to the caller.
 
-The run folder is held by one run at a time (train.files.claim), and a run never writes
-over a newer or an unrelated run: see `take_run_dir`.
+The run folder is held by one run at a time (train.files.RunFolder.claim), and a run never
+writes over a newer or an unrelated run: see `take_run_dir`.
 """
 import contextlib
 import difflib
@@ -141,35 +141,27 @@ def take_run_dir(config, resume_path, saved):
     metrics.jsonl cut back to the resumed step. RunFolderError when that would overwrite
     work: a fresh run into a folder holding a run, a resumed run into a folder holding
     another run, or an older checkpoint of a run resumed over its newer checkpoint_last.pt.
-    A folder whose run stopped before its first checkpoint holds no work (files.holds_run):
+    A folder whose run stopped before its first checkpoint holds no work (RunFolder.holds_run):
     a fresh or resumed run takes it over."""
     if config["output_dir"] is not None:
-        path = config["output_dir"]
+        folder = files.RunFolder(config["output_dir"])
     elif resume_path is not None:
-        path = os.path.dirname(resume_path) or "."
+        folder = files.RunFolder.holding(resume_path)
     elif config["resume"] not in (None, "auto"):
-        path = config["resume"]  # a run folder without a checkpoint (find_resume)
+        folder = files.RunFolder(config["resume"])  # a run folder without a checkpoint
     else:
-        path = files.new_run_dir(run_name(config))
-    lock = files.claim(path)
+        folder = files.RunFolder.new(run_name(config))
+    path, lock = folder.path, folder.claim()
     try:
-        metrics = os.path.join(path, "metrics.jsonl")
         if saved is None:
-            if files.holds_run(path) or files.holds_other_files(path):
-                raise RunFolderError(f"{path} already holds a run: continue it with "
-                                     f"--resume {path}, or choose another --output-dir")
-            forget_unfinished_start(path)
+            folder.make_room()
             return path, lock
-        source = os.path.dirname(resume_path) or "."
-        if not os.path.samefile(source, path):
-            if files.holds_run(path) or files.holds_other_files(path):
-                raise RunFolderError(f"{path} already holds another run: give an empty "
-                                     f"--output-dir to continue {resume_path} there")
-            forget_unfinished_start(path)
-            keep_records_until(os.path.join(source, "metrics.jsonl"), metrics,
-                                     saved["step"])
+        source = files.RunFolder.holding(resume_path)
+        if not os.path.samefile(source.path, path):
+            folder.make_room(resuming=resume_path)
+            keep_records_until(source.metrics, folder.metrics, saved["step"])
             return path, lock
-        last = os.path.join(path, checkpoint.LAST)
+        last = folder.last
         if os.path.isfile(last) and not os.path.samefile(last, resume_path):
             newer = checkpoint.load(last, mmap=True)["step"]
             if newer > saved["step"]:
@@ -177,25 +169,11 @@ def take_run_dir(config, resume_path, saved):
                     f"{last} is at step {newer}, past {resume_path} (step {saved['step']}): "
                     f"resuming here would overwrite it; continue the run with --resume {path}, "
                     f"or resume that checkpoint into a new folder with --output-dir")
-        keep_records_until(metrics, metrics, saved["step"])
+        keep_records_until(folder.metrics, folder.metrics, saved["step"])
         return path, lock
     except BaseException:
         files.release(lock)
         raise
-
-
-def forget_unfinished_start(path):
-    """The files of a run that stopped before its first checkpoint (a model that failed at
-    its first step, say) go: nothing of it can be continued, and this run takes the folder."""
-    keep_records_until(os.path.join(path, "metrics.jsonl"), os.path.join(path, "metrics.jsonl"),
-                       -1)
-    try:
-        os.unlink(os.path.join(path, "summary.json"))
-    except FileNotFoundError:
-        pass
-    except OSError as error:
-        raise RunFolderError(f"cannot remove {path}/summary.json: {files.reason(error)}") \
-            from None
 
 
 class Run:
@@ -249,6 +227,7 @@ class Run:
         self.validation_due, self.signals = False, StopSignals()
 
         self.run_dir, self.lock = self.claim_run_dir(config, resume_path, saved)
+        self.folder = files.RunFolder(self.run_dir)
         try:
             self.start(config, resume_path, saved, changed)
         except BaseException:
@@ -305,7 +284,7 @@ class Run:
 
         self.log = NoLog()
         if context.is_main:
-            files.write_yaml(os.path.join(self.run_dir, "config.yml"), config)
+            files.write_yaml(self.folder.config, config)
             self.log = RunLog(self.run_dir, config)
 
     def start_engine(self, config):
@@ -399,14 +378,13 @@ class Run:
         if self.context.is_main:
             state = self.checkpoint()
             with self.signals.deferred():
-                checkpoint.save(os.path.join(self.run_dir, checkpoint.LAST), state)
+                checkpoint.save(self.folder.last, state)
                 if improved:
-                    checkpoint.save(os.path.join(self.run_dir, checkpoint.BEST), state)
+                    checkpoint.save(self.folder.best, state)
                 epoch = self.step // self.steps_per_epoch
                 every = self.config["checkpoint_every"]
                 if epoch_end and every and epoch % every == 0:
-                    checkpoint.save(os.path.join(self.run_dir, f"checkpoint_epoch{epoch}.pt"),
-                                    state)
+                    checkpoint.save(self.folder.epoch_checkpoint(epoch), state)
         self.last_checkpoint_step = self.step
 
     def keep_work(self, error):
@@ -416,7 +394,7 @@ class Run:
             return DataError(error_line(error))
         if self.step != self.last_checkpoint_step:
             self.save_checkpoints()
-        return DataError(f"{error_line(error)}; checkpoint_last.pt holds step {self.step}; fix "
+        return DataError(f"{error_line(error)}; {self.folder.LAST} holds step {self.step}; fix "
                          f"the data (or pass --skip-corrupt-images) and continue with --resume "
                          f"{self.run_dir}")
 
@@ -624,7 +602,7 @@ def conclude(run, config):
                 exit_status = run.train()
     except NonFiniteLoss as error:
         exit_status, status = 1, "diverged"
-        kept = (f"the last good checkpoint is {os.path.join(run.run_dir, checkpoint.LAST)} "
+        kept = (f"the last good checkpoint is {run.folder.last} "
                 f"(step {run.last_checkpoint_step})" if run.last_checkpoint_step is not None
                 else "no checkpoint had been written")
         applied = "applied on the IPU, then stopped" if error.applied else \
@@ -632,7 +610,7 @@ def conclude(run, config):
         message = (f"error: {error} at step {run.step + 1} (epoch "
                    f"{run.step // run.steps_per_epoch + 1}); {applied}; {kept}")
     except RunFolderError as error:  # a full disk: the checkpoint before stays the last
-        kept = (f"checkpoint_last.pt holds step {run.last_checkpoint_step}"
+        kept = (f"{run.folder.LAST} holds step {run.last_checkpoint_step}"
                 if run.last_checkpoint_step is not None else "no checkpoint was written")
         raise RunFolderError(f"{error}; {kept}") from None
     else:
@@ -648,7 +626,7 @@ def conclude(run, config):
     run.context.close()
     if not run.context.is_main:
         return None, exit_status  # rank 0 reports for every process
-    files.write_json(os.path.join(run.run_dir, "summary.json"), summary)
+    files.write_json(run.folder.summary, summary)
     if message:
         print(message, file=sys.stderr, flush=True)
     return summary, exit_status

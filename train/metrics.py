@@ -8,7 +8,7 @@ import json
 import os
 
 from train.config import ConfigError
-from train.files import RunFolderError, reason, write_atomically
+from train.files import RunFolder, RunFolderError, reason, write_atomically
 
 
 def read_records(path):
@@ -54,7 +54,7 @@ class RunLog:
     a resumed run appends after it."""
 
     def __init__(self, run_dir, config):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = RunFolder(run_dir).metrics
         try:  # a resumed run appends; O_NOFOLLOW: never through a symlink planted there
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
