@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.processes import alive, children, free_port
+from tests.processes import alive, children
 from train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +155,7 @@ def frozen_peer_worker(rank, port, folder):
 def test_a_frozen_peer_fails_the_collective_with_one_line_after_the_timeout(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(frozen_peer_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(frozen_peer_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2, join=True)
     messages = json.loads((tmp_path / "messages.json").read_text())
     assert len(messages) == 2  # sum, then close's barrier
     for failure in messages:

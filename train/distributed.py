@@ -18,6 +18,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import sys
 from datetime import timedelta
 
@@ -131,6 +132,13 @@ def stop_with_launcher():
         return  # (a seccomp sandbox may refuse it): the worker then outlives its launcher
     if os.getppid() != parent:  # the launcher died before the request: as if it had come
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def world_size_from_env():
