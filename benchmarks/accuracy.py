@@ -300,11 +300,10 @@ def end_with_parent(parent):
     """Pool initializer: on Linux a worker ends when the study's process does, even by
     SIGKILL, removing its current run folder: a stopped study leaves no run training on
     and takes no further cell from its queue."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
     import shutil
     import signal
+
+    from train.distributed import stop_with_launcher
 
     def end(signum, frame):
         if _running.get("folder"):
@@ -314,10 +313,7 @@ def end_with_parent(parent):
     # SIGHUP, which the training loop leaves alone (it turns SIGINT/SIGTERM into a
     # graceful stop, after which the worker would take the next cell)
     signal.signal(signal.SIGHUP, end)
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
-    if os.getppid() != parent:  # the parent ended before prctl took effect
-        end(signal.SIGHUP, None)
+    stop_with_launcher(signal.SIGHUP, parent)
 
 
 def percent(values):
