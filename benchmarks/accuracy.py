@@ -61,77 +61,45 @@ initialisation and at the end (docs/depth_sweep.png for the depth sweep of docs/
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
 and each row's paired distance below the best BatchNorm. `--report-only` runs nothing and
 rebuilds the tables and figures from what the JSON holds (while a study is still running).
+
+This module plans and runs the cells; the JSON and the statistics over seeds are
+benchmarks/accuracy_results.py's, the markdown tables benchmarks/accuracy_tables.py's and
+the figures benchmarks/accuracy_figures.py's.
 """
 import argparse
-import collections
 import concurrent.futures
 import contextlib
 import copy
 import itertools
-import json
-import math
 import multiprocessing
 import os
 import platform
-import re
 import shlex
 import sys
 import tempfile
 
-from benchmarks.measure import log2_x_axis, write_json, write_png
-from benchmarks.readme import README, markdown_table, replace_section
+from benchmarks.accuracy_figures import (plot_accuracy_vs_micro_batch, plot_depth_sweep,
+                                         plot_error_vs_budget, plot_training_curves)
+from benchmarks.accuracy_results import (NORMS, REGULARISATION, StudyError, add_run,
+                                         budget_runs, cell_key, load_report, split_invariant,
+                                         study_runs)
+from benchmarks.accuracy_tables import headline, table, time_table
+from benchmarks.measure import write_json
+from benchmarks.readme import README, replace_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "accuracy.json")
 EVIDENCE = os.path.join(ROOT, "docs", "evidence.md")
-NORMS = ["batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn"]
 FAMILIES = {  # --data: the config family, `FAMILY_NORM` in configs.yml
     "digits": "digits_resnet",
     "cluttered_digits": "cluttered_digits_preact_resnet20",
     "cifar10": "cifar10_preact_resnet20",
 }
-# The settings that make two runs the same cell; a finished cell is skipped when they agree.
-# Settings added later have a default, so cells recorded before them keep their key.
-KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
-                "global_batch": None, "micro_batch_size": None, "seed": None, "epochs": None,
-                "max_steps": None, "lr": None, "holdout": False,
-                "label_smoothing": 0.0, "mixup_alpha": 0.0}
-REGULARISATION = {"label_smoothing": "label smoothing", "mixup_alpha": "mixup"}
 COLLAPSE_IMAGES = 256  # validation images over which each run's collapse is measured
-
-
-class StudyError(Exception):
-    """A bad argument or config: one line, exit status 2."""
 
 
 class RunFailed(Exception):
     """A training run raised: the study stops with what finished kept, exit status 1."""
-
-
-def load_report(path):
-    if not os.path.exists(path):
-        return {"runs": []}
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, ValueError) as error:
-        raise StudyError(f"cannot read {path}: {error}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
-        raise StudyError(f"{path} is not an accuracy study (no 'runs' list)")
-    return report
-
-
-def cell_key(cell):
-    return tuple(json.dumps(cell.get(name, default)) for name, default in KEY_DEFAULTS.items())
-
-
-def split_invariant(norm):
-    """Whether the norm's statistics ignore how the global batch is split into micro-batches:
-    every batch-independent norm, and sync_batch over all replicas (the study's
-    bn_group_size 0). tests/test_execution_plans.py proves both exactly."""
-    from proxynorm.norms import norm_kind
-    kind = norm_kind(norm)
-    return not kind.batch_statistics or kind.synchronised
 
 
 def family_configs(configs, data):
@@ -142,7 +110,7 @@ def family_configs(configs, data):
 
 def plan(args):
     """The cells of the study, in run order: config, micro-batch, seed; each a dict with the
-    KEY settings and the overrides to train it."""
+    settings that key it (accuracy_results.KEY_DEFAULTS) and the overrides to train it."""
     from train.config import ConfigError, load_configs, resolve_config
 
     configs = load_configs()
@@ -280,19 +248,6 @@ def validation_curve(path):
     return curve
 
 
-def finished(run):
-    """Whether a run trained its whole recipe (or its --max-steps): not diverged or cut short."""
-    return run["status"] in ("finished", "max_steps")
-
-
-def mean_std(values):
-    """Mean and sample standard deviation (n - 1; 0 for one value)."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
-        if len(values) > 1 else 0.0
-    return mean, std
-
-
 _running = {}  # this worker's current run folder, for end_with_parent
 
 
@@ -300,11 +255,10 @@ def end_with_parent(parent):
     """Pool initializer: on Linux a worker ends when the study's process does, even by
     SIGKILL, removing its current run folder: a stopped study leaves no run training on
     and takes no further cell from its queue."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
     import shutil
     import signal
+
+    from train.distributed import stop_with_launcher
 
     def end(signum, frame):
         if _running.get("folder"):
@@ -314,467 +268,7 @@ def end_with_parent(parent):
     # SIGHUP, which the training loop leaves alone (it turns SIGINT/SIGTERM into a
     # graceful stop, after which the worker would take the next cell)
     signal.signal(signal.SIGHUP, end)
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
-    if os.getppid() != parent:  # the parent ended before prctl took effect
-        end(signal.SIGHUP, None)
-
-
-def percent(values):
-    mean, std = mean_std(values)
-    return f"{100 * mean:.2f}" if len(values) < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def regularisation(run):
-    """The run's extra regularisation, in words ("none" for runs recorded before it was)."""
-    parts = [f"{words} {run.get(option, KEY_DEFAULTS[option]):g}"
-             for option, words in REGULARISATION.items()
-             if run.get(option, KEY_DEFAULTS[option])]
-    return ", ".join(parts) or "none"
-
-
-def table(report):
-    """The markdown table: one row per (data, model, norm, global batch, length, lr,
-    regularisation), one
-    column per micro-batch; a cell is the mean +- std of the final validation accuracy (%)
-    and the number of seeds. A split-invariant norm run at one micro-batch shows its value
-    in every column, marked with *."""
-    runs = report["runs"]
-    if not runs:
-        return "No runs yet."
-    micro_batches = sorted({run["micro_batch_size"] for run in runs})
-    groups = {}
-    for run in runs:
-        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
-               run["norm"], run["global_batch"], run["epochs"], run["max_steps"], run["lr"],
-               regularisation(run))
-        groups.setdefault(row, {}).setdefault(run["micro_batch_size"], []).append(run)
-    order = {norm: i for i, norm in enumerate(NORMS)}
-    rows, once = [], set()
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[4], k[5], k[6], k[7] != "none",
-                                             k[7], order.get(k[2], len(order)), k[2])):
-        data, model, norm, global_batch, epochs, max_steps, lr, extra = key
-        by_micro_batch = groups[key]
-        shared = None
-        if len(by_micro_batch) == 1 and all(r.get("split_invariant") for runs in
-                                            by_micro_batch.values() for r in runs):
-            (shared,) = by_micro_batch
-            once.add(shared)
-        cells = []
-        for micro_batch in micro_batches:
-            done = by_micro_batch.get(micro_batch if shared is None else shared, [])
-            accuracies = [r["val_accuracy"] for r in done if r["val_accuracy"] is not None
-                          and finished(r)]
-            failed = len(done) - len(accuracies)
-            cell = f"{percent(accuracies)} ({len(accuracies)})" if accuracies else "–"
-            if failed:
-                cell += f", {failed} diverged"
-            if shared is not None:
-                cell += " *"
-            cells.append(cell)
-        steps = sorted({r.get("steps") for runs in by_micro_batch.values() for r in runs}
-                       - {None})
-        length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
-        length += f" ({'/'.join(map(str, steps))} steps)" if steps else ""
-        rows.append([data, f"`{model}`", f"`{norm}`", global_batch, length, lr, extra, *cells])
-    header = ["data", "model", "norm", "global batch", "length", "lr", "regularisation",
-              *[f"micro-batch {mb}" for mb in micro_batches]]
-    commands = sorted({run["command"] for run in runs})
-    seeds = sorted({run["seed"] for run in runs})
-    environment = report.get("environment", {})
-    threads = sorted({run.get("recipe", {}).get("cpu_threads") for run in runs} - {None})
-    threads = " or ".join(map(str, threads)) or "?"
-    # a seed reproduces a run only on the same kind of CPU (its kernels round differently)
-    runs_by_cpu = collections.Counter(run.get("cpu", "an unrecorded CPU") for run in runs)
-    machines = ", ".join(f"{count} on {cpu}" if len(runs_by_cpu) > 1 else cpu
-                         for cpu, count in runs_by_cpu.most_common())
-    note = (f"Final validation accuracy (%), mean ± standard deviation (n - 1) over seeds "
-            f"({', '.join(map(str, seeds))}), the number of seeds in brackets; \"–\": not run "
-            f"yet. The global batch is micro-batch x replicas (gradient accumulation 1): "
-            f"`batch` normalises over one micro-batch, `sync_batch` over the whole global "
-            f"batch, the others over one sample, and at one seed every column sees the same "
-            f"batches in the same order. ")
-    if once:
-        note += (f"*: run once per seed at micro-batch {'/'.join(map(str, sorted(once)))}; "
-                 f"this norm's statistics do not depend on how the global batch is split "
-                 f"(tests/test_execution_plans.py proves it exactly), so the value stands "
-                 f"for every column. ")
-    note += (f"Each config's recipe (optimiser, lr, schedule, epochs, regularisation: label "
-             f"smoothing and mixup beyond the weight decay every run has) as in configs.yml, lr "
-             f"not rescaled for the global batch; {threads} CPU thread(s) per run "
-             f"({machines}; torch {environment.get('torch', '?')}). "
-             + " ".join(f"`{command}`" for command in commands) + ".")
-    return markdown_table(header, rows) + "\n\n" + note
-
-
-def time_table(report):
-    """The markdown table of what the runs took: per (data, model, length), the wall minutes
-    of one run, lowest to highest, for the norms with batch statistics and for the
-    batch-independent ones, and the hours of all the row's runs together."""
-    groups = {}
-    for run in report["runs"]:
-        if run.get("wall_seconds") is None:
-            continue
-        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
-               run["epochs"], run["max_steps"])
-        kind = "independent" if split_invariant(run["norm"]) and run["norm"] != "sync_batch" \
-            else "batch"
-        groups.setdefault(row, {}).setdefault(kind, []).append(run["wall_seconds"] / 60)
-    if not groups:
-        return "No timed runs yet."
-
-    def minutes(values):
-        if not values:
-            return "–"
-        return f"{min(values):.0f}–{max(values):.0f} ({len(values)})"
-
-    rows = []
-    for key in sorted(groups):
-        data, model, epochs, max_steps = key
-        by_kind = groups[key]
-        every = [m for values in by_kind.values() for m in values]
-        length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
-        rows.append([data, f"`{model}`", length, minutes(by_kind.get("batch", [])),
-                     minutes(by_kind.get("independent", [])), f"{sum(every) / 60:.1f}"])
-    header = ["data", "model", "length", "`batch`, `sync_batch`: minutes per run",
-              "batch-independent norms: minutes per run", "all the runs: hours"]
-    note = ("Wall time of each run (one process, one thread), from its start to its summary, "
-            "lowest to highest, the number of runs in brackets; the hours add up the row's "
-            "runs. The studies ran `--jobs 2` on a 2-core machine, so each run shared the "
-            "cores with another (and at times with a third process or other work): these "
-            "are the times the runs took, not a speed benchmark.")
-    return markdown_table(header, rows) + "\n\n" + note
-
-
-NORM_WORDS = {"batch": "BatchNorm", "sync_batch": "BatchNorm", "group": "GroupNorm",
-              "layer": "LayerNorm", "instance": "InstanceNorm",
-              "group_pn": "GroupNorm + Proxy Norm", "layer_pn": "LayerNorm + Proxy Norm",
-              "none": "no normalisation"}
-
-
-def headline(runs, planned=()):
-    """The README's headline table of one study's runs (one recipe per norm): a row per
-    (norm, micro-batch), best first, with each row's distance below the best BatchNorm row
-    as the mean of the per-seed differences (a seed fixes the batches, so the comparison
-    is paired) and their range. Rows of `planned` cells (the study's plan) with no finished
-    run yet follow, marked so."""
-    def row_key(run):
-        return run["norm"], None if run.get("split_invariant") else run["micro_batch_size"]
-
-    groups = {}
-    for run in runs:
-        if run["val_accuracy"] is not None and finished(run):
-            groups.setdefault(row_key(run), {})[run["seed"]] = run
-    missing = {}
-    for cell in planned:
-        if row_key(cell) not in groups:
-            missing.setdefault(row_key(cell), cell)
-    if not groups and not missing:
-        return "No runs yet."
-    mean = {key: mean_std([r["val_accuracy"] for r in by_seed.values()])[0]
-            for key, by_seed in groups.items()}
-    # on a tie (sync_batch over all replicas is BatchNorm over the whole global batch) the
-    # synchronised one is the reference
-    batchnorms = sorted((key for key in groups if key[0] in ("batch", "sync_batch")),
-                        key=lambda k: k[0] != "sync_batch")
-    best = max(batchnorms, key=mean.get) if batchnorms else None
-
-    def statistics_over(run):
-        replicas = run["global_batch"] // run["micro_batch_size"]
-        if run["norm"] == "sync_batch":
-            return f"{run['global_batch']} samples (synchronised over {replicas} replicas)"
-        if run["norm"] == "batch":
-            return f"{run['micro_batch_size']} samples (" + (
-                "one replica)" if replicas == 1 else f"per replica, {replicas} replicas)")
-        return "1 sample"
-
-    def label(norm):
-        return f"{NORM_WORDS.get(norm, norm)} (`{norm}`)"
-
-    rows = []
-    for key in sorted(groups, key=lambda k: (-mean[k], k != best)):
-        by_seed = groups[key]
-        run = next(iter(by_seed.values()))
-        below = "–"
-        if best is not None and key != best:
-            paired = [100 * (groups[best][seed]["val_accuracy"] - r["val_accuracy"])
-                      for seed, r in by_seed.items() if seed in groups[best]]
-            if paired:
-                below = f"{sum(paired) / len(paired):.2f}"
-                if len(paired) > 1:
-                    below += f" ({min(paired):.2f} to {max(paired):.2f})"
-        accuracies = [r["val_accuracy"] for r in by_seed.values()]
-        rows.append([label(key[0]), statistics_over(run), regularisation(run),
-                     f"{percent(accuracies)} ({len(accuracies)})", below])
-    for key, cell in missing.items():
-        rows.append([label(key[0]), statistics_over(cell), regularisation(cell),
-                     "not run yet", "–"])
-    header = ["norm", "statistics over", "extra regularisation",
-              "final validation accuracy (%)", "below the best BatchNorm (points)"]
-    first = runs[0] if runs else next(iter(missing.values()))
-    seeds = sorted({run["seed"] for run in [*runs, *planned]})
-    note = (f"{first['data']}, `{first['model']}`, global batch {first['global_batch']}, "
-            f"{first['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean ± standard "
-            f"deviation (n - 1) over the seeds, their number in brackets. Below the best "
-            f"BatchNorm: the mean of the per-seed differences (a seed fixes the batches) and "
-            f"their range; negative is above it.")
-    return markdown_table(header, rows) + "\n\n" + note
-
-
-def study_runs(report, cells):
-    """The report's finished runs of `cells` (a study's plan), in plan order."""
-    by_key = {cell_key(run): run for run in report["runs"]}
-    return [by_key[cell_key(cell)] for cell, _ in cells if cell_key(cell) in by_key
-            and finished(by_key[cell_key(cell)])]
-
-
-def plot_accuracy_vs_micro_batch(runs, path, micro_batches=None):
-    """Final validation accuracy (mean +- std over seeds) against the micro-batch, a line per
-    norm, on the study's grid (`micro_batches`, default: those of the runs). A
-    split-invariant norm run once per seed is one measurement, not one per micro-batch: a
-    single marker where it ran, and a dashed line across the axis at its mean (any split
-    gives the same value)."""
-    from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
-
-    micro_batches = sorted(set(micro_batches or []) | {run["micro_batch_size"] for run in runs})
-    by_norm = {}
-    for run in runs:
-        by_norm.setdefault(run["norm"], {}).setdefault(run["micro_batch_size"], []).append(
-            100 * run["val_accuracy"])
-    figure = Figure(figsize=(7, 4.5))
-    axis = figure.subplots()
-    order = {norm: i for i, norm in enumerate(NORMS)}
-    norms = sorted(by_norm, key=lambda n: order.get(n, len(order)))
-    once = [norm for norm in norms if len(by_norm[norm]) == 1 and all(
-        r.get("split_invariant") for r in runs if r["norm"] == norm)]
-    for color, norm in enumerate(norms):
-        points = by_norm[norm]
-        if norm in once:
-            ((ran, values),) = points.items()
-            mean, std = mean_std(values)
-            axis.axhline(mean, color=f"C{color}", linestyle="--", linewidth=1)
-            # nudged sideways so that the norms measured at one micro-batch keep their
-            # error bars apart
-            nudge = 1.05 ** (once.index(norm) - (len(once) - 1) / 2)
-            axis.errorbar([ran * nudge], [mean], yerr=[std], capsize=3, marker="o",
-                          color=f"C{color}", label=f"{norm} (run at {ran}; any split)")
-        else:
-            xs = sorted(points)
-            stats = [mean_std(points[x]) for x in xs]
-            axis.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                          marker="o", color=f"C{color}", label=norm)
-    log2_x_axis(axis, micro_batches, f"micro-batch (global batch {runs[0]['global_batch']})")
-    axis.set_ylabel("final validation accuracy (%)")
-    axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}, {runs[0]['epochs']} epochs: "
-                   f"mean ± std over seeds")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    write_png(figure, path)
-
-
-def plain_log_y(axis):
-    """A log y axis whose tick labels read as plain numbers (2, 3, 10), not powers of ten."""
-    from matplotlib.ticker import ScalarFormatter
-
-    axis.set_yscale("log")
-    axis.yaxis.set_major_formatter(ScalarFormatter())
-    axis.yaxis.set_minor_formatter(ScalarFormatter())
-
-
-def budget_runs(report, cells):
-    """The report's finished runs of `cells` (a study's plan) at any number of epochs: the
-    same recipe, split and seed trained for longer or shorter."""
-    wanted = {cell_key({**cell, "epochs": None}) for cell, _ in cells}
-    return [run for run in report["runs"]
-            if finished(run) and cell_key({**run, "epochs": None}) in wanted]
-
-
-def plot_error_vs_budget(runs, path):
-    """Final validation error (mean +- std over seeds) against the number of epochs trained,
-    a line per (norm, micro-batch), log scales: how much of a gap is a matter of budget. A
-    line stops at the longest budget it has finished runs for, and says so in the legend
-    where others go further: nothing is drawn that did not run."""
-    from matplotlib.figure import Figure
-
-    groups = {}
-    for run in runs:
-        key = (run["norm"], 0 if run.get("split_invariant") else run["micro_batch_size"])
-        groups.setdefault(key, {}).setdefault(run["epochs"], []).append(
-            100 * (1 - run["val_accuracy"]))
-    figure = Figure(figsize=(7, 4.5))
-    axis = figure.subplots()
-    order = {norm: i for i, norm in enumerate(NORMS)}
-    longest = max(run["epochs"] for run in runs)
-    for norm, micro_batch in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
-        by_epochs = groups[norm, micro_batch]
-        epochs = sorted(by_epochs)
-        stats = [mean_std(by_epochs[e]) for e in epochs]
-        label = norm + (f", micro-batch {micro_batch}" if micro_batch else "")
-        if epochs[-1] < longest:
-            label += f" (not run past {epochs[-1]})"
-        axis.errorbar(epochs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                      marker="o", label=label)
-    log2_x_axis(axis, sorted({run["epochs"] for run in runs}),
-                "epochs trained (cosine schedule over the whole run)")
-    plain_log_y(axis)
-    axis.set_ylabel("final validation error (%, 100 - accuracy)")
-    axis.set_title(f"{runs[0]['data']}, {runs[0]['model']}: mean ± std over seeds")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8, loc="upper right")
-    figure.tight_layout()
-    write_png(figure, path)
-
-
-def plot_training_curves(runs, path):
-    """Validation error and training loss against the step, a line per (norm, micro-batch) of
-    the runs at the mean over seeds, in a band from the lowest seed to the highest (so that a
-    seed far from the others shows); both on log scales, so that the last few tenths of a
-    point between the norms show beside the first epochs' tens."""
-    from matplotlib.figure import Figure
-
-    groups = {}
-    for run in runs:
-        label = run["norm"] if run.get("split_invariant") else \
-            f"{run['norm']}, micro-batch {run['micro_batch_size']}"
-        groups.setdefault(label, []).append(run["curve"])
-    figure = Figure(figsize=(11, 4.5))
-    error_axis, loss_axis = figure.subplots(1, 2)
-    for color, (label, curves) in enumerate(groups.items()):
-        length = min(len(curve) for curve in curves)
-        steps = [curves[0][i]["step"] for i in range(length)]
-        error = [[100 * (1 - c[i]["val_accuracy"]) for c in curves] for i in range(length)]
-        loss = [[c[i]["train_loss"] for c in curves]
-                if all(c[i]["train_loss"] is not None for c in curves) else [math.nan]
-                for i in range(length)]  # None: no training record before that validation
-        for axis, values in ((error_axis, error), (loss_axis, loss)):
-            axis.plot(steps, [sum(v) / len(v) for v in values], marker=".",
-                      color=f"C{color}", label=label)
-            known = [(step, v) for step, v in zip(steps, values) if not math.isnan(v[0])]
-            if known:  # a NaN in a band breaks a log axis
-                axis.fill_between([step for step, _ in known], [min(v) for _, v in known],
-                                  [max(v) for _, v in known], color=f"C{color}", alpha=0.15,
-                                  linewidth=0)
-    error_axis.set_ylabel("validation error (%, 100 - accuracy)")
-    plain_log_y(error_axis)
-    loss_axis.set_ylabel("training loss (mean since the last validation)")
-    loss_axis.set_yscale("log")
-    for axis in (error_axis, loss_axis):
-        axis.set_xlabel("optimiser step")
-        axis.grid(alpha=0.3)
-    error_axis.legend(fontsize=7, loc="upper right")
-    figure.suptitle(f"{runs[0]['data']}, {runs[0]['model']}: mean over seeds "
-                    f"({', '.join(map(str, sorted({r['seed'] for r in runs})))}), "
-                    f"shaded from the lowest seed to the highest")
-    figure.tight_layout()
-    write_png(figure, path)
-
-
-def depth_sweep(runs):
-    """A depth sweep's numbers, per model in the order of `runs` (a study's finished runs):
-    {model: {"lifts": {norm: {seed: points}}, "collapse": {norm: {seed: {"init": ..., "end":
-    ...}}}}}. A lift is the final validation accuracy of `NORM_pn` minus that of `NORM`
-    (points), paired by seed at otherwise equal settings (the seed fixes the batches); a run
-    whose partner did not finish is left out. The collapse shares ("mean" over the layers and
-    "deepest") are each run's own, per norm and seed."""
-    def pair_key(run, norm):
-        return run["data"], norm, cell_key({**run, "config": None, "norm": None})
-
-    by_key = {pair_key(run, run["norm"]): run for run in runs}
-    sweep = {}
-    for run in runs:
-        model = sweep.setdefault(run["model"], {"lifts": {}, "collapse": {}})
-        if "collapse" in run:
-            model["collapse"].setdefault(run["norm"], {})[run["seed"]] = {
-                when: {key: run["collapse"][when][key] for key in ("mean", "deepest")}
-                for when in ("init", "end")}
-        twin = by_key.get(pair_key(run, run["norm"] + "_pn"))
-        if twin is not None:
-            model["lifts"].setdefault(run["norm"], {})[run["seed"]] = 100 * (
-                twin["val_accuracy"] - run["val_accuracy"])
-    return sweep
-
-
-def model_depth(model):
-    """The depth in a model's name (cifar_preact_resnet110: 110)."""
-    found = re.search(r"(\d+)$", model)
-    if found is None:
-        raise StudyError(f"--depth-figure: the model name {model} ends in no depth")
-    return int(found.group(1))
-
-
-def plot_depth_sweep(runs, path, models=()):
-    """Against depth (the models of `runs`, a study's finished runs): Proxy Norm's lift of
-    each norm's final validation accuracy (per-seed paired lifts as dots, their mean as a
-    line), and the collapse share at initialisation and at the end, mean over the layers and
-    the deepest layer (each seed a dot, the mean over seeds a line). The x axis has a tick
-    for each of `models` (the study's) too: a model with no finished run has no point there,
-    absent, not zero."""
-    from matplotlib.figure import Figure
-
-    if len({run["epochs"] for run in runs}) > 1:
-        raise StudyError("--depth-figure draws one budget: give one --epochs")
-    sweep = depth_sweep(runs)
-    depths = {model: model_depth(model) for model in [*models, *sweep]}
-    norms = sorted({norm for model in sweep.values() for norm in model["collapse"]},
-                   key=lambda n: NORMS.index(n) if n in NORMS else len(NORMS))
-    figure = Figure(figsize=(13, 4.6))
-    lift_axis, *share_axes = figure.subplots(1, 3)
-
-    def series(axis, values_by_model, offset, color, label, **style):
-        """Each seed a dot, the mean over seeds a line; dots nudged sideways (log x) so
-        that the series at one depth do not hide each other."""
-        xs, means = [], []
-        for model, values in values_by_model.items():
-            x = depths[model] * 1.04 ** offset
-            axis.scatter([x] * len(values), list(values.values()), s=18, color=color,
-                         alpha=0.5, linewidths=0)
-            xs.append(x)
-            means.append(sum(values.values()) / len(values))
-        axis.plot(xs, means, color=color, marker="o", label=label, **style)
-
-    bases = sorted({norm for model in sweep.values() for norm in model["lifts"]})
-    for i, norm in enumerate(bases):
-        series(lift_axis, {model: values["lifts"][norm] for model, values in sweep.items()
-                           if norm in values["lifts"]}, 0, f"C{i}",
-               f"{NORM_WORDS.get(norm, norm)} → + Proxy Norm")
-    lift_axis.axhline(0, color="black", linewidth=0.8)
-    lift_axis.set_ylabel("lift in final validation accuracy (points)")
-    lift_axis.set_title("Proxy Norm's lift, paired by seed")
-    for axis, statistic, title in zip(share_axes, ("mean", "deepest"),
-                                      ("collapse share, mean over layers",
-                                       "collapse share, deepest layer")):
-        for i, norm in enumerate(norms):
-            for when, style, offset in (("init", "--", -1), ("end", "-", 1)):
-                shares = {model: {seed: record[when][statistic]
-                                  for seed, record in values["collapse"][norm].items()}
-                          for model, values in sweep.items() if norm in values["collapse"]}
-                series(axis, shares, offset + 0.5 * i, f"C{i}",
-                       f"{NORM_WORDS.get(norm, norm)}, "
-                       f"{'at initialisation' if when == 'init' else 'at the end'}",
-                       linestyle=style, markerfacecolor="white" if when == "init" else None)
-        axis.set_ylim(bottom=0)
-        axis.set_ylabel("channel_squared_mean share of the power")
-        axis.set_title(title)
-    for axis in (lift_axis, *share_axes):
-        ticks = sorted(set(depths.values()))
-        log2_x_axis(axis, ticks, "depth (layers)")
-        axis.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
-        axis.grid(alpha=0.3)
-    if bases:
-        lift_axis.legend(fontsize=8)
-    else:
-        lift_axis.text(0.5, 0.5, "no norm has finished beside its\nProxy Norm twin at a seed yet",
-                       transform=lift_axis.transAxes, ha="center", va="center")
-    # the two collapse panels share their series: one legend under both
-    figure.legend(*share_axes[0].get_legend_handles_labels(), loc="lower right",
-                  bbox_to_anchor=(0.99, 0), ncol=2, fontsize=8)
-    first = runs[0]
-    figure.suptitle(f"{first['data']}, {', '.join(sweep)}, {first['epochs']} epochs, "
-                    f"seeds {', '.join(map(str, sorted({run['seed'] for run in runs})))}: "
-                    f"dots are seeds, lines their mean", fontsize=10)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
-    write_png(figure, path)
+    stop_with_launcher(signal.SIGHUP, parent)
 
 
 def command_line(argv):
@@ -887,10 +381,8 @@ def study(args, command):
         todo = []
 
     def record(cell, result):
-        key = cell_key(cell)
-        report["runs"] = [run for run in report["runs"] if cell_key(run) != key]
-        report["runs"].append({**cell, **result, "command": command,
-                               "cpu": report["environment"]["cpu"]})
+        add_run(report, {**cell, **result, "command": command,
+                         "cpu": report["environment"]["cpu"]})
         write_json(args.output, report)
         accuracy = result["val_accuracy"]
         print(f"{len(report['runs'])} in JSON: {cell['config']} model {cell['model']} norm "
@@ -924,6 +416,13 @@ def study(args, command):
         print(f"error: {error}", file=sys.stderr)
         status = 1
     write_json(args.output, report)
+    publish(args, report, cells)
+    return status
+
+
+def publish(args, report, cells):
+    """Prints the tables of the whole JSON and writes what the flags ask for: the figures
+    of the study's runs, the --markdown section and README.md's headline."""
     text = table(report) + "\n\n" + time_table(report)
     print(text)
     runs = study_runs(report, cells)
@@ -950,7 +449,6 @@ def study(args, command):
                                 headline(runs, [cell for cell, _ in cells]), README)
         except ValueError as error:
             raise StudyError(str(error)) from None
-    return status
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import torch
 from benchmarks.measure import cpu_name, log2_x_axis, write_json, write_png
 from benchmarks.readme import ROOT, markdown_table, replace_section
 from proxynorm.norms import norm_kind
+from train.distributed import free_port
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sync.json")
 PLOT = os.path.join(ROOT, "docs", "sync_benchmark.png")
@@ -162,12 +162,6 @@ def worker(args):
             json.dump({"model": args.model, "processes": world_size, "resolution": resolution,
                        "num_classes": data.num_classes, "rows": results}, f)
     context.close()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(model, processes, args):

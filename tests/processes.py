@@ -1,14 +1,6 @@
-"""Process helpers for the tests that start process groups, kill parents and check what is
-left (children and alive read Linux's /proc)."""
+"""Process helpers for the tests that kill parents and check what is left (children and
+alive read Linux's /proc)."""
 import os
-import socket
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on now, for a gloo rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid):

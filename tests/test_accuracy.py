@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from benchmarks import accuracy
+from benchmarks.accuracy_figures import plot_error_vs_budget
+from benchmarks.accuracy_results import budget_runs, cell_key, depth_sweep
+from benchmarks.accuracy_tables import headline, table, time_table
 from tests.processes import alive, children
 
 
@@ -52,7 +55,7 @@ def test_tiny_grid_writes_its_cells_a_table_and_figures(tmp_path, capsys):
         assert "--figures" not in run["command"]
         assert [point["step"] for point in run["curve"]] == [2]  # validated once, at the end
         assert run["curve"][0]["val_accuracy"] == run["val_accuracy"]
-    text = accuracy.table(report)
+    text = table(report)
     assert "| micro-batch 2 | micro-batch 8 |" in text
     assert "| digits | `digits_preact_resnet` | `batch` | 16 |" in text
     shown = next(run for run in report["runs"] if run["norm"] == "group_pn")["val_accuracy"]
@@ -69,7 +72,7 @@ def test_tiny_grid_writes_its_cells_a_table_and_figures(tmp_path, capsys):
     assert f"({cpu}; torch " in text
     older = {**report["runs"][0], "seed": 1}
     del older["cpu"]
-    mixed = accuracy.table({**report, "runs": [*report["runs"], older]})
+    mixed = table({**report, "runs": [*report["runs"], older]})
     assert f"(3 on {cpu}, 1 on an unrecorded CPU; torch " in mixed
 
 
@@ -134,11 +137,11 @@ def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, cap
 def test_cells_recorded_before_a_setting_existed_keep_their_key():
     old = {"config": "c", "model": "m", "norm": "batch", "data_path": None, "global_batch": 64,
            "micro_batch_size": 8, "seed": 0, "epochs": 3, "max_steps": 0, "lr": 0.1}
-    assert accuracy.cell_key(old) == accuracy.cell_key({**old, "holdout": False})
-    assert accuracy.cell_key(old) != accuracy.cell_key({**old, "holdout": True})
+    assert cell_key(old) == cell_key({**old, "holdout": False})
+    assert cell_key(old) != cell_key({**old, "holdout": True})
     # a config that gains label smoothing is a new cell, not one already done
-    assert accuracy.cell_key(old) == accuracy.cell_key({**old, "label_smoothing": 0.0})
-    assert accuracy.cell_key(old) != accuracy.cell_key({**old, "label_smoothing": 0.1})
+    assert cell_key(old) == cell_key({**old, "label_smoothing": 0.0})
+    assert cell_key(old) != cell_key({**old, "label_smoothing": 0.1})
 
 
 def test_table_shows_mean_and_std_over_seeds():
@@ -147,12 +150,12 @@ def test_table_shows_mean_and_std_over_seeds():
              "val_accuracy": value, "command": "python -m benchmarks.accuracy"}
             for seed, value in enumerate([0.5, 0.6, 0.7])]
     runs.append({**runs[0], "seed": 3, "status": "diverged", "val_accuracy": None})
-    text = accuracy.table({"runs": runs})
+    text = table({"runs": runs})
     assert "60.00 ± 10.00 (3), 1 diverged" in text
     assert "| 0.1 | none | 60.00" in text
     regularised = [{**run, "label_smoothing": 0.1, "mixup_alpha": 0.2, "val_accuracy": 0.9}
                    for run in runs[:1]]
-    text = accuracy.table({"runs": runs + regularised})
+    text = table({"runs": runs + regularised})
     # its own row, after the unregularised one
     assert text.index("| 0.1 | none | 60.00") < text.index(
         "| 0.1 | label smoothing 0.1, mixup 0.2 | 90.00 (1) |")
@@ -165,7 +168,7 @@ def test_time_table_gives_each_lengths_minutes_per_run_by_kind_of_norm():
 
     runs = [run("batch", 24, 600), run("sync_batch", 24, 1200), run("group_pn", 24, 660),
             run("layer", 3, 120)]
-    lines = accuracy.time_table({"runs": runs}).splitlines()
+    lines = time_table({"runs": runs}).splitlines()
     assert lines[2:4] == ["| d | `m` | 3 epochs | – | 2–2 (1) | 0.0 |",
                           "| d | `m` | 24 epochs | 10–20 (2) | 11–11 (1) | 0.7 |"]
     assert "`--jobs 2` on a 2-core machine" in lines[-1]
@@ -181,7 +184,7 @@ def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm(
             run("sync_batch", 8, 0, 0.98), run("sync_batch", 8, 1, 0.99),
             run("group_pn", 8, 0, 0.96), run("group_pn", 8, 1, 0.985),
             run("group_pn", 8, 2, None, status="diverged")]
-    lines = accuracy.headline(runs).splitlines()
+    lines = headline(runs).splitlines()
     assert lines[2:5] == [
         "| BatchNorm (`sync_batch`) | 64 samples (synchronised over 8 replicas) | mixup 0.2 "
         "| 98.50 ± 0.71 (2) | – |",
@@ -190,10 +193,10 @@ def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm(
         "| GroupNorm + Proxy Norm (`group_pn`) | 1 sample | mixup 0.2 "
         "| 97.25 ± 1.77 (2) | 1.25 (0.50 to 2.00) |"]
     assert "24 epochs, seeds 0, 1, 2" in lines[-1]
-    assert accuracy.headline([run("group", 8, 0, None, status="diverged")]) == "No runs yet."
+    assert headline([run("group", 8, 0, None, status="diverged")]) == "No runs yet."
     # a planned row with no finished run yet is shown, last, as such
     planned = [run("batch", 2, 0, None, status=None), run("group_pn", 8, 0, None, status=None)]
-    lines = accuracy.headline(runs, planned).splitlines()
+    lines = headline(runs, planned).splitlines()
     assert lines[5] == ("| BatchNorm (`batch`) | 2 samples (per replica, 32 replicas) | mixup 0.2 "
                         "| not run yet | – |")
     assert len(lines) == 8
@@ -210,9 +213,9 @@ def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
     other_seed = {**longer, "seed": 1}
     failed = {**shorter, "seed": 0, "epochs": 6, "status": "diverged", "val_accuracy": None}
     report = {"runs": [longer, shorter, other_recipe, other_seed, failed]}
-    assert accuracy.budget_runs(report, [(cell, {})]) == [longer, shorter]
+    assert budget_runs(report, [(cell, {})]) == [longer, shorter]
     path = tmp_path / "error_vs_budget.png"
-    accuracy.plot_error_vs_budget([longer, shorter], str(path))
+    plot_error_vs_budget([longer, shorter], str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -230,7 +233,7 @@ def test_depth_sweep_pairs_each_norm_with_its_proxy_norm_twin_by_seed():
             run("resnet20", "group", 2, 0.80),  # its group_pn did not finish: no lift
             run("resnet20", "group_pn", 2, 0.99, epochs=12),  # another budget: no partner
             run("resnet56", "group_pn", 0, 0.97, init=0.05)]  # no plain group yet
-    sweep = accuracy.depth_sweep(runs)
+    sweep = depth_sweep(runs)
     assert list(sweep) == ["resnet20", "resnet56"]  # a depth with no run is absent
     lifts = sweep["resnet20"]["lifts"]
     assert list(lifts) == ["group"] and set(lifts["group"]) == {0, 1}
@@ -283,7 +286,7 @@ def test_other_config_families_are_planned_without_training():
                                     "mixup": [0.2], "micro_batches": [8]}))
     assert [(c["label_smoothing"], c["mixup_alpha"]) for c, _ in cells] == [(0, 0.2), (0.1, 0.2)]
     assert [(o["label_smoothing"], o["mixup_alpha"]) for _, o in cells] == [(0, 0.2), (0.1, 0.2)]
-    assert len({accuracy.cell_key(c) for c, _ in cells}) == 2
+    assert len({cell_key(c) for c, _ in cells}) == 2
     # another model with the same recipe: its own cells, the model carried into the run
     deeper = accuracy.plan(argparse.Namespace(
         data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
@@ -304,7 +307,7 @@ def test_other_config_families_are_planned_without_training():
         data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
                                     "every_split": False, "micro_batches": [8]}))
     assert shipped[0][0]["model"] == "cifar_preact_resnet20"
-    assert accuracy.cell_key(cell) != accuracy.cell_key(shipped[0][0])
+    assert cell_key(cell) != cell_key(shipped[0][0])
 
 
 def test_a_failed_run_stops_the_study_with_its_reason(tmp_path, capsys):

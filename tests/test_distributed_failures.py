@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.processes import alive, children, free_port
+from tests.processes import alive, children
 from train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,9 +62,14 @@ def test_a_worker_gets_sigterm_when_its_parent_dies(tmp_path):
         launcher.wait()
 
 
-def test_a_parent_that_died_before_the_request_counts_as_the_signal(monkeypatch):
+@pytest.mark.parametrize("given,parents,sent", [
+    ((), [4321, 1], signal.SIGTERM),  # torchrun's workers
+    ((signal.SIGHUP, 4321), [1], signal.SIGHUP),  # benchmarks.accuracy's pool, given its parent
+])
+def test_a_parent_that_died_before_the_request_counts_as_the_signal(monkeypatch, given, parents,
+                                                                     sent):
     """The launcher may die between reading the parent and the prctl: no signal would come."""
-    calls, parents = [], iter([4321, 1])
+    calls, parents = [], iter(parents)
 
     class Libc:
         def prctl(self, *args):
@@ -75,9 +80,8 @@ def test_a_parent_that_died_before_the_request_counts_as_the_signal(monkeypatch)
     monkeypatch.setattr(distributed.ctypes, "CDLL", lambda *args, **kwargs: Libc())
     monkeypatch.setattr(distributed.os, "getppid", lambda: next(parents))
     monkeypatch.setattr(distributed.os, "kill", lambda pid, sig: calls.append(("kill", sig)))
-    distributed.stop_with_launcher()
-    assert calls == [("prctl", (distributed.PR_SET_PDEATHSIG, signal.SIGTERM)),
-                     ("kill", signal.SIGTERM)]
+    distributed.stop_with_launcher(*given)
+    assert calls == [("prctl", (distributed.PR_SET_PDEATHSIG, sent)), ("kill", sent)]
 
 
 def torchrun(run_dir, log, *flags):
@@ -156,7 +160,7 @@ def frozen_peer_worker(rank, port, folder):
 def test_a_frozen_peer_fails_the_collective_with_one_line_after_the_timeout(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(frozen_peer_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(frozen_peer_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2, join=True)
     messages = json.loads((tmp_path / "messages.json").read_text())
     assert len(messages) == 2  # sum, then close's barrier
     for failure in messages:

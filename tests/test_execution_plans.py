@@ -17,9 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.processes import free_port
 from train.config import resolve_config
-from train.distributed import Context
+from train.distributed import Context, free_port
 from train.engine import PyTorchEngine
 from train.loop import build_model
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxynorm.norms import get_norm_act
-from tests.processes import free_port
+from train.distributed import free_port
 
 WORLD = 2
 

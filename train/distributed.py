@@ -18,6 +18,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import sys
 from datetime import timedelta
 
@@ -114,8 +115,10 @@ class Context:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def stop_with_launcher():
-    """Asks Linux to send this process SIGTERM when its parent, the torchrun agent, dies.
+def stop_with_launcher(signum=signal.SIGTERM, parent=None):
+    """Asks Linux to send this process `signum` (SIGTERM) when its parent, the torchrun
+    agent, dies. `parent`: the launcher's pid where the caller was given it (a process
+    pool's worker may start after its parent died), else this process's parent now.
 
     torchrun starts workers in their own session, so a `kill -9` of the launcher reaches
     none of them: without this they would train on, orphaned. The signal follows the death
@@ -125,12 +128,19 @@ def stop_with_launcher():
     """
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
         return  # (a seccomp sandbox may refuse it): the worker then outlives its launcher
     if os.getppid() != parent:  # the launcher died before the request: as if it had come
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def world_size_from_env():

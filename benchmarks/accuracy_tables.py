@@ -1,0 +1,202 @@
+"""The accuracy study's markdown: the grid of final accuracies (docs/evidence.md), the wall
+time of its runs, and README.md's headline table, built from benchmarks.accuracy_results."""
+import collections
+
+from benchmarks.accuracy_results import (KEY_DEFAULTS, NORM_WORDS, NORMS, REGULARISATION,
+                                         finished, mean_std, split_invariant)
+from benchmarks.readme import markdown_table
+
+
+def percent(values):
+    mean, std = mean_std(values)
+    return f"{100 * mean:.2f}" if len(values) < 2 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def regularisation(run):
+    """The run's extra regularisation, in words ("none" for runs recorded before it was)."""
+    parts = [f"{words} {run.get(option, KEY_DEFAULTS[option]):g}"
+             for option, words in REGULARISATION.items()
+             if run.get(option, KEY_DEFAULTS[option])]
+    return ", ".join(parts) or "none"
+
+
+def table(report):
+    """The markdown table: one row per (data, model, norm, global batch, length, lr,
+    regularisation), one
+    column per micro-batch; a cell is the mean +- std of the final validation accuracy (%)
+    and the number of seeds. A split-invariant norm run at one micro-batch shows its value
+    in every column, marked with *."""
+    runs = report["runs"]
+    if not runs:
+        return "No runs yet."
+    micro_batches = sorted({run["micro_batch_size"] for run in runs})
+    groups = {}
+    for run in runs:
+        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
+               run["norm"], run["global_batch"], run["epochs"], run["max_steps"], run["lr"],
+               regularisation(run))
+        groups.setdefault(row, {}).setdefault(run["micro_batch_size"], []).append(run)
+    order = {norm: i for i, norm in enumerate(NORMS)}
+    rows, once = [], set()
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[4], k[5], k[6], k[7] != "none",
+                                             k[7], order.get(k[2], len(order)), k[2])):
+        data, model, norm, global_batch, epochs, max_steps, lr, extra = key
+        by_micro_batch = groups[key]
+        shared = None
+        if len(by_micro_batch) == 1 and all(r.get("split_invariant") for runs in
+                                            by_micro_batch.values() for r in runs):
+            (shared,) = by_micro_batch
+            once.add(shared)
+        cells = []
+        for micro_batch in micro_batches:
+            done = by_micro_batch.get(micro_batch if shared is None else shared, [])
+            accuracies = [r["val_accuracy"] for r in done if r["val_accuracy"] is not None
+                          and finished(r)]
+            failed = len(done) - len(accuracies)
+            cell = f"{percent(accuracies)} ({len(accuracies)})" if accuracies else "–"
+            if failed:
+                cell += f", {failed} diverged"
+            if shared is not None:
+                cell += " *"
+            cells.append(cell)
+        steps = sorted({r.get("steps") for runs in by_micro_batch.values() for r in runs}
+                       - {None})
+        length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
+        length += f" ({'/'.join(map(str, steps))} steps)" if steps else ""
+        rows.append([data, f"`{model}`", f"`{norm}`", global_batch, length, lr, extra, *cells])
+    header = ["data", "model", "norm", "global batch", "length", "lr", "regularisation",
+              *[f"micro-batch {mb}" for mb in micro_batches]]
+    commands = sorted({run["command"] for run in runs})
+    seeds = sorted({run["seed"] for run in runs})
+    environment = report.get("environment", {})
+    threads = sorted({run.get("recipe", {}).get("cpu_threads") for run in runs} - {None})
+    threads = " or ".join(map(str, threads)) or "?"
+    # a seed reproduces a run only on the same kind of CPU (its kernels round differently)
+    runs_by_cpu = collections.Counter(run.get("cpu", "an unrecorded CPU") for run in runs)
+    machines = ", ".join(f"{count} on {cpu}" if len(runs_by_cpu) > 1 else cpu
+                         for cpu, count in runs_by_cpu.most_common())
+    note = (f"Final validation accuracy (%), mean ± standard deviation (n - 1) over seeds "
+            f"({', '.join(map(str, seeds))}), the number of seeds in brackets; \"–\": not run "
+            f"yet. The global batch is micro-batch x replicas (gradient accumulation 1): "
+            f"`batch` normalises over one micro-batch, `sync_batch` over the whole global "
+            f"batch, the others over one sample, and at one seed every column sees the same "
+            f"batches in the same order. ")
+    if once:
+        note += (f"*: run once per seed at micro-batch {'/'.join(map(str, sorted(once)))}; "
+                 f"this norm's statistics do not depend on how the global batch is split "
+                 f"(tests/test_execution_plans.py proves it exactly), so the value stands "
+                 f"for every column. ")
+    note += (f"Each config's recipe (optimiser, lr, schedule, epochs, regularisation: label "
+             f"smoothing and mixup beyond the weight decay every run has) as in configs.yml, lr "
+             f"not rescaled for the global batch; {threads} CPU thread(s) per run "
+             f"({machines}; torch {environment.get('torch', '?')}). "
+             + " ".join(f"`{command}`" for command in commands) + ".")
+    return markdown_table(header, rows) + "\n\n" + note
+
+
+def time_table(report):
+    """The markdown table of what the runs took: per (data, model, length), the wall minutes
+    of one run, lowest to highest, for the norms with batch statistics and for the
+    batch-independent ones, and the hours of all the row's runs together."""
+    groups = {}
+    for run in report["runs"]:
+        if run.get("wall_seconds") is None:
+            continue
+        row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
+               run["epochs"], run["max_steps"])
+        kind = "independent" if split_invariant(run["norm"]) and run["norm"] != "sync_batch" \
+            else "batch"
+        groups.setdefault(row, {}).setdefault(kind, []).append(run["wall_seconds"] / 60)
+    if not groups:
+        return "No timed runs yet."
+
+    def minutes(values):
+        if not values:
+            return "–"
+        return f"{min(values):.0f}–{max(values):.0f} ({len(values)})"
+
+    rows = []
+    for key in sorted(groups):
+        data, model, epochs, max_steps = key
+        by_kind = groups[key]
+        every = [m for values in by_kind.values() for m in values]
+        length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
+        rows.append([data, f"`{model}`", length, minutes(by_kind.get("batch", [])),
+                     minutes(by_kind.get("independent", [])), f"{sum(every) / 60:.1f}"])
+    header = ["data", "model", "length", "`batch`, `sync_batch`: minutes per run",
+              "batch-independent norms: minutes per run", "all the runs: hours"]
+    note = ("Wall time of each run (one process, one thread), from its start to its summary, "
+            "lowest to highest, the number of runs in brackets; the hours add up the row's "
+            "runs. The studies ran `--jobs 2` on a 2-core machine, so each run shared the "
+            "cores with another (and at times with a third process or other work): these "
+            "are the times the runs took, not a speed benchmark.")
+    return markdown_table(header, rows) + "\n\n" + note
+
+
+def headline(runs, planned=()):
+    """The README's headline table of one study's runs (one recipe per norm): a row per
+    (norm, micro-batch), best first, with each row's distance below the best BatchNorm row
+    as the mean of the per-seed differences (a seed fixes the batches, so the comparison
+    is paired) and their range. Rows of `planned` cells (the study's plan) with no finished
+    run yet follow, marked so."""
+    def row_key(run):
+        return run["norm"], None if run.get("split_invariant") else run["micro_batch_size"]
+
+    groups = {}
+    for run in runs:
+        if run["val_accuracy"] is not None and finished(run):
+            groups.setdefault(row_key(run), {})[run["seed"]] = run
+    missing = {}
+    for cell in planned:
+        if row_key(cell) not in groups:
+            missing.setdefault(row_key(cell), cell)
+    if not groups and not missing:
+        return "No runs yet."
+    mean = {key: mean_std([r["val_accuracy"] for r in by_seed.values()])[0]
+            for key, by_seed in groups.items()}
+    # on a tie (sync_batch over all replicas is BatchNorm over the whole global batch) the
+    # synchronised one is the reference
+    batchnorms = sorted((key for key in groups if key[0] in ("batch", "sync_batch")),
+                        key=lambda k: k[0] != "sync_batch")
+    best = max(batchnorms, key=mean.get) if batchnorms else None
+
+    def statistics_over(run):
+        replicas = run["global_batch"] // run["micro_batch_size"]
+        if run["norm"] == "sync_batch":
+            return f"{run['global_batch']} samples (synchronised over {replicas} replicas)"
+        if run["norm"] == "batch":
+            return f"{run['micro_batch_size']} samples (" + (
+                "one replica)" if replicas == 1 else f"per replica, {replicas} replicas)")
+        return "1 sample"
+
+    def label(norm):
+        return f"{NORM_WORDS.get(norm, norm)} (`{norm}`)"
+
+    rows = []
+    for key in sorted(groups, key=lambda k: (-mean[k], k != best)):
+        by_seed = groups[key]
+        run = next(iter(by_seed.values()))
+        below = "–"
+        if best is not None and key != best:
+            paired = [100 * (groups[best][seed]["val_accuracy"] - r["val_accuracy"])
+                      for seed, r in by_seed.items() if seed in groups[best]]
+            if paired:
+                below = f"{sum(paired) / len(paired):.2f}"
+                if len(paired) > 1:
+                    below += f" ({min(paired):.2f} to {max(paired):.2f})"
+        accuracies = [r["val_accuracy"] for r in by_seed.values()]
+        rows.append([label(key[0]), statistics_over(run), regularisation(run),
+                     f"{percent(accuracies)} ({len(accuracies)})", below])
+    for key, cell in missing.items():
+        rows.append([label(key[0]), statistics_over(cell), regularisation(cell),
+                     "not run yet", "–"])
+    header = ["norm", "statistics over", "extra regularisation",
+              "final validation accuracy (%)", "below the best BatchNorm (points)"]
+    first = runs[0] if runs else next(iter(missing.values()))
+    seeds = sorted({run["seed"] for run in [*runs, *planned]})
+    note = (f"{first['data']}, `{first['model']}`, global batch {first['global_batch']}, "
+            f"{first['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean ± standard "
+            f"deviation (n - 1) over the seeds, their number in brackets. Below the best "
+            f"BatchNorm: the mean of the per-seed differences (a seed fixes the batches) and "
+            f"their range; negative is above it.")
+    return markdown_table(header, rows) + "\n\n" + note
