@@ -179,6 +179,7 @@ def train_cell(name, overrides, log_dir=None):
     the error."""
     from analysis.checkpoint import first_validation_images
     from train.config import resolve_config
+    from train.files import RunFolder
     from train.loop import run
 
     started = {}
@@ -188,7 +189,8 @@ def train_cell(name, overrides, log_dir=None):
 
     with tempfile.TemporaryDirectory(prefix="accuracy-", dir=log_dir) as folder:
         _running["folder"] = folder
-        config = resolve_config(name, {**overrides, "output_dir": os.path.join(folder, "run")})
+        run_folder = RunFolder(os.path.join(folder, "run"))
+        config = resolve_config(name, {**overrides, "output_dir": run_folder.path})
         log_path = os.path.join(folder, "log.txt")
         try:
             with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
@@ -199,7 +201,7 @@ def train_cell(name, overrides, log_dir=None):
                 tail = log.read()[-2000:]
             raise RunFailed(f"{name} {overrides}: {type(error).__name__}: {error}; the run's "
                             f"output ended:\n{tail}") from None
-        curve = validation_curve(os.path.join(folder, "run", "metrics.jsonl"))
+        curve = validation_curve(run_folder.metrics)
     images = first_validation_images(started["run"].data, COLLAPSE_IMAGES)
     names, initial = collapse_shares(started["model"], images)
     _, final = collapse_shares(started["run"].engine.model, images)
