@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from datasets import error_line
 from models import get_model
 
 # config keys that are get_model family options
@@ -66,9 +67,8 @@ def load(path):
                           in_channels=first_conv.shape[1], **options)
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path}: {config['model']} with norm {config['norm']}: "
-                              f"{first}") from None
+                              f"{error_line(error)}") from None
     return model.eval(), config
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from proxynorm import ops
 from benchmarks.measure import cpu_name, log2_x_axis, saved_bytes, write_json, write_png
 from benchmarks.readme import markdown_table, replace_section
+from datasets import error_line
 from models import get_model, list_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,9 +75,8 @@ class Trainer:
 
 def failed(error):
     """The result of a variant that cannot run, with the first line of its error."""
-    text = str(error).strip()
     return {"ms": None, "images_per_second": None, "activation_bytes_per_image": None,
-            "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"}
+            "error": f"{type(error).__name__}: {error_line(error)}"}
 
 
 def synchronize(device):

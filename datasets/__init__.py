@@ -36,11 +36,17 @@ class CorruptImageError(DataError):
 
 
 def error_line(error):
-    """The one-line message of an error; a DataLoader worker's error arrives wrapped in its
-    traceback, whose last line is 'module.ErrorType: message'."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    """The one-line message of an error, for the app's one-line reports: its first line, or
+    its type's name when it has no message. A DataLoader worker's error arrives wrapped in
+    its traceback ('Caught ErrorType in DataLoader worker process 0.' ... 'module.ErrorType:
+    message'): its last line, without the type."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    if not (lines[0].startswith("Caught ") and "Traceback" in str(error)):
+        return lines[0]
     prefix = f"{type(error).__module__}.{type(error).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    return lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
 
 
 class TensorSource(Dataset):

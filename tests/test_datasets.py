@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import CorruptImageError, DataError, get_dataset
+from datasets import CorruptImageError, DataError, error_line, get_dataset
 from datasets.pipeline import EpochOrder, make_loader
 from train.__main__ import main
 
@@ -518,3 +518,21 @@ def test_reading_an_image_never_blocks_on_a_fifo(tmp_path):
         reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         writer.join()
         os.close(reader)
+
+
+def test_error_line_is_the_message_or_a_workers_last_line():
+    """The app's one-line reports: an error's first line (a state_dict mismatch lists its
+    keys below), its type without a message, and, for an error a DataLoader worker raised,
+    the original message torch wraps below the worker's traceback."""
+    assert error_line(RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s)")) == \
+        "Error(s) in loading state_dict:"
+    assert error_line(ValueError("")) == "ValueError"
+    try:
+        raise DataError("cannot read image a.png: truncated")
+    except DataError:
+        wrapped = torch._utils.ExceptionWrapper(where="in DataLoader worker process 0")
+    try:
+        wrapped.reraise()
+    except DataError as error:
+        assert str(error).startswith("Caught DataError in DataLoader worker process 0.")
+        assert error_line(error) == "cannot read image a.png: truncated"

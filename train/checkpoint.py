@@ -10,6 +10,7 @@ import re
 
 import torch
 
+from datasets import error_line
 from train.config import (OPTIONS, ConfigError, check_value, defaults, run_name, show,
                           with_role)
 from train.files import RunFolder, write_atomically
@@ -258,8 +259,7 @@ def load_state(target, state, path):
     try:
         target.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} does not fit this model: {first}") from None
+        raise CheckpointError(f"{path} does not fit this model: {error_line(error)}") from None
 
 
 def rng_state():

@@ -7,6 +7,7 @@ into the run folder's wandb/ and needs no account (`wandb sync` uploads it later
 import json
 import os
 
+from datasets import error_line
 from train.config import ConfigError
 from train.files import RunFolder, RunFolderError, reason, write_atomically
 
@@ -107,6 +108,6 @@ def start_wandb(run_dir, config):
         return wandb.init(project=config["wandb_project"], name=os.path.basename(run_dir),
                           dir=os.path.abspath(run_dir), mode=config["wandb_mode"], config=config)
     except Exception as error:  # e.g. online without `wandb login`
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"wandb_mode {config['wandb_mode']}: wandb could not start ({first}); "
+        raise ConfigError(f"wandb_mode {config['wandb_mode']}: wandb could not start "
+                          f"({error_line(error)}); "
                           f"use --wandb-mode offline or disabled") from None

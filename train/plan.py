@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from proxynorm import ops
-from datasets import Data
+from datasets import Data, error_line
 from proxynorm.norms import NORMS
 from train.config import (ConfigError, Option, _Parser, closest, describe_configs,
                           parse_command_line, parse_flag_value)
@@ -149,11 +149,9 @@ def measure(model, data, config, micro_batch):
         saved = saved_storages(lambda: F.cross_entropy(model(images), labels).backward(),
                                stage=lambda: len(starts) - 1)
     except (RuntimeError, ValueError) as error:  # e.g. BatchNorm with 1 value per channel
-        text = str(error).strip()
         raise ConfigError(f"{config['model']} with {config['norm']} cannot train at "
                           f"micro-batch {micro_batch} on {data.image_size}x{data.image_size} "
-                          f"images: {text.splitlines()[0] if text else type(error).__name__}"
-                          ) from None
+                          f"images: {error_line(error)}") from None
     finally:
         for hook in hooks:
             hook.remove()
