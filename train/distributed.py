@@ -25,6 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from datasets import error_line
 from proxynorm.norms import norm_kind
 from train.config import ConfigError
 
@@ -74,8 +75,7 @@ class Context:
         except RuntimeError as error:
             if only_transport and not TRANSPORT_ERROR.search(str(error)):
                 raise
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # gloo's [source.cc:line]
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", error_line(error))  # gloo's [source.cc:line]
             raise CollectiveError(
                 f"rank {self.rank}: a collective across the {self.world_size} processes failed "
                 f"({reason}): another process stopped, hung or died, or took longer than "
