@@ -24,11 +24,14 @@ def module_files():
 
 def imported(module, path, known):
     """The modules of `known` that `module` imports anywhere in its file. `from a import b`
-    imports a.b when that is a module, else a; parent packages, which Python imports on
-    the way, are not edges (a package's __init__ importing its own modules is no circle)."""
+    imports a.b when that is a module, else a. The parent packages that Python imports on
+    the way are no edges: else every module that its package's __init__ imports would be
+    in a circle with it."""
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
     targets = set()
-    for node in ast.walk(ast.parse(open(path).read(), path)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
