@@ -42,8 +42,7 @@ def build(model, norm, seed, zero_init_residual):
     """(network as train.loop builds it for the family's NORM config, its first validation
     canvases), the residual branches zeroed or not."""
     from analysis.checkpoint import first_validation_images
-    from train.config import resolve_config
-    from train.loop import build_model, load_data
+    from train.build import build_model, load_data, resolve_config
 
     config = resolve_config(f"{FAMILY}_{norm}", {"model": model, "seed": seed})
     torch.manual_seed(seed)  # then the data and the model, in train.loop's order

@@ -10,7 +10,7 @@
 
 Each cell (config, epochs, lr, regularisation, micro-batch, seed) is one training run of a
 named config from configs.yml, through the training application's own API
-(`train.config.resolve_config`, `train.loop.run`), with its recipe as written (optimiser,
+(`train.build.resolve_config`, `train.loop.run`), with its recipe as written (optimiser,
 lr, schedule, epochs, regularisation) except: the global batch is `--global-batch`, split as
 `micro_batch_size` x `replicas` with `gradient_accumulation` 1 (so BatchNorm's statistics
 cover one micro-batch and sync_batch's, with `bn_group_size` 0, all replicas: the whole
@@ -111,7 +111,8 @@ def family_configs(configs, data):
 def plan(args):
     """The cells of the study, in run order: config, micro-batch, seed; each a dict with the
     settings that key it (accuracy_results.KEY_DEFAULTS) and the overrides to train it."""
-    from train.config import ConfigError, load_configs, resolve_config
+    from train.build import resolve_config
+    from train.config import ConfigError, load_configs
 
     configs = load_configs()
     if args.configs:
@@ -178,7 +179,7 @@ def train_cell(name, overrides, log_dir=None):
     The run's own output goes to a log in its temporary folder; on a failure its tail is in
     the error."""
     from analysis.checkpoint import first_validation_images
-    from train.config import resolve_config
+    from train.build import resolve_config
     from train.files import RunFolder
     from train.loop import run
 

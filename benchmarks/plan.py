@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.measure import cpu_name, write_json
 from benchmarks.readme import ROOT, markdown_table, replace_section
-from train.config import resolve_config
+from train.build import resolve_config
 from train.plan import MB, NOT_MODELLED, bytes_per_sample, plan
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "plan.json")

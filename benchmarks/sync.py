@@ -100,7 +100,7 @@ class CollectiveCounter:
 
 
 def worker_config(model, norm, micro_batch, world_size, threads, device):
-    from train.config import resolve_config
+    from train.build import resolve_config
 
     return resolve_config(overrides={
         "model": model, "norm": norm, "micro_batch_size": micro_batch,
@@ -114,8 +114,8 @@ def worker(args):
     import torch.distributed as dist
 
     from train import distributed
-    from train.engine import make_engine, resolve_device
-    from train.loop import build_model
+    from train.build import build_model, make_engine
+    from train.engine import resolve_device
 
     device = distributed.local_device(resolve_device("auto"))
     world_size = distributed.world_size_from_env()

@@ -21,7 +21,7 @@ from collections import namedtuple
 
 import torch
 
-from datasets import DataError, Source, TensorSource
+from datasets.source import DataError, Source, TensorSource
 
 DIGIT_SIZE = 8  # scikit-learn's digits are 8x8
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-from datasets import Source, TensorSource
+from datasets.source import Source, TensorSource
 
 IMAGE_SIZE = 32
 VAL_FRACTION = 0.2

@@ -20,7 +20,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from datasets import CorruptImageError, DataError, Source
+from datasets.source import CorruptImageError, DataError, Source
 
 CIFAR_IMAGE_SIZE = 32
 IMAGENET_IMAGE_SIZE = 224

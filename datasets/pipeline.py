@@ -17,7 +17,7 @@ import signal
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from datasets import CorruptImageError, DataError
+from datasets.source import CorruptImageError, DataError
 
 
 def sample_seed(seed, epoch, index):

@@ -6,7 +6,7 @@ loader never limits the measured speed.
 import torch
 from torch.utils.data import Dataset
 
-from datasets import Source
+from datasets.source import Source
 
 IMAGE_SIZE = 224
 IN_CHANNELS = 3

@@ -172,8 +172,9 @@ class SyncBatchNormAct(BatchNormAct):
 
     On CPU/GPU it is BatchNormAct (replica chunks in one process, or a torchrun process
     group). On IPUs each replica is its own copy of the graph holding one micro-batch, and
-    the PopTorch engine sets `ipu_group_size`: replicas that share statistics, 0 = all,
-    1 = none (the default: plain per-replica BatchNorm, PopART's own op). While PopTorch
+    `ipu_group_size` (the PopTorch engine builds the layer with it) is the number of
+    replicas that share statistics, 0 = all, 1 = none (the default: plain per-replica
+    BatchNorm, PopART's own op). While PopTorch
     traces a training graph with ipu_group_size != 1, the layer computes float32 moments
     of its micro-batch, sums them over the group with one differentiable all-reduce
     (ops.ipu.replica_all_reduce_sum: its gradient is the all-reduce of the
@@ -182,13 +183,12 @@ class SyncBatchNormAct(BatchNormAct):
     from them: every replica of a group then holds the same running statistics.
     """
 
-    # replicas per statistics group on IPUs; set by train.ipu_engine (1 = none, 0 = all)
-    ipu_group_size = 1
-
     def __init__(self, num_channels, eps=DEFAULT_EPS, momentum=0.1, act="relu",
-                 apply_act=True, stats_chunks=1, bn_group_size=0, process_group=None, drop=None):
+                 apply_act=True, stats_chunks=1, bn_group_size=0, process_group=None, drop=None,
+                 ipu_group_size=1):
         super().__init__(num_channels, eps, momentum, act, apply_act, stats_chunks,
                          bn_group_size, process_group, drop)
+        self.ipu_group_size = ipu_group_size
 
     def forward(self, x):
         if self.training and self.ipu_group_size != 1 and ops.tracing_for_ipu():
@@ -401,7 +401,8 @@ def get_norm_act(name: str, num_channels: int, act: str = "relu", groups: Option
     between the affine and the activation as in timm, after Proxy Norm in the Proxy Norm
     layers (whose activation must follow the affine directly); for `none`, drop then act.
     kwargs go to the layer: stats_chunks, bn_group_size, process_group, momentum for the
-    BatchNorms; proxy_eps, num_proxy_samples, fused for the Proxy Norms.
+    BatchNorms (and ipu_group_size for sync_batch); proxy_eps, num_proxy_samples, fused for
+    the Proxy Norms.
     """
     kind = norm_kind(name)
     check_act(act)

@@ -83,7 +83,7 @@ def test_every_run_records_its_collapse_shares_at_initialisation_and_at_the_end(
     from analysis.power import decompose_model
     from models import get_model
     from train import loop
-    from train.config import resolve_config
+    from train.build import load_data, resolve_config
 
     trained = []
     original = loop.conclude
@@ -98,7 +98,7 @@ def test_every_run_records_its_collapse_shares_at_initialisation_and_at_the_end(
     _, report = study(tmp_path, "--norms", "group", "--micro-batches", "8", "--lr", "0.5")
     (run,) = report["runs"]
     collapse = run["collapse"]
-    data = loop.load_data(resolve_config(run["config"], {"seed": run["seed"]}))
+    data = load_data(resolve_config(run["config"], {"seed": run["seed"]}))
     images = torch.stack([data.val[(0, i)][0] for i in range(40)])
     torch.manual_seed(0)  # the run's seed, then its data and model, as train.loop builds them
     initial = get_model(run["model"], norm="group", num_classes=10, in_channels=1)

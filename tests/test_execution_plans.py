@@ -17,10 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.config import resolve_config
+from train.build import build_model, resolve_config
 from train.distributed import Context, free_port
 from train.engine import PyTorchEngine
-from train.loop import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = SimpleNamespace(num_classes=10, in_channels=1)

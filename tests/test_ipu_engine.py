@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from proxynorm import ops
 from datasets.pipeline import EpochOrder
 from proxynorm.norms import BatchNormAct, SyncBatchNormAct
-from train.config import ConfigError, global_batch_size, parse_command_line, resolve_config
-from train.engine import NonFiniteLoss, classification_loss, count_correct, make_engine
-from train.ipu_engine import (PopTorchEngine, check_config, cross_entropy, ipu_optimizer,
-                              ipu_options)
-from train.loop import build_model
+from train.build import build_model, make_engine, parse_command_line, resolve_config
+from train.config import ConfigError, global_batch_size
+from train.engine import classification_loss
+from train.ipu_engine import PopTorchEngine, cross_entropy, ipu_optimizer, ipu_options
+from train.steps import NonFiniteLoss, count_correct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = SimpleNamespace(num_classes=4, in_channels=3)  # what build_model reads of a dataset
@@ -472,20 +472,20 @@ def test_refused_combinations_are_one_line(poptorch, overrides, message):
 
 
 def test_the_ipu_model_runs_one_replica():
-    """The IPU Model does not replicate (PopART's user guide); check_config, which needs no
-    PopTorch, says so in one line and names the plan that keeps the global batch."""
+    """The IPU Model does not replicate (PopART's user guide); PopTorchEngine.check, which
+    needs no PopTorch, says so in one line and names the plan that keeps the global batch."""
     config = small_config()  # 4 replicas x micro-batches of 8
     config["ipu_model"] = True  # past resolve_config, which may run the same check
     with pytest.raises(ConfigError) as error:
-        check_config(config)
+        PopTorchEngine.check(config)
     assert str(error.value) == (
         "ipu_model: the IPU Model does not run replicated graphs, so replicas must be 1, got 4 "
         "(the same global batch: --replicas 1 --gradient-accumulation 4)")
-    check_config(small_config(ipu_model=True, replicas=1, gradient_accumulation=4))
+    PopTorchEngine.check(small_config(ipu_model=True, replicas=1, gradient_accumulation=4))
     config = small_config(ipu_model=True, replicas=1)
     config["executable_cache_dir"] = "cache"
     with pytest.raises(ConfigError) as error:
-        check_config(config)
+        PopTorchEngine.check(config)
     assert str(error.value) == ("executable_cache_dir: PopTorch caches no IPU Model executable; "
                                 "unset it (--executable-cache-dir null) with ipu_model")
 
@@ -504,6 +504,43 @@ def test_python_m_train_refuses_a_replicated_ipu_model_anywhere(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "3", "--device-iterations", "2"],
+     "max_steps 3 must be a multiple of device_iterations 2"),
+    (["--optimizer", "rmsprop", "--grad-clip-norm", "1"],
+     "grad_clip_norm: PopTorch's RMSprop has no gradient clipping; use sgd or adamw, or "
+     "--grad-clip-norm 0"),
+])
+def test_ipu_checks_run_as_the_config_is_resolved(tmp_path, capsys, monkeypatch, flags,
+                                                  message):
+    """What a PopTorch host refuses (a run stops between host calls of device_iterations
+    steps; PopTorch's RMSprop has no clipping) is refused here too, before engine ipu falls
+    back to the PyTorch engine, which would have run it."""
+    from train.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "poptorch", None)
+    assert main(["--config", "digits_resnet_group_pn", "--engine", "ipu", *flags,
+                 "--output-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()
+    assert main(["--config", "digits_resnet_group_pn", "--engine", "ipu", *flags,
+                 "--print-config"]) == 2  # printing it too: it is not a config to run
+
+
+def test_python_m_train_refuses_an_ipu_config_on_this_machine(tmp_path):
+    """`python -m train` itself, wherever it runs: a pipeline that PopTorch cannot fill is one
+    line and exit status 2, and no run folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "digits_resnet_group_pn", "--engine", "ipu",
+         "--pipeline-splits", "layer2", "--gradient-accumulation", "2",
+         "--output-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", "error: pipeline_splits: 2 pipeline stages train as 3, so gradient_accumulation "
+               "must be >= 3, got 2\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_docs_ipu_model_command_is_accepted():
     """docs/scaling.md's IPU Model command: a plan the IPU Model runs."""
     with open(os.path.join(REPO, "docs", "scaling.md")) as f:
@@ -514,7 +551,7 @@ def test_the_docs_ipu_model_command_is_accepted():
     config, _ = parse_command_line(words[3:])
     assert config["engine"] == "ipu" and config["ipu_model"] and config["replicas"] == 1
     assert global_batch_size(config) == global_batch_size(resolve_config(config["config"]))
-    check_config(config)
+    PopTorchEngine.check(config)
 
 
 def ipu_group_sizes(engine_or_model):
@@ -540,6 +577,39 @@ def test_sync_batch_across_replicas(poptorch, monkeypatch, bn_group_size, group)
     assert ipu_group_sizes(engine.eval_net.model) == {group}  # unused in evaluation
 
 
+def norm_settings(model):
+    """{(class name, stats_chunks, ipu_group_size or None)} of a model's BatchNorms."""
+    return {(type(m).__name__, m.stats_chunks, getattr(m, "ipu_group_size", None))
+            for m in model.modules() if isinstance(m, BatchNormAct)}
+
+
+@pytest.mark.parametrize("norm, bn_group_size, group", [
+    ("batch", 0, None), ("sync_batch", 0, 0), ("sync_batch", 2, 2), ("sync_batch", 1, 1)])
+def test_layers_are_built_for_the_engine(poptorch, monkeypatch, norm, bn_group_size, group):
+    """build_model asks the engine that runs the config for its layers' options: on PopTorch
+    each replica holds one micro-batch and a sync_batch layer knows its IPU group as it is
+    built. The engine takes the model as built, and refuses one built for PyTorch (whose
+    BatchNorms split a batch into the 4 replicas' chunks)."""
+    monkeypatch.setattr(ops.ipu, "is_built", lambda: True)
+    config = small_config(norm=norm, bn_group_size=bn_group_size)
+    model = build_model(config, DATA)
+    layer = "SyncBatchNormAct" if norm == "sync_batch" else "BatchNormAct"
+    assert norm_settings(model) == {(layer, 1, group)}
+    engine = PopTorchEngine(model, config)
+    assert engine.model is model and norm_settings(model) == {(layer, 1, group)}
+    on_pytorch = build_model({**config, "engine": "cpu"}, DATA)
+    assert norm_settings(on_pytorch) == {(layer, 4, None if group is None else 1)}
+    with pytest.raises(ValueError, match="the model was not built for the PopTorch engine"):
+        PopTorchEngine(on_pytorch, config)
+
+
+def test_torchvision_models_are_built_for_the_engine(poptorch):
+    """Converted models get the same layer options (convert_norms passes them on)."""
+    config = small_config(model="torchvision:resnet18", norm="sync_batch", bn_group_size=2,
+                          act=None, group_dim=None)
+    assert norm_settings(build_model(config, DATA)) == {("SyncBatchNormAct", 1, 2)}
+
+
 def test_only_sync_batch_keeps_buffers_per_replica(poptorch):
     """Per-replica BatchNorm is PopART's own op, which updates its statistics itself."""
     small_engine(small_config(norm="batch"))
@@ -552,7 +622,7 @@ def test_sync_batch_groups_must_divide_the_replicas():
     config = small_config(norm="sync_batch")
     config["bn_group_size"] = 3  # past resolve_config's own check
     with pytest.raises(ConfigError) as error:
-        check_config(config)
+        PopTorchEngine.check(config)
     assert str(error.value) == "norm sync_batch: bn_group_size 3 must divide the 4 replicas"
 
 

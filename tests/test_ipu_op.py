@@ -466,9 +466,10 @@ def ipu_tracing(monkeypatch):
     return checkpoints
 
 
-def batch_norm_layer(channels, momentum):
+def batch_norm_layer(channels, momentum, ipu_group_size=1):
     torch.manual_seed(1)
-    layer = SyncBatchNormAct(channels, momentum=momentum, act="relu")
+    layer = SyncBatchNormAct(channels, momentum=momentum, act="relu",
+                             ipu_group_size=ipu_group_size)
     with torch.no_grad():
         layer.weight.copy_(1.0 + 0.3 * torch.randn(channels))
         layer.bias.copy_(0.5 * torch.randn(channels))
@@ -505,10 +506,8 @@ def test_ipu_sync_batch_matches_batch_norm_over_the_group(ipu_tracing, monkeypat
     replicas, channels = 4, shape[1]
     emulated = EmulatedReplicas(replicas)
     monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
-    base = batch_norm_layer(channels, momentum)
+    base = batch_norm_layer(channels, momentum, group_size)
     layers = [copy.deepcopy(base).train() for _ in range(replicas)]
-    for layer in layers:
-        layer.ipu_group_size = group_size
     size = group_size or replicas
     groups = [list(range(first, first + size)) for first in range(0, replicas, size)]
     references = []
@@ -561,12 +560,10 @@ def test_ipu_sync_batch_statistics_survive_a_large_mean(ipu_tracing, monkeypatch
     emulated = EmulatedReplicas(replicas)
     monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
     offset = torch.tensor([1000.0, -1500.0, 800.0]).view(1, 3, 1, 1)
-    base = batch_norm_layer(shape[1], 0.1)
+    base = batch_norm_layer(shape[1], 0.1, ipu_group_size=0)
     with torch.no_grad():
         base.running_mean.copy_(offset.flatten() + 0.3 * torch.randn(3))
     layers = [copy.deepcopy(base).train() for _ in range(replicas)]
-    for layer in layers:
-        layer.ipu_group_size = 0
     xs = [torch.randn(shape) + offset for _ in range(replicas)]
     probes = [torch.randn(shape) for _ in range(replicas)]
 
@@ -586,10 +583,8 @@ def test_ipu_sync_batch_float16(ipu_tracing, monkeypatch):
     replicas, shape = 2, (4, 3, 5, 5)
     emulated = EmulatedReplicas(replicas)
     monkeypatch.setattr(ops.ipu, "replica_all_reduce_sum", emulated.all_reduce)
-    base = batch_norm_layer(shape[1], 0.1)
+    base = batch_norm_layer(shape[1], 0.1, ipu_group_size=0)
     layers = [copy.deepcopy(base).half().train() for _ in range(replicas)]
-    for layer in layers:
-        layer.ipu_group_size = 0
     xs = [(2.0 * torch.randn(shape) + 1.0).half() for _ in range(replicas)]
     probes = [torch.randn(shape).half() for _ in range(replicas)]
 
@@ -625,7 +620,7 @@ def test_ipu_sync_batch_path_only_while_training_across_replicas(ipu_tracing, mo
     expected = torch.relu(F.batch_norm(x, layer.running_mean.clone(), layer.running_var.clone(),
                                        layer.weight, layer.bias, training=True))
     torch.testing.assert_close(layer.train()(x), expected)  # ipu_group_size 1: PopART's BN
-    layer.ipu_group_size = 0
+    layer = batch_norm_layer(4, 0.1, ipu_group_size=0)
     layer.eval()(x)
     sys.modules["poptorch"].fakes["isRunningOnIpu"] = lambda: False
     layer.train()(x)

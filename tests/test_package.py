@@ -22,7 +22,7 @@ USER_SCRIPT = textwrap.dedent("""
     import torch, torchvision
     import proxynorm
     from proxynorm import ops
-    from proxynorm.ops import cpu
+    from proxynorm.ops import build, cpu
 
     model = proxynorm.convert_norms(torchvision.models.resnet18(num_classes=3), "group_pn")
     x = torch.randn(2, 3, 32, 32)
@@ -38,7 +38,7 @@ USER_SCRIPT = textwrap.dedent("""
         "block": type(model.layer1[0]).__name__,
         "output": list(model(x).shape),
         "fused": ops.fused_op(y) is cpu.group_norm_proxy_act,
-        "library": cpu.library_path(),
+        "library": build.library_path(),
         "matches_eager": torch.allclose(layer(y), eager, atol=1e-5),
     }))
 """)

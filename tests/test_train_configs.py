@@ -13,8 +13,8 @@ import torch
 
 from datasets import cluttered_digits, get_dataset
 from datasets.pipeline import EpochOrder, make_loader
-from train.config import config_names, load_configs, resolve_config
-from train.loop import build_model
+from train.build import build_model, resolve_config
+from train.config import config_names, load_configs
 from train.optim import build_optimizer
 
 CONFIGS = load_configs()

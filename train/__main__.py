@@ -22,7 +22,8 @@ if __name__ == "__main__":
 
 from datasets import DataError, error_line  # noqa: E402 (after the handler: imports are slow)
 from train.checkpoint import CheckpointError  # noqa: E402
-from train.config import ConfigError, describe_configs, parse_command_line  # noqa: E402
+from train.build import parse_command_line  # noqa: E402
+from train.config import ConfigError, describe_configs  # noqa: E402
 from train.distributed import CollectiveError  # noqa: E402
 from train.files import RunFolderError  # noqa: E402
 

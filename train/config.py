@@ -5,6 +5,8 @@ Every option is one name: a key in configs.yml (snake_case), a flag on the comma
 is the option defaults below, overridden by the named config from configs.yml, overridden
 by the flags given. `resolve_config` does that merge and is the only place that checks
 values; anything it cannot accept raises ConfigError with one line naming the bad thing.
+What an engine cannot run is its own check (train/build.py's resolve_config and
+parse_command_line add it): this module knows no engine.
 """
 import argparse
 import difflib
@@ -580,10 +582,6 @@ def check_combination(config):
                           f"{config['replicas']}")
     if config["lr_schedule"] == "step" and not config["lr_milestones"]:
         raise ConfigError("lr_schedule step needs lr_milestones (epochs at which to decay)")
-    if config["engine"] == "ipu":  # what an IPU host would refuse, refused on any machine
-        from train.ipu_engine import check_config  # needs no PopTorch
-
-        check_config(config)
 
 
 def global_batch_size(config):

@@ -3,7 +3,9 @@ step per global batch, evaluate batches, and hold the state a checkpoint saves.
 
 The loop talks to an engine only through `train_step`, `eval_step`, `set_lr`,
 `state_dict`/`load_state_dict`, `make_loader`, `model`, `device` and `steps_per_call`, so
-the PopTorch engine (train/ipu_engine.py) and PyTorchEngine are interchangeable.
+the PopTorch engine (train/ipu_engine.py) and PyTorchEngine are interchangeable;
+train/build.py chooses one and builds the model with the layer options it asks for
+(`norm_kwargs`), after its `check` of the config.
 
 Batch semantics, the same for every engine: per optimiser step the global batch is
 micro_batch_size x gradient_accumulation x replicas samples and the loss is the mean over
@@ -21,18 +23,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets.pipeline import make_loader
+from proxynorm.norms import norm_kind
 from train.config import ConfigError, global_batch_size
-from train.distributed import Context
 from train.optim import build_optimizer
-
-
-class NonFiniteLoss(Exception):
-    """The loss of a step was NaN or infinite; `applied` says whether the engine had
-    already applied that step (an IPU has, by the time the loss reaches the host)."""
-
-    def __init__(self, loss, applied=False):
-        super().__init__(f"loss is {loss}")
-        self.loss, self.applied = loss, applied
+from train.steps import NonFiniteLoss, count_correct
 
 
 def resolve_device(engine):
@@ -50,16 +44,6 @@ def resolve_device(engine):
     return torch.device(engine)
 
 
-def make_engine(config, model, context=None, device=None):
-    """The engine for config["engine"]: PopTorch where it is installed, else PyTorch."""
-    if config["engine"] == "ipu" and poptorch_available():
-        from train.ipu_engine import PopTorchEngine
-
-        return PopTorchEngine(model, config)
-    device = resolve_device(config["engine"]) if device is None else device
-    return PyTorchEngine(model, config, device, context or Context())
-
-
 def no_buffer_sync():
     """DDP keeps each replica's buffers (BatchNorm running statistics) its own, as on an IPU
     pod; average_running_stats merges them after each step. The keyword changed in torch 2.14."""
@@ -68,23 +52,10 @@ def no_buffer_sync():
             else "broadcast_buffers": False}
 
 
-def poptorch_available():
-    try:
-        import poptorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def classification_loss(logits, targets, label_smoothing, reduction="sum"):
     """Cross-entropy in float32; targets are class indices or class probabilities (mixup)."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing,
                            reduction=reduction)
-
-
-def count_correct(logits, targets):
-    labels = targets.argmax(dim=1) if targets.dim() == 2 else targets
-    return (logits.argmax(dim=1) == labels).sum()
 
 
 class PyTorchEngine:
@@ -99,6 +70,29 @@ class PyTorchEngine:
     """
 
     steps_per_call = 1  # device_iterations is an IPU setting
+
+    @staticmethod
+    def check(config):
+        """ConfigError for a config this engine cannot run, from the config alone."""
+        if config["compile_only"]:
+            raise ConfigError("compile_only compiles IPU executables: it needs engine ipu and "
+                              "PopTorch (a Poplar SDK host)")
+
+    @staticmethod
+    def norm_kwargs(config, context=None):
+        """The options of the model's norm layers (None: none): only BatchNorms take them,
+        the batch-independent norms have no statistics to split. In one process BatchNorm
+        emulates the replicas (stats_chunks); under torchrun each process is one replica and
+        sync_batch all-reduces within the context's process group."""
+        kind = norm_kind(config["norm"])
+        distributed = context is not None and context.distributed
+        chunks = 1 if distributed else config["replicas"]
+        if kind.synchronised:
+            return {"stats_chunks": chunks, "bn_group_size": config["bn_group_size"],
+                    "process_group": context.bn_process_group if distributed else None}
+        if kind.batch_statistics:
+            return {"stats_chunks": chunks}
+        return None
 
     def __init__(self, model, config, device, context):
         if config["cpu_threads"]:

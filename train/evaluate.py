@@ -50,8 +50,8 @@ def load_model(path: str, weights: str = "validated",
     validated ones, whose accuracy they are). CheckpointError (one line) for a file that is
     not a checkpoint of this application or does not fit its model.
     """
+    from train.build import build_model
     from train.config import ConfigError
-    from train.loop import build_model
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -85,7 +85,7 @@ def load_model(path: str, weights: str = "validated",
 def evaluate(model, config, data_path=None, batch_size=256, device="cpu", num_workers=0):
     """{"top1", "top5", "loss", "images"} of the model on the config's validation set."""
     from datasets.pipeline import make_loader
-    from train.loop import load_data
+    from train.build import load_data
 
     # every validation image counts: a corrupt one is an error here, never replaced
     data = load_data({**config, "data_path": data_path or config["data_path"],

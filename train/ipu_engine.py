@@ -36,7 +36,7 @@ Where it differs from the PyTorch engine, by necessity:
   _on_device_attach's copyWeightsToDevice, :414-417); loading a checkpoint does the same.
   The PyTorch engine in one process averages the groups' instead.
 - The IPU Model (ipu_model) does not replicate, and PopTorch caches none of its executables:
-  check_config refuses replicas > 1 and executable_cache_dir with it.
+  PopTorchEngine.check refuses replicas > 1 and executable_cache_dir with it.
 
 Poplar SDK 3.3 or later: the engine refuses an older PopTorch (whose torch is not 2.0.1) in
 one line as it starts (proxynorm/ops/ipu/sdk.py). Nothing here imports poptorch at module
@@ -56,11 +56,11 @@ from torch import nn
 
 from proxynorm import ops
 from datasets.pipeline import EpochOrder, collate, ignore_interrupts, make_loader
-from proxynorm.norms import BatchNormAct, SyncBatchNormAct, norm_kind
+from proxynorm.norms import BatchNormAct, norm_kind
 from proxynorm.ops.ipu.sdk import sdk_problem
 from train.config import ConfigError, global_batch_size
-from train.engine import NonFiniteLoss, count_correct
 from train.optim import build_optimizer, param_groups
+from train.steps import NonFiniteLoss, count_correct
 
 # popart.RecomputationType.RecomputeAll (sessionoptions.hpp: None, Standard, NormOnly,
 # Pipeline, RecomputeAll); PopTorch passes PopART enums as integers
@@ -79,47 +79,6 @@ def sync_batch_group(config):
     if not norm_kind(config["norm"]).synchronised or replicas == 1 or size == 1:
         return 1
     return 0 if size in (0, replicas) else size
-
-
-def check_config(config, local_replicas=None):
-    """ConfigError for the settings PopTorch cannot run as the PyTorch engine would.
-
-    local_replicas: the replicas of this poprun instance (None: all of them, no poprun).
-    """
-    stages = pipeline_stages(config)
-    # PopTorch trains a model of N stages as 2N - 1 (the backward pass adds N - 1) and
-    # needs that many micro-batches per step (popart_compiler/source/Compiler.cpp)
-    if stages > 1 and config["gradient_accumulation"] < 2 * stages - 1:
-        raise ConfigError(f"pipeline_splits: {stages} pipeline stages train as {2 * stages - 1}, "
-                          f"so gradient_accumulation must be >= {2 * stages - 1}, got "
-                          f"{config['gradient_accumulation']}")
-    group, replicas = sync_batch_group(config), config["replicas"]
-    local = replicas if local_replicas is None else local_replicas
-    if group > 1 and (replicas % group or local % group):
-        where = (f"the {replicas} replicas" if local == replicas else
-                 f"the {local} replicas of each poprun instance, or be 0 (all {replicas} "
-                 f"replicas: the only group that may span instances)")
-        raise ConfigError(f"norm sync_batch: bn_group_size {group} must divide {where}")
-    # PopTorch refuses an offline target with the IPU Model (poptorch
-    # popart_compiler/source/CompilerImpl.cpp:654-656 at sdk/poptorch/3.3.0)
-    if config["compile_only"] and config["ipu_model"]:
-        raise ConfigError("compile_only compiles for a real IPU (an offline target); it cannot "
-                          "be combined with ipu_model")
-    # The IPU Model does not replicate: "Replication is not supported on IPU Model targets"
-    # (popart docs/popart/performance.rst:83 at sdk/poplar/3.3.0; docs/popxl/graph.rst:229),
-    # and PopTorch's replicated examples need hardware (docs/user_guide/device_iterations.py:5-7)
-    if config["ipu_model"] and replicas > 1:
-        raise ConfigError(f"ipu_model: the IPU Model does not run replicated graphs, so replicas "
-                          f"must be 1, got {replicas} (the same global batch: --replicas 1 "
-                          f"--gradient-accumulation {config['gradient_accumulation'] * replicas})")
-    # PopTorch only warns that "enableExecutableCaching doesn't work with the IPU model"
-    # (CompilerImpl.cpp:640-643 at sdk/poptorch/3.3.0): nothing would be cached
-    if config["ipu_model"] and config["executable_cache_dir"] is not None:
-        raise ConfigError("executable_cache_dir: PopTorch caches no IPU Model executable; unset "
-                          "it (--executable-cache-dir null) with ipu_model")
-    if config["optimizer"] == "rmsprop" and config["grad_clip_norm"] > 0:
-        raise ConfigError("grad_clip_norm: PopTorch's RMSprop has no gradient clipping; use sgd "
-                          "or adamw, or --grad-clip-norm 0")
 
 
 def ipu_options(config, poptorch, popdist=None, training=True):
@@ -266,6 +225,69 @@ class PopTorchEngine:
     copy `model` before then.
     """
 
+    @staticmethod
+    def check(config, local_replicas=None):
+        """ConfigError for the settings PopTorch cannot run as the PyTorch engine would. It
+        reads the config alone (no PopTorch), so a config an IPU host would refuse is refused
+        anywhere as it is resolved (train.build.check_config).
+
+        local_replicas: the replicas of this poprun instance (None: all of them, no poprun).
+        """
+        stages = pipeline_stages(config)
+        # PopTorch trains a model of N stages as 2N - 1 (the backward pass adds N - 1) and
+        # needs that many micro-batches per step (popart_compiler/source/Compiler.cpp)
+        if stages > 1 and config["gradient_accumulation"] < 2 * stages - 1:
+            raise ConfigError(f"pipeline_splits: {stages} pipeline stages train as "
+                              f"{2 * stages - 1}, so gradient_accumulation must be >= "
+                              f"{2 * stages - 1}, got {config['gradient_accumulation']}")
+        # a host call runs device_iterations steps, and a run stops between calls
+        if config["max_steps"] % config["device_iterations"]:
+            raise ConfigError(f"max_steps {config['max_steps']} must be a multiple of "
+                              f"device_iterations {config['device_iterations']}")
+        group, replicas = sync_batch_group(config), config["replicas"]
+        local = replicas if local_replicas is None else local_replicas
+        if group > 1 and (replicas % group or local % group):
+            where = (f"the {replicas} replicas" if local == replicas else
+                     f"the {local} replicas of each poprun instance, or be 0 (all {replicas} "
+                     f"replicas: the only group that may span instances)")
+            raise ConfigError(f"norm sync_batch: bn_group_size {group} must divide {where}")
+        # PopTorch refuses an offline target with the IPU Model (poptorch
+        # popart_compiler/source/CompilerImpl.cpp:654-656 at sdk/poptorch/3.3.0)
+        if config["compile_only"] and config["ipu_model"]:
+            raise ConfigError("compile_only compiles for a real IPU (an offline target); it "
+                              "cannot be combined with ipu_model")
+        # The IPU Model does not replicate: "Replication is not supported on IPU Model
+        # targets" (popart docs/popart/performance.rst:83 at sdk/poplar/3.3.0;
+        # docs/popxl/graph.rst:229), and PopTorch's replicated examples need hardware
+        # (docs/user_guide/device_iterations.py:5-7)
+        if config["ipu_model"] and replicas > 1:
+            raise ConfigError(f"ipu_model: the IPU Model does not run replicated graphs, so "
+                              f"replicas must be 1, got {replicas} (the same global batch: "
+                              f"--replicas 1 --gradient-accumulation "
+                              f"{config['gradient_accumulation'] * replicas})")
+        # PopTorch only warns that "enableExecutableCaching doesn't work with the IPU model"
+        # (CompilerImpl.cpp:640-643 at sdk/poptorch/3.3.0): nothing would be cached
+        if config["ipu_model"] and config["executable_cache_dir"] is not None:
+            raise ConfigError("executable_cache_dir: PopTorch caches no IPU Model executable; "
+                              "unset it (--executable-cache-dir null) with ipu_model")
+        if config["optimizer"] == "rmsprop" and config["grad_clip_norm"] > 0:
+            raise ConfigError("grad_clip_norm: PopTorch's RMSprop has no gradient clipping; use "
+                              "sgd or adamw, or --grad-clip-norm 0")
+
+    @staticmethod
+    def norm_kwargs(config, context=None):
+        """The options of the model's norm layers (None: none), as build_model builds them:
+        each replica holds one micro-batch (stats_chunks 1), and sync_batch layers share
+        statistics over sync_batch_group(config) replicas (ipu_group_size). `context` is the
+        PyTorch engine's and does not apply."""
+        kind = norm_kind(config["norm"])
+        if kind.synchronised:
+            return {"stats_chunks": 1, "bn_group_size": config["bn_group_size"],
+                    "ipu_group_size": sync_batch_group(config)}
+        if kind.batch_statistics:
+            return {"stats_chunks": 1}
+        return None
+
     def __init__(self, model, config):
         import poptorch
 
@@ -289,7 +311,7 @@ class PopTorchEngine:
                                   f" but pipeline_splits make {stages} stages: make them agree")
         else:
             self.instance, self.instances, self.local_replicas = 0, 1, config["replicas"]
-        check_config(config, self.local_replicas)
+        self.check(config, self.local_replicas)
         if sync_batch_group(config) != 1 and not ops.ipu.is_built():
             raise ConfigError(f"norm sync_batch across IPU replicas needs the IPU ops library "
                               f"{os.path.relpath(ops.ipu.LIBRARY)}: run `make custom_ops` "
@@ -318,14 +340,17 @@ class PopTorchEngine:
         self.eval_weights = None  # (model, weights_version) last loaded into eval_net
 
     def prepare(self, model, config):
-        """The model as the IPU runs it: one micro-batch per replica, in the config's precision,
-        with its pipeline stages and recomputation checkpoints marked."""
+        """The model as the IPU runs it: in the config's precision, with its pipeline stages
+        and recomputation checkpoints marked. Its layers were built for this engine
+        (norm_kwargs); a model built for the PyTorch engine is refused, as its BatchNorms
+        would split each replica's micro-batch into stats_chunks."""
+        expected = self.norm_kwargs(config) or {}
+        for name, module in model.named_modules():
+            if isinstance(module, BatchNormAct) and any(
+                    getattr(module, key, value) != value for key, value in expected.items()):
+                raise ValueError(f"{name}: the model was not built for the PopTorch engine "
+                                 f"(train.build.build_model builds it for the config's engine)")
         poptorch = self.poptorch
-        for module in model.modules():
-            if isinstance(module, BatchNormAct):
-                module.stats_chunks = 1  # each IPU replica holds a single micro-batch
-            if isinstance(module, SyncBatchNormAct):
-                module.ipu_group_size = sync_batch_group(config)
         # 16.32 keeps float32 weights and is fed float16 images, as graphcore/examples does
         if config["precision"] == "16.16":
             model.half()

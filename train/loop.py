@@ -12,7 +12,6 @@ The run folder is held by one run at a time (train.files.RunFolder.claim), and a
 writes over a newer or an unrelated run: see `take_run_dir`.
 """
 import contextlib
-import difflib
 import os
 import signal
 import sys
@@ -21,74 +20,19 @@ import time
 import torch
 from tqdm import tqdm
 
-from datasets import DataError, cluttered_digits, error_line, get_dataset
+from datasets import DataError, error_line
 from datasets.pipeline import EpochOrder, sample_seed
-from proxynorm.norms import norm_kind, proxy_norm_path
+from proxynorm.norms import proxy_norm_path
 from train import checkpoint, distributed, files
+from train.build import build_model, engine_class, load_data, make_engine
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, global_batch_size, run_name
-from train.engine import NonFiniteLoss, make_engine, poptorch_available, resolve_device
+from train.engine import resolve_device
 from train.files import RunFolderError
+from train.ipu_engine import PopTorchEngine
 from train.metrics import NoLog, RunLog, keep_records_until
 from train.optim import LRSchedule, WeightAverage
-
-
-def load_data(config):
-    """The config's dataset (datasets.get_dataset with the config's data options)."""
-    return get_dataset(
-        config["data"], data_path=config["data_path"], image_size=config["image_size"],
-        seed=config["seed"], skip_corrupt_images=config["skip_corrupt_images"],
-        mixup_alpha=config["mixup_alpha"], cutmix_alpha=config["cutmix_alpha"],
-        synthetic_samples=config["synthetic_samples"],
-        synthetic_num_classes=config["synthetic_num_classes"],
-        clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
-
-
-def build_model(config, data, context=None, report=False, **options):
-    """The config's model for this dataset; only BatchNorms get replica options (the
-    batch-independent norms have no statistics to split and reject unknown options).
-    `options`: further get_model options that are no config key (analysis.init_collapse:
-    zero_init_residual).
-
-    In one process BatchNorm emulates the replicas (stats_chunks); under torchrun each
-    process is one replica and sync_batch all-reduces within the context's process group.
-    report=True returns (model, the ConversionReport of a torchvision:/timm: model or None).
-    """
-    from models import get_model
-
-    norm_kwargs = None
-    distributed = context is not None and context.distributed
-    chunks = 1 if distributed else config["replicas"]
-    kind = norm_kind(config["norm"])
-    if kind.synchronised:
-        norm_kwargs = {"stats_chunks": chunks, "bn_group_size": config["bn_group_size"],
-                       "process_group": context.bn_process_group if distributed else None}
-    elif kind.batch_statistics:
-        norm_kwargs = {"stats_chunks": chunks}
-    model_kwargs = {key: config[key] for key in ("group_dim", "expand_ratio", "drop_rate",
-                                                 "drop_path_rate") if config[key] is not None}
-    try:
-        model, conversion = get_model(
-            config["model"], norm=config["norm"], num_classes=data.num_classes,
-            groups=config["groups"], act=config["act"], in_channels=data.in_channels,
-            norm_kwargs=norm_kwargs, report=True, **model_kwargs, **options)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model {config['model']} with norm {config['norm']}: {error}") from None
-    check_module_names(config, model)
-    return (model, conversion) if report else model
-
-
-def check_module_names(config, model):
-    """pipeline_splits and recompute_checkpoints must name distinct modules of the model."""
-    names = [name for name, _ in model.named_modules() if name]
-    for key in ("pipeline_splits", "recompute_checkpoints"):
-        for name in config[key]:
-            if name not in names:
-                near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-                near = f"; nearby: {', '.join(near)}" if near else ""
-                raise ConfigError(f"{key}: {config['model']} has no module '{name}'{near}")
-            if config[key].count(name) > 1:
-                raise ConfigError(f"{key}: '{name}' is given twice")
+from train.steps import NonFiniteLoss
 
 
 class StopSignals:
@@ -195,10 +139,7 @@ class Run:
                 and resume_path is None:
             raise ConfigError("under poprun, give --output-dir: the instances cannot agree on "
                               "a time-stamped run folder")
-        self.steps_per_call = engine.steps_per_call
-        if config["max_steps"] % self.steps_per_call:
-            raise ConfigError(f"max_steps {config['max_steps']} must be a multiple of "
-                              f"device_iterations {self.steps_per_call}")
+        self.steps_per_call = engine.steps_per_call  # max_steps is a multiple (engine check)
         self.order = EpochOrder(len(self.data.train), self.global_batch, config["seed"],
                                 self.steps_per_call, config["gradient_accumulation"],
                                 context.rank, context.world_size)
@@ -288,16 +229,15 @@ class Run:
             self.log = RunLog(self.run_dir, config)
 
     def start_engine(self, config):
-        """(engine, process context): PopTorch where it is installed (its poprun instance,
-        if any, is the context), else the PyTorch engine, alone or under torchrun."""
-        if config["engine"] == "ipu" and poptorch_available():
+        """(engine, process context): PopTorch where it runs (its poprun instance, if any, is
+        the context), else the PyTorch engine, alone or under torchrun."""
+        engine_type = engine_class(config)
+        engine_type.check(config)  # the engine that runs here: PyTorch for ipu without PopTorch
+        if engine_type is PopTorchEngine:
             model, self.conversion = build_model(config, self.data, report=True)
             engine = make_engine(config, model)
             return engine, distributed.Context(engine.instance, engine.instances,
                                                host_collectives=False)
-        if config["compile_only"]:
-            raise ConfigError("compile_only compiles IPU executables: it needs engine ipu and "
-                              "PopTorch (a Poplar SDK host)")
         device = distributed.local_device(resolve_device(config["engine"]))
         context = distributed.setup(config, device)
         model, self.conversion = build_model(config, self.data, context, report=True)

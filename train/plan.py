@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from proxynorm import ops
 from datasets import Data, error_line
 from proxynorm.norms import NORMS
-from train.config import (ConfigError, Option, _Parser, closest, describe_configs,
-                          parse_command_line, parse_flag_value)
+from train.build import build_model, parse_command_line
+from train.config import ConfigError, Option, _Parser, closest, describe_configs, parse_flag_value
 
 MB = 10 ** 6  # device_memory_mb's unit: Graphcore quotes an IPU Mk2's 900 MB in these
 PLAN_NORMS = ("batch", "group", "group_pn", "layer_pn")
@@ -112,8 +112,6 @@ def weight_bytes(config, parameters):
 def build(config):
     """The config's model, built as training builds it, and its stand-in dataset. With one
     replica: a device holds one replica's micro-batch, which BatchNorm's statistics cover."""
-    from train.loop import build_model  # the engines load only once the flags are good
-
     data = data_shape(config)
     return build_model({**config, "replicas": 1}, data), data
 

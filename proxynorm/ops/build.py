@@ -1,7 +1,7 @@
 """Build the fused CPU op: `python -m proxynorm.ops.build` (what `make custom_ops` runs;
 otherwise proxynorm.ops.cpu builds it on first use).
 
-Compiles csrc/ against the installed torch into cpu.library_path(): a folder of the user's
+Compiles csrc/ against the installed torch into library_path(): a folder of the user's
 cache named after the torch version and a hash of the sources, so an installed package
 never writes into site-packages, a torch upgrade or a source change gets a fresh build, and
 a checkout and an installed copy of the same sources share one. The kernel file is compiled
@@ -11,6 +11,7 @@ library never needs -march=native and runs on any x86-64 CPU. Processes that bui
 (torchrun workers, a study's jobs) take turns on a file lock; the library appears under its
 name only when whole.
 """
+import hashlib
 import os
 import platform
 import re
@@ -22,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import fcntl
 import tempfile
 
-from proxynorm.ops.cpu import SOURCE_DIR, library_path
-
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 KERNEL = "proxynorm_kernel.cpp"
 OPERATOR = "proxynorm.cpp"
 CAPABILITY_FLAGS = {  # ATen's per-copy flags (cmake/Codegen.cmake)
@@ -31,6 +31,25 @@ CAPABILITY_FLAGS = {  # ATen's per-copy flags (cmake/Codegen.cmake)
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
+
+
+def cache_dir():
+    """Where built ops live: $PROXYNORM_CACHE, else proxynorm/ in the user's cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("PROXYNORM_CACHE") or os.path.join(base, "proxynorm")
+
+
+def library_path():
+    """The CPU op's library for this torch and these sources (and this file's build flags)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for path in [os.path.join(SOURCE_DIR, name) for name in sorted(os.listdir(SOURCE_DIR))] \
+            + [os.path.abspath(__file__)]:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+    folder = f"cpu-torch{torch.__version__}-{digest.hexdigest()[:16]}"
+    return os.path.join(cache_dir(), folder, "libproxynorm_cpu.so")
 
 
 def is_x86():

@@ -18,34 +18,13 @@ node per call would cost more than a small layer's kernels); the fake kernels (f
 torch.compile) are registered here, as in PyTorch's custom operator tutorial. Neither
 backward is differentiable: a double backward through them raises.
 """
-import hashlib
 import logging
-import os
 
 import torch
 
-SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 _loaded = None
-
-
-def cache_dir():
-    """Where built ops live: $PROXYNORM_CACHE, else proxynorm/ in the user's cache."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("PROXYNORM_CACHE") or os.path.join(base, "proxynorm")
-
-
-def library_path():
-    """The CPU op's library for this torch and these sources (and build flags)."""
-    digest = hashlib.sha256()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in [os.path.join(SOURCE_DIR, name) for name in sorted(os.listdir(SOURCE_DIR))] \
-            + [os.path.join(here, "build.py")]:
-        with open(path, "rb") as f:
-            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
-    folder = f"cpu-torch{torch.__version__}-{digest.hexdigest()[:16]}"
-    return os.path.join(cache_dir(), folder, "libproxynorm_cpu.so")
 
 
 def load():
