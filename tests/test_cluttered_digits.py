@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from datasets import DataError, cluttered_digits, digits, get_dataset
 from datasets.cluttered_digits import DEFAULTS, build, make_canvases, paste
 from train.__main__ import main
-from train.config import config_names, global_batch_size, load_configs, resolve_config
+from train.build import resolve_config
+from train.config import config_names, global_batch_size, load_configs
 
 SMALL = DEFAULTS._replace(train_samples=64, val_samples=32)
 

@@ -2,8 +2,9 @@
 import pytest
 import yaml
 
+from train.build import parse_command_line, resolve_config
 from train.config import (CONFIGS_PATH, DEFAULT_CONFIG, OPTIONS, ConfigError, build_parser,
-                          config_names, load_configs, parse_command_line, resolve_config)
+                          config_names, load_configs)
 
 
 def write_configs(tmp_path, text):

@@ -11,7 +11,7 @@ from torch import nn
 from proxynorm.ops import cpu
 from models import get_model
 from train import plan
-from train.config import resolve_config
+from train.build import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # digits_resnet, whose module order the byte counts below were worked out for

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models import get_model
-from train.config import resolve_config
+from train.build import resolve_config
 from train.optim import LRSchedule, RMSpropTF, WeightAverage, param_groups
 
 

@@ -46,13 +46,13 @@ def check_config(config):
 
 
 def resolve_config(*args, **kwargs):
-    """train.config.resolve_config(...), then check_config: a config to run."""
-    return check_config(train.config.resolve_config(*args, **kwargs))
+    """train.config.merge_config(...), then check_config: a config to run."""
+    return check_config(train.config.merge_config(*args, **kwargs))
 
 
 def parse_command_line(argv):
-    """train.config.parse_command_line(argv), the config then checked by check_config."""
-    config, action = train.config.parse_command_line(argv)
+    """train.config.parse_flags(argv), the config then checked by check_config."""
+    config, action = train.config.parse_flags(argv)
     return (None if config is None else check_config(config)), action
 
 

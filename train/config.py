@@ -3,10 +3,11 @@
 Every option is one name: a key in configs.yml (snake_case), a flag on the command line
 (--kebab-case) and a key of the resolved config written to the run folder. A run's config
 is the option defaults below, overridden by the named config from configs.yml, overridden
-by the flags given. `resolve_config` does that merge and is the only place that checks
+by the flags given. `merge_config` does that merge and is the only place that checks
 values; anything it cannot accept raises ConfigError with one line naming the bad thing.
-What an engine cannot run is its own check (train/build.py's resolve_config and
-parse_command_line add it): this module knows no engine.
+What an engine cannot run is its own check: train/build.py's resolve_config and
+parse_command_line, which everything that runs a config calls, add it to merge_config and
+parse_flags; this module knows no engine.
 """
 import argparse
 import difflib
@@ -519,7 +520,7 @@ def apply_entries(config, entries, file, name=None):
                                   f"{file} '{name}': {key}" if name else f"{file}: {key}")
 
 
-def resolve_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFIGS_PATH):
+def merge_config(name=DEFAULT_CONFIG, overrides=None, configs=None, path=CONFIGS_PATH):
     """Defaults <- configs.yml[name] <- overrides (flag values, as strings or typed).
 
     name may be a file of the user's (PATH.yml): its options apply over the built-in
@@ -636,13 +637,13 @@ def config_argument(argv):
     return None
 
 
-def parse_command_line(argv):
+def parse_flags(argv):
     """(config, action) from command-line arguments: action is None (train), "list"
     (--list-configs: config is None) or "print" (--print-config); ConfigError for bad ones."""
     argv = [str(arg) for arg in argv]
     shown = None
     if ("--help" in argv or "-h" in argv) and config_argument(argv) is not None:
-        shown = resolve_config(config_argument(argv))
+        shown = merge_config(config_argument(argv))
     parser = build_parser(shown)
     args, extras = parser.parse_known_args(argv)
     if extras:
@@ -655,7 +656,7 @@ def parse_command_line(argv):
                  if k not in ("list_configs", "print_config", "config")}
     if args.list_configs:
         return None, "list"
-    config = resolve_config(getattr(args, "config", DEFAULT_CONFIG), overrides)
+    config = merge_config(getattr(args, "config", DEFAULT_CONFIG), overrides)
     return config, "print" if args.print_config else None
 
 
