@@ -1,16 +1,16 @@
 """A trained model and its validation images, from a training checkpoint, for the analyses.
 
-A checkpoint is a plain dict read with torch.load(weights_only=True) holding
-  "config": the run's resolved config, with at least "model" and "norm" (and, when the
-            run set them, "groups", "act", "group_dim", "expand_ratio", "data",
-            "data_path", "image_size"), and
-  the model's state_dict: under "model", or under "engine" -> "model" (the training
-            application's engine state).
-A checkpoint of the training application (one with its "format") is checked against its
-schema (train.checkpoint.malformed) first, as every reader of it does.
-The number of classes and input channels come from the state_dict itself (the
+A checkpoint of the training application (one with its "format") is loaded by
+train.evaluate.load_model, the one loader of the application's checkpoints (schema
+checked, older formats read, the validated weights). Any other checkpoint is a plain dict
+read with torch.load(weights_only=True) holding
+  "config": the run's config, with at least "model" and "norm" (and, when the run set
+            them, "groups", "act", "group_dim", "expand_ratio", "data", "data_path",
+            "image_size"), and
+  the model's state_dict: under "model", or under "engine" -> "model".
+Its number of classes and input channels come from the state_dict itself (the
 classifier's and the first convolution's weights), so no dataset is needed to rebuild
-the network.
+the network. Errors are train.checkpoint.CheckpointError, one line.
 """
 import re
 
@@ -18,6 +18,8 @@ import torch
 
 from datasets import error_line
 from models import get_model
+from train.checkpoint import CheckpointError, unreadable
+from train.evaluate import load_model
 
 # config keys that are get_model family options
 MODEL_OPTIONS = ("group_dim", "expand_ratio")
@@ -25,25 +27,15 @@ MODEL_OPTIONS = ("group_dim", "expand_ratio")
 DATA_OPTIONS = ("data_path", "image_size", "synthetic_samples", "synthetic_num_classes")
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not describe a model: one line for the user."""
-
-
 def load(path):
     """(model in eval mode, config) from the checkpoint at `path`."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing file, pickle, zip and weights_only errors differ
-        from train.checkpoint import unreadable
-
         raise CheckpointError(f"cannot read checkpoint {path}: {unreadable(error)}") from None
     if isinstance(checkpoint, dict) and "format" in checkpoint:  # the training application's
-        from train import checkpoint as schema
-
-        problem = schema.malformed(checkpoint) if checkpoint["format"] == schema.FORMAT else \
-            f"format {checkpoint['format']!r} is not {schema.FORMAT}"
-        if problem:
-            raise CheckpointError(f"{path} is damaged: {problem}")
+        model, info = load_model(path)
+        return model, info["config"]
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if not isinstance(config, dict) or not {"model", "norm"} <= set(config):
         raise CheckpointError(f"{path}: no 'config' dict with 'model' and 'norm' keys")

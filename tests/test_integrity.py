@@ -425,6 +425,21 @@ DAMAGES = [
 ]
 
 
+def test_the_analyses_load_the_applications_checkpoint_as_load_model_does(tmp_path, trained):
+    """analysis.checkpoint.load hands the application's checkpoints to load_model (the
+    validated weights, the run's config) instead of reading them its own way."""
+    from analysis import checkpoint as analysis
+    from train.evaluate import load_model
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save(trained, path)
+    model, config = analysis.load(str(path))
+    expected, info = load_model(str(path))
+    assert config == info["config"] and not model.training
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(images), expected(images), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("damage, problem", DAMAGES)
 def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, trained, damage, problem):
     """Every reader (--resume, train.evaluate, load_model) checks the one schema before it
@@ -444,8 +459,8 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, trained, damage, pro
     assert not (tmp_path / "new").exists()
     assert evaluate([str(damaged)]) == 2
     assert error_line(capsys) == line
-    for read, error in ((load_model, CheckpointError), (analysis.load, analysis.CheckpointError)):
-        with pytest.raises(error, match="^" + re.escape(line[len("error: "):]) + "$"):
+    for read in (load_model, analysis.load):
+        with pytest.raises(CheckpointError, match="^" + re.escape(line[len("error: "):]) + "$"):
             read(damaged)
 
 
@@ -455,6 +470,7 @@ def test_a_file_that_is_not_a_checkpoint_gets_no_advice_to_unpickle_it(tmp_path,
     import argparse
 
     from analysis import checkpoint as analysis
+    from train.checkpoint import CheckpointError
     from train.evaluate import main as evaluate
 
     path = tmp_path / "not_a_checkpoint.pt"
@@ -465,7 +481,7 @@ def test_a_file_that_is_not_a_checkpoint_gets_no_advice_to_unpickle_it(tmp_path,
     assert error_line(capsys) == line
     assert evaluate([str(path)]) == 2
     assert error_line(capsys) == line
-    with pytest.raises(analysis.CheckpointError) as error:
+    with pytest.raises(CheckpointError) as error:
         analysis.load(str(path))
     assert str(error.value) == line[len("error: "):]
 
