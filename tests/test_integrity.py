@@ -503,6 +503,7 @@ def test_an_older_checkpoint_resumes_and_evaluates(tmp_path, trained):
 
     older = {key: value for key, value in copy.deepcopy(trained).items() if key not in (
         "validation_due", "val_weights", "num_classes", "in_channels", "totals")}
+    older["format"] = "proxy-norm-train/1"
     added = [key for key in OPTIONS if key.startswith("clutter") or key in (
         "compile", "collective_timeout", "stable_norm", "recompute_checkpoints",
         "available_memory_proportion", "executable_cache_dir", "compile_only",
@@ -514,6 +515,27 @@ def test_an_older_checkpoint_resumes_and_evaluates(tmp_path, trained):
     assert train(tmp_path / "new", *RUN, "--epochs", 2, "--max-steps", 2, "--resume",
                  tmp_path / "older.pt") == 0
     assert load(tmp_path / "new" / "checkpoint_last.pt")["step"] == 2
+
+
+def test_a_checkpoint_of_the_current_format_holds_every_key_and_a_newer_one_is_named(
+        tmp_path, trained):
+    """Format 2 added validation_due, val_weights, num_classes, in_channels and totals:
+    one of its files without them is damaged, where a format 1 file is completed; a
+    format this version does not know is named, not called foreign."""
+    from train.checkpoint import CheckpointError, load as read
+
+    assert trained["format"] == "proxy-norm-train/2"
+    damaged = {key: value for key, value in trained.items() if key != "totals"}
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match=r"damaged\.pt is damaged: no totals$"):
+        read(str(tmp_path / "damaged.pt"))
+    torch.save({**damaged, "format": "proxy-norm-train/1"}, tmp_path / "older.pt")
+    assert read(str(tmp_path / "older.pt"))["totals"] is None
+    torch.save({**trained, "format": "proxy-norm-train/3"}, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match=r"format proxy-norm-train/3, which this version "
+                                              r"does not read \(it reads proxy-norm-train/2 and "
+                                              r"proxy-norm-train/1\)$"):
+        read(str(tmp_path / "newer.pt"))
 
 
 def test_unreadable_validation_data_keeps_the_epoch_and_validates_it_on_resume(

@@ -15,7 +15,10 @@ from train.config import (OPTIONS, ConfigError, check_value, defaults, run_name,
                           with_role)
 from train.files import RunFolder, write_atomically
 
-FORMAT = "proxy-norm-train/1"
+FORMAT = "proxy-norm-train/2"
+# the first version lacked what FORMAT adds (ADDED_IN_2): `load` completes it
+FORMAT_1 = "proxy-norm-train/1"
+ADDED_IN_2 = ("validation_due", "val_weights", "num_classes", "in_channels", "totals")
 
 
 class CheckpointError(Exception):
@@ -23,11 +26,10 @@ class CheckpointError(Exception):
 
 
 # The schema, in one place: `make` builds a checkpoint, `load` reads one back and checks it
-# with `malformed` before anything is built from it. Every checkpoint of FORMAT holds the
-# keys `make` writes but the last five ("validation_due", "val_weights", "num_classes",
-# "in_channels", "totals"), which later versions added; `load` gives an older checkpoint's
-# dict those, and its config the options added since (their defaults), so that readers
-# need no fallbacks of their own.
+# with `malformed` before anything is built from it. A checkpoint of FORMAT holds every key
+# `make` writes; one of FORMAT_1 may lack any of ADDED_IN_2, which `load` gives it (as
+# `make` would have from what it holds), and any checkpoint's config gets the options added
+# since it was written (their defaults), so that readers need no fallbacks of their own.
 REQUIRED_CONFIG = with_role("model") + ("seed", "epochs", "micro_batch_size",
                                         "gradient_accumulation", "replicas")
 
@@ -67,18 +69,24 @@ def load(path, mmap=False):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and weights_only errors differ by torch version
         raise CheckpointError(f"cannot read checkpoint {path}: {unreadable(error)}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this training application")
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if found not in (FORMAT, FORMAT_1):
+        newer = isinstance(found, str) and found.startswith(FORMAT.split("/")[0] + "/")
+        raise CheckpointError(f"{path} is a checkpoint of format {found}, which this version "
+                              f"does not read (it reads {FORMAT} and {FORMAT_1})" if newer else
+                              f"{path} is not a checkpoint of this training application")
     problem = malformed(checkpoint)
     if problem:
         raise CheckpointError(f"{path} is damaged: {problem}")
-    average = checkpoint["weight_average"]
-    checkpoint.setdefault("validation_due", False)
-    checkpoint.setdefault("val_weights", "weight_average" if average and average["updates"]
-                          else "model")
-    checkpoint.setdefault("num_classes", None)
-    checkpoint.setdefault("in_channels", None)
-    checkpoint.setdefault("totals", None)  # unknown: the summary covers the parts after it
+    if found == FORMAT_1:  # the later ones of its files hold some of ADDED_IN_2 already
+        average = checkpoint["weight_average"]
+        checkpoint.setdefault("validation_due", False)
+        checkpoint.setdefault("val_weights", "weight_average" if average and average["updates"]
+                              else "model")
+        checkpoint.setdefault("num_classes", None)
+        checkpoint.setdefault("in_channels", None)
+        checkpoint.setdefault("totals", None)  # unknown: the summary covers the parts after it
+        checkpoint["format"] = FORMAT
     checkpoint["config"] = {**defaults(), **checkpoint["config"]}
     return checkpoint
 
@@ -145,12 +153,12 @@ def config_problem(config):
 
 
 def malformed(checkpoint):
-    """What a checkpoint of the right format lacks or holds wrongly (None if nothing)."""
+    """What a checkpoint of a format `load` reads lacks or holds wrongly (None if nothing)."""
     for key, kind in (("config", dict), ("engine", dict), ("rng", dict)):
         if not isinstance(checkpoint.get(key), kind):
             return f"no {key}"
     for key in ("step", "weight_average", "val_accuracy", "best_val_accuracy",
-                "skipped_images"):
+                "skipped_images") + (ADDED_IN_2 if checkpoint.get("format") != FORMAT_1 else ()):
         if key not in checkpoint:
             return f"no {key}"
     step = checkpoint["step"]
