@@ -5,6 +5,7 @@ import collections
 from benchmarks.accuracy_results import (KEY_DEFAULTS, NORM_WORDS, NORMS, REGULARISATION,
                                          finished, mean_std, split_invariant)
 from benchmarks.readme import markdown_table
+from proxynorm.norms import norm_kind
 
 
 def percent(values):
@@ -156,15 +157,15 @@ def headline(runs, planned=()):
             for key, by_seed in groups.items()}
     # on a tie (sync_batch over all replicas is BatchNorm over the whole global batch) the
     # synchronised one is the reference
-    batchnorms = sorted((key for key in groups if key[0] in ("batch", "sync_batch")),
-                        key=lambda k: k[0] != "sync_batch")
+    batchnorms = sorted((key for key in groups if norm_kind(key[0]).batch_statistics),
+                        key=lambda k: not norm_kind(k[0]).synchronised)
     best = max(batchnorms, key=mean.get) if batchnorms else None
 
     def statistics_over(run):
         replicas = run["global_batch"] // run["micro_batch_size"]
-        if run["norm"] == "sync_batch":
+        if norm_kind(run["norm"]).synchronised:
             return f"{run['global_batch']} samples (synchronised over {replicas} replicas)"
-        if run["norm"] == "batch":
+        if norm_kind(run["norm"]).batch_statistics:
             return f"{run['micro_batch_size']} samples (" + (
                 "one replica)" if replicas == 1 else f"per replica, {replicas} replicas)")
         return "1 sample"
