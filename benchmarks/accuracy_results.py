@@ -4,6 +4,7 @@ statistics over seeds the tables and figures show (mean +- std, paired lifts).""
 import json
 import math
 import os
+import re
 
 
 NORMS = ["batch", "sync_batch", "group", "layer", "instance", "group_pn", "layer_pn"]
@@ -60,6 +61,12 @@ def split_invariant(norm):
     from proxynorm.norms import norm_kind
     kind = norm_kind(norm)
     return not kind.batch_statistics or kind.synchronised
+
+
+def natural(name):
+    """A sort key that orders the numbers in a name by value: cifar_preact_resnet20, 56, 110."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name)]
 
 
 def mean_std(values):

@@ -3,7 +3,7 @@ time of its runs, and README.md's headline table, built from benchmarks.accuracy
 import collections
 
 from benchmarks.accuracy_results import (KEY_DEFAULTS, NORM_WORDS, NORMS, REGULARISATION,
-                                         finished, mean_std, split_invariant)
+                                         finished, mean_std, natural, split_invariant)
 from benchmarks.readme import markdown_table
 from proxynorm.norms import norm_kind
 
@@ -39,8 +39,9 @@ def table(report):
         groups.setdefault(row, {}).setdefault(run["micro_batch_size"], []).append(run)
     order = {norm: i for i, norm in enumerate(NORMS)}
     rows, once = [], set()
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[4], k[5], k[6], k[7] != "none",
-                                             k[7], order.get(k[2], len(order)), k[2])):
+    for key in sorted(groups, key=lambda k: (k[0], natural(k[1]), k[3], k[4], k[5], k[6],
+                                             k[7] != "none", k[7],
+                                             order.get(k[2], len(order)), k[2])):
         data, model, norm, global_batch, epochs, max_steps, lr, extra = key
         by_micro_batch = groups[key]
         shared = None
@@ -117,7 +118,7 @@ def time_table(report):
         return f"{min(values):.0f}–{max(values):.0f} ({len(values)})"
 
     rows = []
-    for key in sorted(groups):
+    for key in sorted(groups, key=lambda k: (k[0], natural(k[1]), k[2], k[3])):
         data, model, epochs, max_steps = key
         by_kind = groups[key]
         every = [m for values in by_kind.values() for m in values]
