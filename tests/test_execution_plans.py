@@ -187,3 +187,28 @@ def test_torchrun_resumes_like_an_uninterrupted_run(tmp_path):
     whole = train_run(tmp_path / "whole", "group_pn", PLANS["2x4x2"], processes=2,
                       extra=["--max-steps", "4"])
     assert_same_weights(resumed, whole)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group_pn"])
+def test_channels_last_trains_the_same_weights_in_nhwc(norm):
+    """--channels-last: the engine holds its convolutions' weights and hands the model its
+    images in channels_last, and one step trains what the NCHW step trains (to rounding:
+    other convolution kernels add in other orders)."""
+    before, reference = one_step(norm, PLANS["2x4x2"])
+    config = resolve_config(f"digits_resnet_{norm}", {**execution(*PLANS["2x4x2"]),
+                                                       "channels_last": True})
+    model = build_model(config, DIGITS)
+    model.load_state_dict(before)
+    engine = PyTorchEngine(model, config, torch.device("cpu"), Context())
+    seen = []
+    engine.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    conv = next(m for m in engine.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(16, 1, 16, 16, generator=generator)
+    targets = torch.randint(10, (16,), generator=generator)
+    engine.train_step(images, targets)
+    engine.eval_step(images, targets)
+    # one input channel: NCHW strides are channels_last ones too, so look at the strides
+    assert all(x.stride() == (256, 1, 16, 1) for x in seen)
+    assert relative_differences(engine.model.state_dict(), reference, before) < 1e-4

@@ -510,6 +510,8 @@ def test_python_m_train_refuses_a_replicated_ipu_model_anywhere(tmp_path, capsys
     (["--optimizer", "rmsprop", "--grad-clip-norm", "1"],
      "grad_clip_norm: PopTorch's RMSprop has no gradient clipping; use sgd or adamw, or "
      "--grad-clip-norm 0"),
+    (["--channels-last", "true"], "channels_last is a CPU/GPU memory format: PopTorch lays out "
+     "the IPU's tensors itself; unset it (--channels-last false) with engine ipu"),
 ])
 def test_ipu_checks_run_as_the_config_is_resolved(tmp_path, capsys, monkeypatch, flags,
                                                   message):

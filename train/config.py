@@ -174,6 +174,10 @@ OPTION_GROUPS = [
         Option("compile", False, bool, "CPU/GPU: torch.compile the training network (the first "
                "steps compile it; evaluation stays eager); the IPU engine compiles its own graph",
                role="bookkeeping"),
+        Option("channels_last", False, bool, "CPU/GPU: the model's weights and the input images "
+               "in channels_last (NHWC) memory format, which cuDNN and the fused GPU op take as "
+               "they are (the fused CPU op returns NCHW); the IPU engine lays out its own",
+               role="compute"),
         Option("precision", "32.32", str, "activations.weights: 32.32, 16.32 or 16.16 (IPU "
                "float16); on CPU/GPU both 16.x run bfloat16 autocast with float32 weights",
                choices=("32.32", "16.32", "16.16"), role="compute"),

@@ -98,7 +98,10 @@ class PyTorchEngine:
         if config["cpu_threads"]:
             torch.set_num_threads(config["cpu_threads"])
         self.device, self.context = device, context
-        self.model = model.to(device)
+        # the weights once here, the images at every step: the layers keep the layout
+        self.memory_format = torch.channels_last if config["channels_last"] \
+            else torch.preserve_format
+        self.model = model.to(device, memory_format=self.memory_format)
         self.network = self.model
         if context.distributed:
             self.network = DistributedDataParallel(
@@ -139,7 +142,7 @@ class PyTorchEngine:
             raise ValueError(f"expected {self.local_batch} samples of the global batch of "
                              f"{self.global_batch}, got {len(images)}")
         self.model.train()
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = targets.to(self.device, non_blocking=True)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -184,7 +187,7 @@ class PyTorchEngine:
         """(summed loss, number correct) of `model` (default: the trained one) on a batch."""
         model = self.model if model is None else model
         model.eval()
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = targets.to(self.device, non_blocking=True)
         logits = self.forward(model, images)
         loss = classification_loss(logits, targets, 0.0)

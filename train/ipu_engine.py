@@ -270,6 +270,10 @@ class PopTorchEngine:
         if config["ipu_model"] and config["executable_cache_dir"] is not None:
             raise ConfigError("executable_cache_dir: PopTorch caches no IPU Model executable; "
                               "unset it (--executable-cache-dir null) with ipu_model")
+        if config["channels_last"]:
+            raise ConfigError("channels_last is a CPU/GPU memory format: PopTorch lays out the "
+                              "IPU's tensors itself; unset it (--channels-last false) with "
+                              "engine ipu")
         if config["optimizer"] == "rmsprop" and config["grad_clip_norm"] > 0:
             raise ConfigError("grad_clip_norm: PopTorch's RMSprop has no gradient clipping; use "
                               "sgd or adamw, or --grad-clip-norm 0")
