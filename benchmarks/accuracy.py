@@ -56,8 +56,9 @@ runs: accuracy_vs_microbatch.png and training_curves.png, and error_vs_budget.pn
 JSON holds the same cells trained for other numbers of epochs; `--depth-figure FILE` draws,
 against the depth of the `--model` networks (the number ending each name), the lift in final
 accuracy from each norm to its Proxy Norm twin, paired by seed, and the collapse shares at
-initialisation and at the end (docs/depth_sweep.png for the depth sweep of docs/evidence.md);
-`--headline` rewrites README.md's
+initialisation and at the end (docs/depth_sweep.png for the depth sweep of docs/evidence.md),
+and prints them as a table, with the sweep's pre-registered predictions read by their rule,
+which also goes between the `depth_sweep` markers of `--markdown`; `--headline` rewrites README.md's
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
 and each row's paired distance below the best BatchNorm. `--report-only` runs nothing and
 rebuilds the tables and figures from what the JSON holds (while a study is still running).
@@ -83,7 +84,7 @@ from benchmarks.accuracy_figures import (plot_accuracy_vs_micro_batch, plot_dept
 from benchmarks.accuracy_results import (NORMS, REGULARISATION, StudyError, add_run,
                                          budget_runs, cell_key, load_report, split_invariant,
                                          study_runs)
-from benchmarks.accuracy_tables import headline, table, time_table
+from benchmarks.accuracy_tables import depth_table, headline, table, time_table
 from benchmarks.measure import write_json
 from benchmarks.readme import README, replace_section
 
@@ -352,7 +353,8 @@ def main(argv=None):
     parser.add_argument("--depth-figure", metavar="FILE",
                         help="also draw, against the depth of the --model networks, Proxy "
                              "Norm's paired lift and the collapse shares of this study's runs "
-                             "into FILE (docs/depth_sweep.png)")
+                             "into FILE (docs/depth_sweep.png), and write them as a table "
+                             "between the depth_sweep markers of --markdown")
     parser.add_argument("--headline", action="store_true",
                         help="also rewrite README.md's headline table (accuracy_headline) "
                              "from this study's runs")
@@ -444,9 +446,13 @@ def publish(args, report, cells):
     if args.depth_figure and runs:
         plot_depth_sweep(runs, args.depth_figure, args.model or ())
         print(f"wrote {args.depth_figure}")
+        depth = depth_table(runs, args.model or ())
+        print(depth)
     if not args.no_readme:
         try:
             replace_section(args.section, text, args.markdown)
+            if args.depth_figure and runs:
+                replace_section("depth_sweep", depth, args.markdown)
             if args.headline:
                 replace_section("accuracy_headline",
                                 headline(runs, [cell for cell, _ in cells]), README)

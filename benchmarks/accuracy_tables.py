@@ -3,7 +3,8 @@ time of its runs, and README.md's headline table, built from benchmarks.accuracy
 import collections
 
 from benchmarks.accuracy_results import (KEY_DEFAULTS, NORM_WORDS, NORMS, REGULARISATION,
-                                         finished, mean_std, natural, split_invariant)
+                                         depth_sweep, finished, mean_std, natural,
+                                         split_invariant)
 from benchmarks.readme import markdown_table
 from proxynorm.norms import norm_kind
 
@@ -202,3 +203,86 @@ def headline(runs, planned=()):
             f"BatchNorm: the mean of the per-seed differences (a seed fixes the batches) and "
             f"their range; negative is above it.")
     return markdown_table(header, rows) + "\n\n" + note
+
+
+def depth_table(runs, models=()):
+    """A depth sweep (a study's finished runs at one budget) as markdown: per model, each
+    norm's and its Proxy Norm twin's final accuracy per seed, the lift paired by seed, and
+    the collapse shares (mean over the layers, mean over the seeds) at initialisation and at
+    the end; then each prediction of docs/evidence.md's pre-registration read by its rule,
+    once every model of `models` has all its seeds paired."""
+    sweep = depth_sweep(runs)
+    order = sorted({*models, *sweep}, key=natural)
+    seeds = sorted({run["seed"] for run in runs})
+    accuracy = {(run["model"], run["norm"], run["seed"]): 100 * run["val_accuracy"]
+                for run in runs}
+    bases = sorted({norm for model in sweep.values() for norm in model["lifts"]} |
+                   {run["norm"] for run in runs if not norm_kind(run["norm"]).proxy})
+    rows = []
+    for base in bases:
+        twin = base + "_pn"
+        for model in order:
+            def per_seed(norm):
+                return " / ".join(f"{accuracy[model, norm, seed]:.2f}"
+                                  if (model, norm, seed) in accuracy else "–" for seed in seeds)
+            lifts = sweep.get(model, {}).get("lifts", {}).get(base, {})
+            lift = " / ".join(f"{lifts[seed]:+.2f}" if seed in lifts else "–" for seed in seeds)
+            if lifts:
+                lift += f" (mean {sum(lifts.values()) / len(lifts):+.2f})"
+            shares = []
+            for when in ("init", "end"):
+                for norm in (base, twin):
+                    values = [record[when]["mean"] for record in
+                              sweep.get(model, {}).get("collapse", {}).get(norm, {}).values()]
+                    shares.append(f"{sum(values) / len(values):.3f}" if values else "–")
+            rows.append([f"`{model}`", per_seed(base), per_seed(twin), lift,
+                         f"{shares[0]} / {shares[1]}", f"{shares[2]} / {shares[3]}"])
+    header = ["model", f"{NORM_WORDS.get(bases[0], bases[0]) if bases else 'norm'} (%)",
+              "+ Proxy Norm (%)", "lift (points)", "collapse share at initialisation: "
+              "without / with Proxy Norm", "collapse share at the end: without / with"]
+    first = runs[0]
+    note = (f"{first['data']}, {first['epochs']} epochs, seeds "
+            f"{' / '.join(map(str, seeds))} in that order; \"–\": not finished. Lift: the "
+            f"Proxy Norm twin's final validation accuracy minus the norm's, paired by seed. "
+            f"Collapse share: analysis.power's channel_squared_mean share of each "
+            f"pre-activation's power over the first {first['collapse']['images']} "
+            f"validation canvases, mean over the layers, then over the seeds.")
+    readings = [reading(base, sweep, [m for m in order if m in sweep or m in models],
+                        len(seeds)) for base in bases]
+    return markdown_table(header, rows) + "\n\n" + note + "\n\n" + "\n".join(readings)
+
+
+def reading(base, sweep, models, seeds):
+    """The pre-registered rule applied to one norm's sweep (docs/evidence.md, "Depth
+    sweep"): over the models in order of depth, a quantity is supported if its mean over the
+    seeds grows at every step and every seed's value at the deepest is above every seed's at
+    the shallowest; refuted if the deepest's mean is not above the shallowest's; otherwise
+    inconclusive. Read only with every seed of every model in."""
+    def initial_shares(norm):  # per model {seed: mean over the layers at initialisation}
+        return [{seed: record["init"]["mean"] for seed, record in
+                 sweep.get(model, {}).get("collapse", {}).get(norm, {}).items()}
+                for model in models]
+
+    lifts = [sweep.get(model, {}).get("lifts", {}).get(base, {}) for model in models]
+    collapse, twins = initial_shares(base), initial_shares(base + "_pn")
+    words = NORM_WORDS.get(base, base)
+    if len(models) < 2 or any(len(values) < seeds for values in [*lifts, *collapse, *twins]):
+        return (f"Not read against the pre-registered rule yet ({words}): a model's runs "
+                f"have not all finished beside their Proxy Norm twins.")
+
+    def rule(series):
+        means = [sum(values.values()) / len(values) for values in series]
+        if means[-1] <= means[0]:
+            return "refuted"
+        if all(a < b for a, b in zip(means, means[1:])) and \
+                min(series[-1].values()) > max(series[0].values()):
+            return "supported"
+        return "inconclusive"
+
+    nearer = all(sum(t.values()) / len(t) < sum(c.values()) / len(c) / 2
+                 for t, c in zip(twins, collapse))
+    return (f"Read by the pre-registered rule ({words}): prediction 2, the lift grows with "
+            f"depth: **{rule(lifts)}**. Prediction 1, {words}'s collapse share at "
+            f"initialisation grows with depth: **{rule(collapse)}**; with Proxy Norm it is "
+            f"nearer BatchNorm's (zero) than {words}'s at every depth: "
+            f"**{'yes' if nearer else 'no'}**.")

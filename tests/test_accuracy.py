@@ -244,6 +244,53 @@ def test_depth_sweep_pairs_each_norm_with_its_proxy_norm_twin_by_seed():
     assert set(sweep["resnet20"]["collapse"]["group"]) == {0, 1, 2}
 
 
+def sweep_runs(lifts, shares, twin_share=0.03):
+    """Finished 6-epoch runs of group and group_pn for each model of `lifts` (model: the
+    per-seed lifts in points) with group's initial collapse shares `shares[model]`."""
+    runs = []
+    for model, by_seed in lifts.items():
+        for seed, lift in enumerate(by_seed):
+            for norm, accuracy_, share in (("group", 0.9, shares[model][seed]),
+                                           ("group_pn", 0.9 + lift / 100, twin_share)):
+                runs.append({
+                    "data": "cluttered_digits", "config": f"c_{norm}", "model": model,
+                    "norm": norm, "seed": seed, "epochs": 6, "global_batch": 64,
+                    "micro_batch_size": 8, "max_steps": 0, "lr": 0.2, "mixup_alpha": 0.2,
+                    "status": "finished", "val_accuracy": accuracy_, "collapse": {
+                        "images": 256, "init": {"mean": share, "deepest": share},
+                        "end": {"mean": share, "deepest": share}}})
+    return runs
+
+
+def test_the_depth_table_reads_the_predictions_by_the_pre_registered_rule():
+    """Supported: means grow at every depth and the deepest's every seed tops the shallowest's
+    every seed; refuted: the deepest's mean is not above the shallowest's; else
+    inconclusive; and no reading while a run is missing."""
+    from benchmarks.accuracy_tables import depth_table
+
+    models = ("cifar_preact_resnet20", "cifar_preact_resnet56", "cifar_preact_resnet110")
+    flat = {model: [0.2, 0.2, 0.2] for model in models}
+    growing = dict(zip(models, ([1, 2, 3], [3, 4, 5], [4, 6, 8])))  # 110's 4 > 20's 3
+    overlapping = dict(zip(models, ([1, 2, 6], [3, 4, 5], [4, 6, 8])))  # 20's 6 > 110's 4
+    shrinking = dict(zip(models, ([3, 4, 5], [3, 3, 3], [1, 2, 3])))
+    text = depth_table(sweep_runs(growing, flat), models)
+    assert "prediction 2, the lift grows with depth: **supported**" in text
+    assert "grows with depth: **refuted**" in text  # the flat shares: 110's mean not above
+    assert "than GroupNorm's at every depth: **yes**" in text
+    assert "+1.00 / +2.00 / +3.00 (mean +2.00)" in text
+    assert "lift grows with depth: **inconclusive**" in depth_table(
+        sweep_runs(overlapping, flat), models)
+    assert "lift grows with depth: **refuted**" in depth_table(
+        sweep_runs(shrinking, flat), models)
+    assert "at every depth: **no**" in depth_table(sweep_runs(growing, flat, 0.15), models)
+    # the rows come in order of depth, whatever order the runs are in
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(models)
+    unfinished = sweep_runs(growing, flat)[:-1]  # ResNet-110 seed 2's group_pn
+    assert "Not read against the pre-registered rule yet" in depth_table(unfinished, models)
+    assert "| 90.00 / 90.00 / 90.00 | 94.00 / 96.00 / – |" in depth_table(unfinished, models)
+
+
 def test_bad_micro_batch_is_one_line(tmp_path, capsys):
     status = accuracy.main(["--global-batch", "16", "--micro-batches", "3", "--no-readme",
                             "--output", str(tmp_path / "a.json")])
