@@ -1,7 +1,7 @@
 """Layer benchmark: forward+backward time, bandwidth and saved bytes of norm-act layers.
 
-    python -m benchmarks.layer [--threads 2] [--repeats 20] [--device cpu|cuda] [--no-readme]
-        [--readme]
+    python -m benchmarks.layer [--threads 2] [--repeats 20] [--device cpu|cuda]
+        [--dtype float32|bfloat16] [--channels-last] [--no-readme] [--readme]
 
 Times BatchNorm+ReLU/SiLU, GroupNorm+ReLU and GroupNorm + Proxy Norm + ReLU/SiLU run
 eagerly, under torch.compile and through the fused op, at four activation shapes; every
@@ -21,6 +21,13 @@ docs/fused_op.md. With --device cuda each step is timed between torch.cuda.synch
 calls, a fused variant runs whatever ops.fused_op picks for a CUDA input (recorded
 as unavailable where that is nothing, rather than timing the eager path twice), and the
 results go to benchmarks/results/layer_cuda.json, the docs only with --readme.
+
+`--dtype bfloat16` feeds the layers bfloat16 activations and gradients and runs each step
+under bfloat16 autocast, as the training application's precision 16.32 does (the
+parameters stay float32; autocast runs GroupNorm in float32, BatchNorm and the fused op
+take the bfloat16 input as it is); `--channels-last` gives x and grad_out the channels_last
+layout, as `--channels-last true` gives the application's layers. Either writes its own
+JSON (layer_cuda_bfloat16_channels_last.json, say) and the docs only with --readme.
 """
 import argparse
 import math
@@ -50,8 +57,7 @@ VARIANTS = {  # name: (norm, act, how it runs)
 MIN_TENSORS = 5  # x, out (forward); x, grad_out, grad_x (backward)
 COPY = "copy"  # the memory-copy step timed beside the variants
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-RESULTS = {"cpu": os.path.join(RESULTS_DIR, "layer.json"),
-           "cuda": os.path.join(RESULTS_DIR, "layer_cuda.json")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 
 
@@ -68,14 +74,27 @@ def unavailable(how, x):
     return None
 
 
+def results_path(device, dtype="float32", channels_last=False):
+    """benchmarks/results/layer[_cuda][_bfloat16][_channels_last].json"""
+    parts = ["layer"] + (["cuda"] if device == "cuda" else []) + \
+        ([dtype] if dtype != "float32" else []) + (["channels_last"] if channels_last else [])
+    return os.path.join(RESULTS_DIR, "_".join(parts) + ".json")
+
+
+def forward(layer, x):
+    """layer(x), under bfloat16 autocast for bfloat16 x (float32 x: autocast off)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
+        return layer(x)
+
+
 def step(layer, x, grad_out):
-    out = layer(x)
-    return torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
+    out = forward(layer, x)
+    return torch.autograd.grad(out, [x, *layer.parameters()], grad_out.to(out.dtype))
 
 
 def saved_bytes(layer, x):
     """Bytes of the distinct storages autograd keeps for backward (x counted once)."""
-    split = saved_storage_bytes(lambda: layer(x), layer.parameters())
+    split = saved_storage_bytes(lambda: forward(layer, x), layer.parameters())
     return split["activations"] + split["parameters"]
 
 
@@ -103,13 +122,17 @@ def fastest_ms(steps, repeats, device, warmup=3):
     return {name: 1e3 * min(t) for name, t in times.items()}
 
 
-def measure(repeats, device):
+def measure(repeats, device, dtype=torch.float32, memory_format=torch.contiguous_format):
     results = []
     for shape in SHAPES:
         torch.manual_seed(0)
-        x = torch.randn(shape, device=device, requires_grad=True)
-        grad_out = torch.randn(shape, device=device)
-        source, target = torch.randn(shape, device=device), torch.empty(shape, device=device)
+
+        def tensor():
+            return torch.randn(shape, device=device).to(dtype=dtype, memory_format=memory_format)
+
+        x = tensor().requires_grad_()
+        grad_out = tensor()
+        source, target = tensor(), torch.empty_like(x)
         layers, missing = {}, {}
         for name, (norm, act, how) in VARIANTS.items():
             missing[name] = unavailable(how, x)
@@ -169,7 +192,11 @@ def machine(env):
 
 
 def table(report):
-    header = ["layer (fwd+bwd, fp32)"] + ["x".join(map(str, r["shape"])) for r in report["results"]]
+    env = report["environment"]
+    layout = ", channels_last" if env.get("channels_last") else ""
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[env.get("dtype", "float32")]
+    header = [f"layer (fwd+bwd, {dtype}{layout})"] + [
+        "x".join(map(str, r["shape"])) for r in report["results"]]
     header += ["time, geomean", "of copy bandwidth, geomean", "saved bytes, max"]
     rows = []
     for name in VARIANTS:
@@ -184,7 +211,6 @@ def table(report):
     results = report["results"]
     base_ms = ", ".join(f"{r['variants'][BASELINE]['ms']:.1f}" for r in results)
     copy = ", ".join(f"{r['copy_bytes_per_s'] / 1e9:.0f}" for r in results)
-    env = report["environment"]
     note = (f"Ratios to `{BASELINE}` in the same run (its times: {base_ms} ms). Of copy "
             f"bandwidth: the {MIN_TENSORS} tensors of x's size a step must move at least "
             f"(forward reads x and writes out, backward reads x and grad_out and writes "
@@ -205,6 +231,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                        help="the activations' dtype (bfloat16: steps under autocast)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="x and grad_out in channels_last")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/fused_op.md")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite docs/fused_op.md with a CUDA run's table")
@@ -215,16 +245,19 @@ def main(argv=None):
     if device.type == "cpu" and not ops.cpu.load():
         raise SystemExit("benchmarks.layer: the fused CPU op is not built; run `make custom_ops`")
     torch.set_num_threads(args.threads)
-    results = measure(args.repeats, device)
+    results = measure(args.repeats, device, DTYPES[args.dtype],
+                      torch.channels_last if args.channels_last else torch.contiguous_format)
     report = {
         "environment": {"threads": args.threads, "repeats": args.repeats,
                         "device": args.device, "cpu": device_name(device),
+                        "dtype": args.dtype, "channels_last": args.channels_last,
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results, "summary": summarise(results)}
-    write_json(RESULTS[device.type], report)
+    write_json(results_path(args.device, args.dtype, args.channels_last), report)
     print(table(report))
-    if (device.type == "cpu" and not args.no_readme) or args.readme:
+    default = device.type == "cpu" and args.dtype == "float32" and not args.channels_last
+    if (default and not args.no_readme) or args.readme:
         replace_section("layer", table(report), DOCS_PAGE)
 
 

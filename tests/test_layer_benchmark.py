@@ -1,0 +1,45 @@
+"""benchmarks/layer.py's modes, on a tiny shape (no timing is asserted)."""
+import pytest
+import torch
+
+from benchmarks import layer as benchmark
+
+
+@pytest.mark.parametrize("dtype, memory_format", [
+    (torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)])
+def test_every_variant_steps_in_the_asked_dtype_and_layout(monkeypatch, dtype, memory_format):
+    """Each variant gets x in the asked dtype and layout and returns gradients for x and its
+    parameters; bfloat16 steps run under autocast, so a BatchNorm sees bfloat16 while
+    GroupNorm's float32 autocast policy applies."""
+    monkeypatch.setattr(benchmark, "SHAPES", [(2, 64, 4, 4)])
+    monkeypatch.setattr(benchmark, "VARIANTS", {
+        name: spec for name, spec in benchmark.VARIANTS.items() if spec[2] != "compiled"})
+    seen = {}
+    build = benchmark.build
+
+    def recording_build(norm, act, how, channels, device):
+        def record(module, args):
+            seen[norm, act, how] = (args[0].dtype,
+                                    args[0].is_contiguous(memory_format=memory_format),
+                                    torch.is_autocast_enabled("cpu"))
+
+        layer = build(norm, act, how, channels, device)
+        layer.register_forward_pre_hook(record)
+        return layer
+
+    monkeypatch.setattr(benchmark, "build", recording_build)
+    (row,) = benchmark.measure(1, torch.device("cpu"), dtype, memory_format)
+    ran = {name for name, result in row["variants"].items() if result["ms"] is not None}
+    assert {"batch_relu", "group_relu", "group_pn_relu_eager"} <= ran
+    assert all(value == (dtype, True, dtype == torch.bfloat16) for value in seen.values())
+    assert row["variants"]["batch_relu"]["time_ratio"] == 1.0
+    for name, result in row["variants"].items():
+        assert (result["ms"] is None) == (name not in ran) and \
+            (result["ms"] is not None or result["unavailable"].startswith("no fused op"))
+
+
+def test_each_mode_writes_its_own_json():
+    assert benchmark.results_path("cpu").endswith("results/layer.json")
+    assert benchmark.results_path("cuda").endswith("results/layer_cuda.json")
+    assert benchmark.results_path("cuda", "bfloat16", True).endswith(
+        "results/layer_cuda_bfloat16_channels_last.json")
