@@ -18,8 +18,8 @@
 #                  about 20 minutes on 2 cores) and the cost model past this machine: JSON,
 #                  tables in docs/scaling.md, docs/ plot
 #   make bench-gpu  the layer benchmark (float32 and bfloat16, NCHW and channels_last) and the
-#                  model benchmark on a CUDA GPU (where one exists): JSON in
-#                  benchmarks/results/*_cuda*.json
+#                  model benchmark (float32; bfloat16 in channels_last) on a CUDA GPU (where
+#                  one exists): JSON in benchmarks/results/*_cuda*.json
 #   make plan      memory per IPU of ResNet-50 and EfficientNet-B0 with BatchNorm and Proxy
 #                  Norm (python -m train.plan; about 2 minutes): JSON, table in docs/memory.md
 #   make accuracy  the accuracy study on cluttered digits (every norm x micro-batch 2/8/64 x
@@ -111,6 +111,7 @@ bench-gpu: install
 	$(PYTHON) -m benchmarks.layer --device cuda --dtype bfloat16
 	$(PYTHON) -m benchmarks.layer --device cuda --dtype bfloat16 --channels-last
 	$(PYTHON) -m benchmarks.model --device cuda
+	$(PYTHON) -m benchmarks.model --device cuda --dtype bfloat16 --channels-last
 
 plan: install
 	$(PYTHON) -m benchmarks.plan

@@ -2,7 +2,7 @@
 
     python -m benchmarks.model [--models resnet50 efficientnet_b0] [--resolution 128]
         [--micro-batches 1 2 4 8 16 32] [--repeats 5] [--threads 2] [--device cpu|cuda]
-        [--no-readme]
+        [--dtype float32|bfloat16] [--channels-last] [--no-readme]
 
 One training step is forward, cross-entropy, backward and an SGD step (momentum 0.9), in
 float32 on the CPU (or, with --device cuda, on the GPU, timed between
@@ -20,6 +20,10 @@ that cannot run (e.g. BatchNorm with one value per channel) is recorded as null 
 error. Writes benchmarks/results/model.json, docs/model_benchmark.png and the table
 between the `model` markers of docs/fused_op.md; on CUDA, benchmarks/results/model_cuda.json
 and docs/model_benchmark_cuda.png, and the docs only when asked (--readme).
+`--dtype bfloat16` runs the forward pass under bfloat16 autocast (float32 weights), as the
+training application's precision 16.32; `--channels-last` holds the weights and the images
+in channels_last, as its `--channels-last true`. Either writes its own files
+(model_cuda_bfloat16_channels_last.json, say) and the docs only with --readme.
 """
 import argparse
 import os
@@ -35,10 +39,7 @@ from datasets import error_line
 from models import get_model, list_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = {"cpu": os.path.join(ROOT, "benchmarks", "results", "model.json"),
-           "cuda": os.path.join(ROOT, "benchmarks", "results", "model_cuda.json")}
-PLOT = {"cpu": os.path.join(ROOT, "docs", "model_benchmark.png"),
-        "cuda": os.path.join(ROOT, "docs", "model_benchmark_cuda.png")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 BASELINE = "batch"
 VARIANTS = {  # name: (norm, norm_kwargs)
@@ -51,17 +52,29 @@ VARIANTS = {  # name: (norm, norm_kwargs)
 NUM_CLASSES = 1000
 
 
+def output_name(device, dtype="float32", channels_last=False):
+    """model[_cuda][_bfloat16][_channels_last]: the stem of a run's JSON and PNG."""
+    parts = ["model"] + (["cuda"] if device == "cuda" else []) + \
+        ([dtype] if dtype != "float32" else []) + (["channels_last"] if channels_last else [])
+    return "_".join(parts)
+
+
 class Trainer:
     """One variant of a model with its optimiser; `step` is one training step."""
 
-    def __init__(self, model_name, norm, norm_kwargs, device):
+    def __init__(self, model_name, norm, norm_kwargs, device, dtype=torch.float32,
+                 memory_format=torch.preserve_format):
         torch.manual_seed(0)  # every variant starts from the same convolution weights
         self.model = get_model(model_name, norm=norm, num_classes=NUM_CLASSES,
-                               norm_kwargs=norm_kwargs).train().to(device)
+                               norm_kwargs=norm_kwargs).train().to(device,
+                                                                   memory_format=memory_format)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.device_type, self.autocast = torch.device(device).type, dtype == torch.bfloat16
 
     def loss(self, images, labels):
-        return F.cross_entropy(self.model(images), labels)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(images)
+        return F.cross_entropy(logits.float(), labels)
 
     def step(self, images, labels):
         self.loss(images, labels).backward()
@@ -85,18 +98,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure_model(model_name, resolution, micro_batches, repeats, device, warmup=2):
+def measure_model(model_name, resolution, micro_batches, repeats, device, warmup=2,
+                  dtype=torch.float32, memory_format=torch.preserve_format):
     """One result row per micro-batch: every variant's ms, images/s and saved bytes."""
     trainers, rows = {}, []
     for name, (norm, norm_kwargs) in VARIANTS.items():
         try:
-            trainers[name] = Trainer(model_name, norm, norm_kwargs, device)
+            trainers[name] = Trainer(model_name, norm, norm_kwargs, device, dtype, memory_format)
         except (TypeError, ValueError) as error:
             trainers[name] = error
     for micro_batch in micro_batches:
         generator = torch.Generator().manual_seed(micro_batch)
         images = torch.randn(micro_batch, 3, resolution, resolution,
-                             generator=generator).to(device)
+                             generator=generator).to(device, memory_format=memory_format)
         labels = torch.randint(NUM_CLASSES, (micro_batch,), generator=generator).to(device)
         variants, live = {}, {}
         for name, trainer in trainers.items():
@@ -178,7 +192,10 @@ def table(report):
                  if b["activation_bytes_per_image"] is not None]
         size = f"{max(sizes) / 2**20:.1f} MiB" if sizes else "null"
         base_notes.append(f"`{model_name}` {speeds} images/s, up to {size} per image")
-    note = (f"Training step (forward, cross-entropy, backward, SGD), float32, "
+    precision = "float32" if env.get("dtype", "float32") == "float32" else \
+        "bfloat16 autocast (float32 weights)"
+    layout = ", channels_last" if env.get("channels_last") else ""
+    note = (f"Training step (forward, cross-entropy, backward, SGD), {precision}{layout}, "
             f"{env['resolution']}x{env['resolution']} random images; ratios to `{BASELINE}` "
             f"at the same micro-batch (mb) in the same run ({'; '.join(base_notes)}). Saved "
             f"bytes: activations autograd keeps for backward, per image, parameters excluded. "
@@ -233,8 +250,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--output", help="JSON path (default: benchmarks/results/model[_cuda].json)")
-    parser.add_argument("--plot", help="PNG path (default: docs/model_benchmark[_cuda].png)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                        help="bfloat16: the forward pass under bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the weights and the images in channels_last")
+    parser.add_argument("--output", help="JSON path (default: "
+                        "benchmarks/results/model[_cuda][_bfloat16][_channels_last].json)")
+    parser.add_argument("--plot", help="PNG path (default: "
+                        "docs/model_benchmark[_cuda][_bfloat16][_channels_last].png)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/fused_op.md")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite docs/fused_op.md with a CUDA run's table")
@@ -247,19 +270,25 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     results = []
     for model_name in args.models:
-        results += measure_model(model_name, args.resolution, args.micro_batches, args.repeats,
-                                 device)
+        results += measure_model(
+            model_name, args.resolution, args.micro_batches, args.repeats, device,
+            dtype=DTYPES[args.dtype],
+            memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     report = {
         "environment": {"models": args.models, "resolution": args.resolution,
                         "micro_batches": args.micro_batches, "threads": args.threads,
                         "repeats": args.repeats, "device": args.device, "cpu": device_name(device),
+                        "dtype": args.dtype, "channels_last": args.channels_last,
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results}
-    write_json(args.output or RESULTS[device.type], report)
-    plot(report, args.plot or PLOT[device.type])
+    name = output_name(args.device, args.dtype, args.channels_last)
+    write_json(args.output or os.path.join(ROOT, "benchmarks", "results", name + ".json"), report)
+    plot(report, args.plot or os.path.join(ROOT, "docs", name.replace("model", "model_benchmark")
+                                                  + ".png"))
     print(table(report))
-    if (device.type == "cpu" and not args.no_readme) or args.readme:
+    default = device.type == "cpu" and args.dtype == "float32" and not args.channels_last
+    if (default and not args.no_readme) or args.readme:
         try:
             replace_section("model", table(report), DOCS_PAGE)
         except ValueError as error:

@@ -70,3 +70,31 @@ def test_impossible_case_is_null_with_its_reason(tmp_path):
 def test_bad_flags_are_rejected(tmp_path, flag):
     with pytest.raises(SystemExit):
         benchmark.main([flag, "nope", "--no-readme"])
+
+
+@needs_fused_op
+def test_bfloat16_channels_last_run_trains_in_that_precision_and_layout(tmp_path, monkeypatch):
+    """--dtype bfloat16 --channels-last: every variant's convolutions hold channels_last
+    weights and run under bfloat16 autocast, and the images come in channels_last (past the
+    stem a layer's output keeps whatever layout its op gives: the fused CPU op's is NCHW);
+    the report says so."""
+    from torch import nn
+
+    seen = set()
+    forward = nn.Conv2d.forward
+
+    def recording(self, images):
+        seen.add((images.is_contiguous(memory_format=torch.channels_last),
+                  self.weight.is_contiguous(memory_format=torch.channels_last),
+                  torch.is_autocast_enabled("cpu")))
+        return forward(self, images)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", recording)
+    report = run(tmp_path, "--resolution", "32", "--micro-batches", "2", "--dtype", "bfloat16",
+                 "--channels-last")
+    assert (True, True, True) in seen and {(weights, autocast) for _, weights, autocast
+                                            in seen} == {(True, True)}
+    assert report["environment"]["dtype"] == "bfloat16" and report["environment"]["channels_last"]
+    assert all(result["images_per_second"] > 0
+               for result in report["results"][0]["variants"].values())
+    assert benchmark.output_name("cuda", "bfloat16", True) == "model_cuda_bfloat16_channels_last"
