@@ -69,6 +69,22 @@ def natural(name):
             for part in re.split(r"(\d+)", name)]
 
 
+# Student's t, two-sided 95% (the 0.975 quantile), for 1 to 10 degrees of freedom
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_ci(differences):
+    """(mean, low, high): the mean of paired differences and its 95% confidence interval
+    (Student's t over the n - 1 degrees of freedom; low = high = mean for one pair)."""
+    mean, std = mean_std(differences)
+    if len(differences) < 2:
+        return mean, mean, mean
+    if len(differences) - 1 > len(T_975):
+        raise ValueError(f"paired_ci: {len(differences)} pairs; T_975 goes to 11")
+    half = T_975[len(differences) - 2] * std / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
 def mean_std(values):
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     mean = sum(values) / len(values)

@@ -174,6 +174,18 @@ def test_time_table_gives_each_lengths_minutes_per_run_by_kind_of_norm():
     assert "`--jobs 2` on a 2-core machine" in lines[-1]
 
 
+def test_paired_ci_is_students_t_interval():
+    """Mean ± t(0.975, n - 1) x sd / sqrt(n): three differences 0.35, 0.60, 0.85 have sd
+    0.25 and t(2 dof) 4.303, so 0.60 ± 0.621; one difference has no interval."""
+    from benchmarks.accuracy_results import paired_ci
+
+    mean, low, high = paired_ci([0.35, 0.60, 0.85])
+    assert mean == pytest.approx(0.60)
+    assert (low, high) == pytest.approx((0.60 - 4.303 * 0.25 / 3 ** 0.5,
+                                         0.60 + 4.303 * 0.25 / 3 ** 0.5))
+    assert paired_ci([0.4]) == (0.4, 0.4, 0.4)
+
+
 def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm():
     def run(norm, micro_batch, seed, value, status="finished"):
         return {"data": "cluttered_digits", "model": "m", "norm": norm, "global_batch": 64,
@@ -189,9 +201,10 @@ def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm(
         "| BatchNorm (`sync_batch`) | 64 samples (synchronised over 8 replicas) | mixup 0.2 "
         "| 98.50 ± 0.71 (2) | – |",
         "| BatchNorm (`batch`) | 8 samples (per replica, 8 replicas) | mixup 0.2 "
-        "| 97.50 ± 0.71 (2) | 1.00 (1.00 to 1.00) |",
+        "| 97.50 ± 0.71 (2) | 1.00 [1.00, 1.00] |",
+        # differences 2.00 and 0.50: standard error 0.75, t(1 dof) 12.706
         "| GroupNorm + Proxy Norm (`group_pn`) | 1 sample | mixup 0.2 "
-        "| 97.25 ± 1.77 (2) | 1.25 (0.50 to 2.00) |"]
+        "| 97.25 ± 1.77 (2) | 1.25 [-8.28, 10.78] |"]
     assert "24 epochs, seeds 0, 1, 2" in lines[-1]
     assert headline([run("group", 8, 0, None, status="diverged")]) == "No runs yet."
     # a planned row with no finished run yet is shown, last, as such
