@@ -4,7 +4,8 @@
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
         [--mixup ALPHA ...] [--model NAME ...] [--holdout] [--every-split]
-        [--data-path DIR] [--figures DIR] [--depth-figure FILE] [--headline] [--output JSON]
+        [--data-path DIR] [--figures DIR] [--depth-figure FILE] [--headline]
+        [--comparison NAME] [--output JSON]
         [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
 
@@ -60,7 +61,9 @@ initialisation and at the end (docs/depth_sweep.png for the depth sweep of docs/
 and prints them as a table, with the sweep's pre-registered predictions read by their rule,
 which also goes between the `depth_sweep` markers of `--markdown`; `--headline` rewrites README.md's
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
-and each row's paired distance below the best BatchNorm. `--report-only` runs nothing and
+and each row's paired distance below the best BatchNorm with its 95% confidence interval;
+`--comparison NAME` writes the same table between the NAME markers of `--markdown`
+(docs/evidence.md's converged comparison at 48 epochs: `converged`). `--report-only` runs nothing and
 rebuilds the tables and figures from what the JSON holds (while a study is still running).
 
 This module plans and runs the cells; the JSON and the statistics over seeds are
@@ -285,11 +288,11 @@ def command_line(argv):
         if arg in ("--no-readme", "--no-resume", "--resume", "--report-only", "--headline"):
             continue
         if arg in ("--output", "--jobs", "--markdown", "--section", "--figures",
-                   "--depth-figure"):
+                   "--depth-figure", "--comparison"):
             skip = True
             continue
         if arg.startswith(("--output=", "--jobs=", "--markdown=", "--section=", "--figures=",
-                           "--depth-figure=")):
+                           "--depth-figure=", "--comparison=")):
             continue
         shown.append(arg)
     return " ".join(["python -m benchmarks.accuracy", *map(shlex.quote, shown)])
@@ -358,6 +361,9 @@ def main(argv=None):
     parser.add_argument("--headline", action="store_true",
                         help="also rewrite README.md's headline table (accuracy_headline) "
                              "from this study's runs")
+    parser.add_argument("--comparison", metavar="NAME",
+                        help="also write the headline's table of this study's runs between the "
+                             "NAME markers of --markdown (converged)")
     parser.add_argument("--no-readme", action="store_true",
                         help="do not rewrite any table (--markdown's, nor the headline)")
     args = parser.parse_args(argv)
@@ -427,7 +433,7 @@ def study(args, command):
 
 def publish(args, report, cells):
     """Prints the tables of the whole JSON and writes what the flags ask for: the figures
-    of the study's runs, the --markdown section and README.md's headline."""
+    of the study's runs, the --markdown sections and README.md's headline."""
     text = table(report) + "\n\n" + time_table(report)
     print(text)
     runs = study_runs(report, cells)
@@ -456,6 +462,9 @@ def publish(args, report, cells):
             if args.headline:
                 replace_section("accuracy_headline",
                                 headline(runs, [cell for cell, _ in cells]), README)
+            if args.comparison:
+                replace_section(args.comparison, headline(runs, [cell for cell, _ in cells]),
+                                args.markdown)
         except ValueError as error:
             raise StudyError(str(error)) from None
 

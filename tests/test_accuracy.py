@@ -129,6 +129,16 @@ def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, cap
     _, reported = study(tmp_path, "--report-only", "--micro-batches", "2", "8", "16")
     assert "4 cells, 3 already in" in capsys.readouterr().out  # batch at 16 not run
     assert reported["runs"] == report["runs"]
+    page = tmp_path / "evidence.md"
+    page.write_text("<!-- accuracy:start -->\n<!-- accuracy:end -->\n"
+                    "<!-- converged:start -->\n<!-- converged:end -->\n")
+    assert accuracy.main(["--norms", "batch", "group_pn", "--global-batch", "16",
+                          "--micro-batches", "2", "8", "--seeds", "0", "--max-steps", "2",
+                          "--report-only", "--output", str(tmp_path / "accuracy.json"),
+                          "--markdown", str(page), "--comparison", "converged"]) == 0
+    converged = page.read_text().split("<!-- converged:start -->")[1]
+    assert "| BatchNorm (`batch`) | 8 samples (per replica, 2 replicas) |" in converged
+    assert "below the best BatchNorm (points) [95% CI]" in converged
     _, rerun = study(tmp_path, "--no-resume", "--micro-batches", "8")
     assert "2 to run" in capsys.readouterr().out
     assert sorted(run["micro_batch_size"] for run in rerun["runs"]) == [2, 8, 8]  # replaced

@@ -33,6 +33,7 @@ def test_replace_section_needs_markers(tmp_path):
     ("benchmarks.readme", "README", "accuracy_headline"),
     ("benchmarks.accuracy", "EVIDENCE", "accuracy"),
     ("benchmarks.accuracy", "EVIDENCE", "depth_sweep"),
+    ("benchmarks.accuracy", "EVIDENCE", "converged"),
     ("benchmarks.layer", "DOCS_PAGE", "layer"),
     ("benchmarks.model", "DOCS_PAGE", "model"),
     ("benchmarks.models", "DOCS_PAGE", "models"),
