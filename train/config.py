@@ -59,7 +59,7 @@ class Option:
     at_most/below.
     """
 
-    def __init__(self, name, default, kind, help, role=None, choices=None, item=str,
+    def __init__(self, name, default, kind, help, *, role, choices=None, item=str,
                  null_ok=False, at_least=None, above=None, at_most=None, below=None,
                  length=None):
         self.name, self.default, self.kind, self.help, self.role = name, default, kind, help, role
@@ -356,7 +356,8 @@ def convert(option, value, where):
         elif kind is str and isinstance(value, str):
             return value
         elif kind is list and isinstance(value, list):
-            items = [convert(Option(option.name, None, option.item, ""), v, where) for v in value]
+            item = Option(option.name, None, option.item, "", role=option.role)
+            items = [convert(item, v, where) for v in value]
             if option.length is not None and len(items) != option.length:
                 raise ConfigError(
                     f"{where} expects a list of {option.length} values, got {brief(value)}")

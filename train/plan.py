@@ -349,8 +349,8 @@ def main(argv=None):
         if action == "list":
             print("\n".join(describe_configs()))
             return 0
-        norms = parse_flag_value(Option("plan_norms", None, list, ""), args.plan_norms,
-                                 "--plan-norms")
+        plan_norms = Option("plan_norms", None, list, "", role="bookkeeping")
+        norms = parse_flag_value(plan_norms, args.plan_norms, "--plan-norms")
         folder = os.path.dirname(os.path.abspath(args.json or "."))
         if not os.path.isdir(folder):  # before minutes of measuring, not after
             raise ConfigError(f"--json: {folder} is not a folder")
