@@ -5,6 +5,14 @@ import torch
 from benchmarks import layer as benchmark
 
 
+def cpu_autocast():
+    """Whether CPU autocast is on (torch 2.0, PopTorch's, has no device argument)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
+
+
 @pytest.mark.parametrize("dtype, memory_format", [
     (torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)])
 def test_every_variant_steps_in_the_asked_dtype_and_layout(monkeypatch, dtype, memory_format):
@@ -21,7 +29,7 @@ def test_every_variant_steps_in_the_asked_dtype_and_layout(monkeypatch, dtype, m
         def record(module, args):
             seen[norm, act, how] = (args[0].dtype,
                                     args[0].is_contiguous(memory_format=memory_format),
-                                    torch.is_autocast_enabled("cpu"))
+                                    cpu_autocast())
 
         layer = build(norm, act, how, channels, device)
         layer.register_forward_pre_hook(record)

@@ -8,6 +8,7 @@ from torch import nn
 from benchmarks import model as benchmark
 from proxynorm.ops import cpu
 from benchmarks.measure import saved_bytes
+from tests.test_layer_benchmark import cpu_autocast
 
 
 def test_saved_bytes_of_a_conv_are_its_input_and_weight():
@@ -86,7 +87,7 @@ def test_bfloat16_channels_last_run_trains_in_that_precision_and_layout(tmp_path
     def recording(self, images):
         seen.add((images.is_contiguous(memory_format=torch.channels_last),
                   self.weight.is_contiguous(memory_format=torch.channels_last),
-                  torch.is_autocast_enabled("cpu")))
+                  cpu_autocast()))
         return forward(self, images)
 
     monkeypatch.setattr(nn.Conv2d, "forward", recording)
