@@ -167,7 +167,8 @@ MUST_MATCH = ("model", "norm", "groups", "act", "group_dim", "expand_ratio", "da
 FREE_ON_RESUME = {"config", "output_dir", "resume", "epochs", "max_steps", "validation",
                   "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "data_path",
                   "num_workers", "skip_corrupt_images", "cpu_threads", "executable_cache_dir",
-                  "compile_only", "device_memory_mb", "collective_timeout", "compile"}
+                  "compile_only", "device_memory_mb", "collective_timeout", "compile",
+                  "compile_mode"}
 
 
 def test_every_option_has_a_role_and_resume_treats_each_as_before():

@@ -151,6 +151,26 @@ def test_compiled_network_trains_the_eager_weights(tmp_path):
                  "--resume", "auto") == 0
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_compile(tmp_path, capsys, monkeypatch):
+    """--compile-mode reduce-overhead (CUDA graphs on a GPU) is torch.compile's mode; without
+    --compile true it would do nothing, so it is refused in one line."""
+    modes = []
+
+    def recording_compile(module, mode=None):
+        modes.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    flags = [*SYNTHETIC, *plan(8, 1, 2), "--max-steps", 1, "--validation", "false"]
+    assert train(tmp_path / "run", *flags, "--compile", "true",
+                 "--compile-mode", "reduce-overhead") == 0
+    assert modes == ["reduce-overhead"]
+    assert train(tmp_path / "refused", *flags, "--compile-mode", "max-autotune") == 2
+    assert error_line(capsys) == ("error: compile_mode max-autotune is torch.compile's mode: "
+                                  "add --compile true")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_emulated_replicas_keep_per_replica_batchnorm_statistics(tmp_path):
     """BatchNorm over 2 replicas of 8 trains like 2 accumulated micro-batches of 8, and
     unlike one micro-batch of 16."""

@@ -174,6 +174,10 @@ OPTION_GROUPS = [
         Option("compile", False, bool, "CPU/GPU: torch.compile the training network (the first "
                "steps compile it; evaluation stays eager); the IPU engine compiles its own graph",
                role="bookkeeping"),
+        Option("compile_mode", "default", str, "torch.compile's mode with compile: default, "
+               "reduce-overhead (on a GPU, CUDA graphs: a step's many small launches replayed as "
+               "one, for small micro-batches) or max-autotune", role="bookkeeping",
+               choices=("default", "reduce-overhead", "max-autotune")),
         Option("channels_last", False, bool, "CPU/GPU: the model's weights and the input images "
                "in channels_last (NHWC) memory format, which cuDNN and the fused GPU op take as "
                "they are (the fused CPU op returns NCHW); the IPU engine lays out its own",

@@ -77,6 +77,9 @@ class PyTorchEngine:
         if config["compile_only"]:
             raise ConfigError("compile_only compiles IPU executables: it needs engine ipu and "
                               "PopTorch (a Poplar SDK host)")
+        if config["compile_mode"] != "default" and not config["compile"]:
+            raise ConfigError(f"compile_mode {config['compile_mode']} is torch.compile's mode: "
+                              f"add --compile true")
 
     @staticmethod
     def norm_kwargs(config, context=None):
@@ -108,7 +111,7 @@ class PyTorchEngine:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 **no_buffer_sync())
         if config["compile"]:  # wraps DDP, whose buckets torch.compile's DDPOptimizer follows
-            self.network = torch.compile(self.network)
+            self.network = torch.compile(self.network, mode=config["compile_mode"])
         self.optimizer = build_optimizer(config, self.model)
         self.accumulation = config["gradient_accumulation"]
         self.global_batch = global_batch_size(config)
