@@ -48,7 +48,8 @@ class InvalidYaml(ConfigError):
 #   compute      changes what the run computes: allowed, with a warning that the run is no
 #                longer an exact continuation
 #   bookkeeping  where the run writes, how often it reports, how it is run: free to change
-ROLES = ("model", "compute", "bookkeeping")
+# Each with its words in docs/options.md's last column.
+ROLES = {"model": "must match", "compute": "warns", "bookkeeping": "free"}
 
 
 class Option:
@@ -697,9 +698,6 @@ def describe_configs(configs=None, path=CONFIGS_PATH):
             for row in [header] + rows]
 
 
-# docs/options.md's last column: what a resumed run does when the option differs from its
-# checkpoint's (ROLES)
-ON_RESUME = {"model": "must match", "compute": "warns", "bookkeeping": "free"}
 OPTIONS_PAGE_INTRO = """# Options
 
 Every option of `python -m train`: a key in `configs.yml`, a flag and a key of the run's
@@ -729,7 +727,7 @@ def options_markdown():
                 meaning += f" ({option.limits()})"
             meaning = meaning.replace("|", "\\|")  # a cell ends at a bare |
             lines.append(f"| `{option.name}` | `{show(option.default)}` | {meaning} | "
-                         f"{ON_RESUME[option.role]} |")
+                         f"{ROLES[option.role]} |")
     return "\n".join(lines) + "\n"
 
 
