@@ -167,13 +167,17 @@ class Run:
         self.train_seconds, self.train_images, self.wall_before = 0.0, 0, 0.0
         self.validation_due, self.signals = False, StopSignals()
 
-        self.run_dir, self.lock = self.claim_run_dir(config, resume_path, saved)
-        self.folder = files.RunFolder(self.run_dir)
+        path, self.lock = self.claim_run_dir(config, resume_path, saved)
+        self.folder = files.RunFolder(path)
         try:
             self.start(config, resume_path, saved, changed)
         except BaseException:
             files.release(self.lock)
             raise
+
+    @property
+    def run_dir(self):
+        return self.folder.path
 
     def claim_run_dir(self, config, resume_path, saved):
         """(run folder, lock): rank 0 takes it (take_run_dir); every process learns the
@@ -181,7 +185,7 @@ class Run:
         context = self.context
         if not context.is_main:
             if not context.collective:  # poprun: --output-dir or --resume is given
-                return config["output_dir"] or os.path.dirname(resume_path) or ".", None
+                return config["output_dir"] or files.RunFolder.holding(resume_path).path, None
             path, problem = context.from_main(None)
             if problem:
                 raise RunFolderError(problem)
@@ -275,7 +279,7 @@ class Run:
             self.wall_before = saved["totals"]["wall_seconds"]
         self.validation_due = saved["validation_due"] and self.config["validation"]
         self.epoch_line = f"epoch {self.step // self.steps_per_epoch}/{self.config['epochs']}"
-        into = "" if os.path.samefile(os.path.dirname(path) or ".", self.run_dir) else \
+        into = "" if os.path.samefile(files.RunFolder.holding(path).path, self.run_dir) else \
             f" into {self.run_dir}"
         self.say(f"resuming {path} at step {self.step} "
                  f"(epoch {self.step / self.steps_per_epoch:.2f}){into}"
