@@ -232,13 +232,13 @@ def depth_table(runs, models=()):
             lifts = sweep.get(model, {}).get("lifts", {}).get(base, {})
             lift = " / ".join(f"{lifts[seed]:+.2f}" if seed in lifts else "–" for seed in seeds)
             if lifts:
-                lift += f" (mean {sum(lifts.values()) / len(lifts):+.2f})"
+                lift += f" (mean {mean_std(list(lifts.values()))[0]:+.2f})"
             shares = []
             for when in ("init", "end"):
                 for norm in (base, twin):
                     values = [record[when]["mean"] for record in
                               sweep.get(model, {}).get("collapse", {}).get(norm, {}).values()]
-                    shares.append(f"{sum(values) / len(values):.3f}" if values else "–")
+                    shares.append(f"{mean_std(values)[0]:.3f}" if values else "–")
             rows.append([f"`{model}`", per_seed(base), per_seed(twin), lift,
                          f"{shares[0]} / {shares[1]}", f"{shares[2]} / {shares[3]}"])
     header = ["model", f"{NORM_WORDS.get(bases[0], bases[0]) if bases else 'norm'} (%)",
@@ -251,8 +251,7 @@ def depth_table(runs, models=()):
             f"Collapse share: analysis.power's channel_squared_mean share of each "
             f"pre-activation's power over the first {first['collapse']['images']} "
             f"validation canvases, mean over the layers, then over the seeds.")
-    readings = [reading(base, sweep, [m for m in order if m in sweep or m in models],
-                        len(seeds)) for base in bases]
+    readings = [reading(base, sweep, order, len(seeds)) for base in bases]
     return markdown_table(header, rows) + "\n\n" + note + "\n\n" + "\n".join(readings)
 
 
@@ -274,8 +273,11 @@ def reading(base, sweep, models, seeds):
         return (f"Not read against the pre-registered rule yet ({words}): a model's runs "
                 f"have not all finished beside their Proxy Norm twins.")
 
+    def mean(values):
+        return mean_std(list(values.values()))[0]
+
     def rule(series):
-        means = [sum(values.values()) / len(values) for values in series]
+        means = [mean(values) for values in series]
         if means[-1] <= means[0]:
             return "refuted"
         if all(a < b for a, b in zip(means, means[1:])) and \
@@ -283,8 +285,7 @@ def reading(base, sweep, models, seeds):
             return "supported"
         return "inconclusive"
 
-    nearer = all(sum(t.values()) / len(t) < sum(c.values()) / len(c) / 2
-                 for t, c in zip(twins, collapse))
+    nearer = all(mean(t) < mean(c) / 2 for t, c in zip(twins, collapse))
     return (f"Read by the pre-registered rule ({words}): prediction 2, the lift grows with "
             f"depth: **{rule(lifts)}**. Prediction 1, {words}'s collapse share at "
             f"initialisation grows with depth: **{rule(collapse)}**; with Proxy Norm it is "
