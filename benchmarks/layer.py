@@ -37,7 +37,8 @@ import time
 import torch
 
 from proxynorm import ops
-from benchmarks.measure import cpu_name, saved_bytes as saved_storage_bytes, write_json
+from benchmarks.measure import (DTYPES, add_variant_flags, cpu_name,
+                                saved_bytes as saved_storage_bytes, variant_suffix, write_json)
 from benchmarks.readme import ROOT, markdown_table, replace_section
 from proxynorm.norms import get_norm_act, norm_kind
 
@@ -57,7 +58,6 @@ VARIANTS = {  # name: (norm, act, how it runs)
 MIN_TENSORS = 5  # x, out (forward); x, grad_out, grad_x (backward)
 COPY = "copy"  # the memory-copy step timed beside the variants
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 
 
@@ -72,13 +72,6 @@ def unavailable(how, x):
     if how == "fused" and ops.fused_op(x) is None:
         return f"no fused op for {x.device.type} {x.dtype} input"
     return None
-
-
-def results_path(device, dtype="float32", channels_last=False):
-    """benchmarks/results/layer[_cuda][_bfloat16][_channels_last].json"""
-    parts = ["layer"] + (["cuda"] if device == "cuda" else []) + \
-        ([dtype] if dtype != "float32" else []) + (["channels_last"] if channels_last else [])
-    return os.path.join(RESULTS_DIR, "_".join(parts) + ".json")
 
 
 def forward(layer, x):
@@ -231,10 +224,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
-                        help="the activations' dtype (bfloat16: steps under autocast)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="x and grad_out in channels_last")
+    add_variant_flags(parser)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/fused_op.md")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite docs/fused_op.md with a CUDA run's table")
@@ -254,10 +244,10 @@ def main(argv=None):
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results, "summary": summarise(results)}
-    write_json(results_path(args.device, args.dtype, args.channels_last), report)
+    suffix = variant_suffix(args)
+    write_json(os.path.join(RESULTS_DIR, f"layer{suffix}.json"), report)
     print(table(report))
-    default = device.type == "cpu" and args.dtype == "float32" and not args.channels_last
-    if (default and not args.no_readme) or args.readme:
+    if (not suffix and not args.no_readme) or args.readme:
         replace_section("layer", table(report), DOCS_PAGE)
 
 

@@ -1,7 +1,10 @@
 """What the benchmarks share: the bytes autograd keeps (counted by train.plan, which plans
-memory per device with the same count), the machine, writing results."""
+memory per device with the same count), the machine, the dtype and layout flags, writing
+results."""
 import os
 import platform
+
+import torch
 
 from train import files
 from train.plan import saved_storages
@@ -16,6 +19,28 @@ def saved_bytes(forward, parameters):
     for pointer, (_, size) in saved_storages(forward).items():
         split["parameters" if pointer in parameter_storages else "activations"] += size
     return split
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_variant_flags(parser):
+    """--dtype and --channels-last, as the layer and model benchmarks take them."""
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                        help="the activations' dtype (bfloat16: steps under autocast, float32 "
+                             "weights)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="inputs (and the model's weights) in channels_last")
+
+
+def variant_suffix(args):
+    """What a run's files add to their names for its device, dtype and layout
+    ("_cuda_bfloat16_channels_last", say); "" for the CPU, float32 and NCHW, the run the
+    docs' tables show by default."""
+    parts = (["cuda"] if args.device == "cuda" else []) + \
+        ([args.dtype] if args.dtype != "float32" else []) + \
+        (["channels_last"] if args.channels_last else [])
+    return "".join("_" + part for part in parts)
 
 
 def cpu_name():

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from proxynorm import ops
-from benchmarks.measure import cpu_name, log2_x_axis, saved_bytes, write_json, write_png
+from benchmarks.measure import (DTYPES, add_variant_flags, cpu_name, log2_x_axis, saved_bytes,
+                                variant_suffix, write_json, write_png)
 from benchmarks.readme import markdown_table, replace_section
 from datasets import error_line
 from models import get_model, list_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DOCS_PAGE = os.path.join(ROOT, "docs", "fused_op.md")
 BASELINE = "batch"
 VARIANTS = {  # name: (norm, norm_kwargs)
@@ -50,13 +50,6 @@ VARIANTS = {  # name: (norm, norm_kwargs)
     "layer_pn_fused": ("layer_pn", {}),
 }
 NUM_CLASSES = 1000
-
-
-def output_name(device, dtype="float32", channels_last=False):
-    """model[_cuda][_bfloat16][_channels_last]: the stem of a run's JSON and PNG."""
-    parts = ["model"] + (["cuda"] if device == "cuda" else []) + \
-        ([dtype] if dtype != "float32" else []) + (["channels_last"] if channels_last else [])
-    return "_".join(parts)
 
 
 class Trainer:
@@ -250,10 +243,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
-                        help="bfloat16: the forward pass under bfloat16 autocast")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="the weights and the images in channels_last")
+    add_variant_flags(parser)
     parser.add_argument("--output", help="JSON path (default: "
                         "benchmarks/results/model[_cuda][_bfloat16][_channels_last].json)")
     parser.add_argument("--plot", help="PNG path (default: "
@@ -282,13 +272,12 @@ def main(argv=None):
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch": torch.__version__},
         "results": results}
-    name = output_name(args.device, args.dtype, args.channels_last)
-    write_json(args.output or os.path.join(ROOT, "benchmarks", "results", name + ".json"), report)
-    plot(report, args.plot or os.path.join(ROOT, "docs", name.replace("model", "model_benchmark")
-                                                  + ".png"))
+    suffix = variant_suffix(args)
+    write_json(args.output or os.path.join(ROOT, "benchmarks", "results", f"model{suffix}.json"),
+               report)
+    plot(report, args.plot or os.path.join(ROOT, "docs", f"model_benchmark{suffix}.png"))
     print(table(report))
-    default = device.type == "cpu" and args.dtype == "float32" and not args.channels_last
-    if (default and not args.no_readme) or args.readme:
+    if (not suffix and not args.no_readme) or args.readme:
         try:
             replace_section("model", table(report), DOCS_PAGE)
         except ValueError as error:

@@ -47,7 +47,15 @@ def test_every_variant_steps_in_the_asked_dtype_and_layout(monkeypatch, dtype, m
 
 
 def test_each_mode_writes_its_own_json():
-    assert benchmark.results_path("cpu").endswith("results/layer.json")
-    assert benchmark.results_path("cuda").endswith("results/layer_cuda.json")
-    assert benchmark.results_path("cuda", "bfloat16", True).endswith(
-        "results/layer_cuda_bfloat16_channels_last.json")
+    """The layer and model benchmarks name a run's files layer{suffix}.json and so on: none
+    for the CPU, float32 and NCHW (the run the docs show), else device, dtype and layout."""
+    from argparse import Namespace
+
+    from benchmarks.measure import variant_suffix
+
+    def suffix(device, dtype="float32", channels_last=False):
+        return variant_suffix(Namespace(device=device, dtype=dtype, channels_last=channels_last))
+
+    assert suffix("cpu") == ""
+    assert suffix("cuda") == "_cuda"
+    assert suffix("cuda", "bfloat16", True) == "_cuda_bfloat16_channels_last"

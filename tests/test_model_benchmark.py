@@ -98,4 +98,3 @@ def test_bfloat16_channels_last_run_trains_in_that_precision_and_layout(tmp_path
     assert report["environment"]["dtype"] == "bfloat16" and report["environment"]["channels_last"]
     assert all(result["images_per_second"] > 0
                for result in report["results"][0]["variants"].values())
-    assert benchmark.output_name("cuda", "bfloat16", True) == "model_cuda_bfloat16_channels_last"
