@@ -52,19 +52,20 @@ and replaces it), so running the same command again finishes a partial grid. The
 between the `--section` markers of `--markdown` (docs/evidence.md, `accuracy`) is rebuilt
 from the whole JSON: final validation accuracy, mean +- standard deviation (n - 1) over the
 seeds, per (config family, norm, lr) and micro-batch, then the wall minutes per run of each
-length. `--figures DIR` draws this study's
-runs: accuracy_vs_microbatch.png and training_curves.png, and error_vs_budget.png where the
-JSON holds the same cells trained for other numbers of epochs; `--depth-figure FILE` draws,
-against the depth of the `--model` networks (the number ending each name), the lift in final
-accuracy from each norm to its Proxy Norm twin, paired by seed, and the collapse shares at
-initialisation and at the end (docs/depth_sweep.png for the depth sweep of docs/evidence.md),
-and prints them as a table, with the sweep's pre-registered predictions read by their rule,
-which also goes between the `depth_sweep` markers of `--markdown`; `--headline` rewrites README.md's
-headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best first,
-and each row's paired distance below the best BatchNorm with its 95% confidence interval;
-`--comparison NAME` writes the same table between the NAME markers of `--markdown`
-(docs/evidence.md's converged comparison at 48 epochs: `converged`). `--report-only` runs nothing and
-rebuilds the tables and figures from what the JSON holds (while a study is still running).
+length. `--figures DIR` draws this study's runs: accuracy_vs_microbatch.png and
+training_curves.png, and error_vs_budget.png where the JSON holds the same cells trained
+for other numbers of epochs; `--depth-figure FILE` draws, against the depth of the
+`--model` networks (the number ending each name), the lift in final accuracy from each norm
+to its Proxy Norm twin, paired by seed, and the collapse shares at initialisation and at
+the end (docs/depth_sweep.png for the depth sweep of docs/evidence.md), and prints them as
+a table, with the sweep's pre-registered predictions read by their rule, which also goes
+between the `depth_sweep` markers of `--markdown`; `--headline` rewrites README.md's
+headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best
+first, and each row's paired distance below the best BatchNorm with its 95% confidence
+interval; `--comparison NAME` writes the same table between the NAME markers of
+`--markdown` (docs/evidence.md's converged comparison at 48 epochs: `converged`).
+`--report-only` runs nothing and rebuilds the tables and figures from what the JSON holds
+(while a study is still running).
 
 This module plans and runs the cells; the JSON and the statistics over seeds are
 benchmarks/accuracy_results.py's, the markdown tables benchmarks/accuracy_tables.py's and
@@ -459,12 +460,12 @@ def publish(args, report, cells):
             replace_section(args.section, text, args.markdown)
             if args.depth_figure and runs:
                 replace_section("depth_sweep", depth, args.markdown)
+            if args.headline or args.comparison:
+                paired = headline(runs, [cell for cell, _ in cells])
             if args.headline:
-                replace_section("accuracy_headline",
-                                headline(runs, [cell for cell, _ in cells]), README)
+                replace_section("accuracy_headline", paired, README)
             if args.comparison:
-                replace_section(args.comparison, headline(runs, [cell for cell, _ in cells]),
-                                args.markdown)
+                replace_section(args.comparison, paired, args.markdown)
         except ValueError as error:
             raise StudyError(str(error)) from None
 

@@ -140,8 +140,8 @@ def headline(runs, planned=()):
     """The README's headline table of one study's runs (one recipe per norm): a row per
     (norm, micro-batch), best first, with each row's distance below the best BatchNorm row
     as the mean of the per-seed differences (a seed fixes the batches, so the comparison
-    is paired) and its 95% confidence interval. Rows of `planned` cells (the study's plan) with no finished
-    run yet follow, marked so."""
+    is paired) and its 95% confidence interval. Rows of `planned` cells (the study's plan)
+    with no finished run yet follow, marked so."""
     def row_key(run):
         return run["norm"], None if run.get("split_invariant") else run["micro_batch_size"]
 
