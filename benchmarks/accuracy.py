@@ -5,7 +5,7 @@
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
         [--mixup ALPHA ...] [--model NAME ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--depth-figure FILE] [--headline]
-        [--comparison NAME] [--output JSON]
+        [--comparison NAME] [--keep-checkpoints DIR] [--output JSON]
         [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
 
@@ -64,6 +64,8 @@ headline table (`accuracy_headline`) from them: a row per norm and micro-batch, 
 first, and each row's paired distance below the best BatchNorm with its 95% confidence
 interval; `--comparison NAME` writes the same table between the NAME markers of
 `--markdown` (docs/evidence.md's converged comparison at 48 epochs: `converged`).
+`--keep-checkpoints DIR` keeps each run's last checkpoint there, named in the run's record
+(`checkpoint`), for analyses of the trained networks (analysis.validation_noise).
 `--report-only` runs nothing and rebuilds the tables and figures from what the JSON holds
 (while a study is still running).
 
@@ -75,11 +77,13 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import hashlib
 import itertools
 import multiprocessing
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 
@@ -177,9 +181,18 @@ def plan(args):
     return cells
 
 
-def train_cell(name, overrides, log_dir=None):
+def checkpoint_name(cell):
+    """The file name --keep-checkpoints gives a cell's last checkpoint: readable, and unique
+    per cell (a digest of its key)."""
+    digest = hashlib.sha256(repr(cell_key(cell)).encode()).hexdigest()[:8]
+    return (f"{cell['config']}-{cell['model']}-{cell['epochs']}ep-mb{cell['micro_batch_size']}"
+            f"-seed{cell['seed']}-{digest}.pt")
+
+
+def train_cell(name, overrides, log_dir=None, keep=None):
     """One training run in this process; returns the summary's numbers and the collapse
-    shares at initialisation and at the end (no run folder kept).
+    shares at initialisation and at the end (no run folder kept; `keep`: a path to copy the
+    run's last checkpoint to first, whole or not at all).
 
     The run's own output goes to a log in its temporary folder; on a failure its tail is in
     the error."""
@@ -208,16 +221,22 @@ def train_cell(name, overrides, log_dir=None):
             raise RunFailed(f"{name} {overrides}: {type(error).__name__}: {error}; the run's "
                             f"output ended:\n{tail}") from None
         curve = validation_curve(run_folder.metrics)
+        kept = keep and os.path.exists(run_folder.last)  # none if it diverged at once
+        if kept:
+            shutil.copyfile(run_folder.last, f"{keep}.tmp")
+            os.replace(f"{keep}.tmp", keep)
     images = first_validation_images(started["run"].data, COLLAPSE_IMAGES)
     names, initial = collapse_shares(started["model"], images)
     _, final = collapse_shares(started["run"].engine.model, images)
-    keep = ("status", "val_accuracy", "best_val_accuracy", "steps", "epochs",
-            "train_images_per_second", "wall_seconds", "steps_per_epoch", "device")
-    result = {key: summary[key] for key in keep}
+    result = {key: summary[key] for key in (
+        "status", "val_accuracy", "best_val_accuracy", "steps", "epochs",
+        "train_images_per_second", "wall_seconds", "steps_per_epoch", "device")}
     result["completed_epochs"] = result.pop("epochs")
     result["curve"] = curve
     result["collapse"] = {"images": len(images), "layers": names, "init": initial,
                           "end": final}
+    if kept:
+        result["checkpoint"] = os.path.basename(keep)
     result["recipe"] = {key: config[key] for key in (
         "optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule",
         "warmup_epochs", "epochs", "label_smoothing", "mixup_alpha", "precision", "engine",
@@ -263,7 +282,6 @@ def end_with_parent(parent):
     """Pool initializer: on Linux a worker ends when the study's process does, even by
     SIGKILL, removing its current run folder: a stopped study leaves no run training on
     and takes no further cell from its queue."""
-    import shutil
     import signal
 
     from train.distributed import stop_with_launcher
@@ -289,11 +307,11 @@ def command_line(argv):
         if arg in ("--no-readme", "--no-resume", "--resume", "--report-only", "--headline"):
             continue
         if arg in ("--output", "--jobs", "--markdown", "--section", "--figures",
-                   "--depth-figure", "--comparison"):
+                   "--depth-figure", "--comparison", "--keep-checkpoints"):
             skip = True
             continue
         if arg.startswith(("--output=", "--jobs=", "--markdown=", "--section=", "--figures=",
-                           "--depth-figure=", "--comparison=")):
+                           "--depth-figure=", "--comparison=", "--keep-checkpoints=")):
             continue
         shown.append(arg)
     return " ".join(["python -m benchmarks.accuracy", *map(shlex.quote, shown)])
@@ -365,6 +383,10 @@ def main(argv=None):
     parser.add_argument("--comparison", metavar="NAME",
                         help="also write the headline's table of this study's runs between the "
                              "NAME markers of --markdown (converged)")
+    parser.add_argument("--keep-checkpoints", metavar="DIR",
+                        help="keep each run's last checkpoint in DIR (named in its JSON "
+                             "record), for analyses of the trained networks: "
+                             "analysis.validation_noise")
     parser.add_argument("--no-readme", action="store_true",
                         help="do not rewrite any table (--markdown's, nor the headline)")
     args = parser.parse_args(argv)
@@ -379,6 +401,14 @@ def study(args, command):
     if args.jobs < 1 or args.global_batch < 1 or min(args.micro_batches) < 1:
         raise StudyError("--jobs, --global-batch and --micro-batches must be >= 1")
     cells = plan(args)
+    if args.keep_checkpoints and not args.report_only:
+        try:  # before the first run, not after it
+            os.makedirs(args.keep_checkpoints, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.keep_checkpoints):
+                pass
+        except OSError as error:
+            raise StudyError(f"--keep-checkpoints {args.keep_checkpoints}: cannot write there "
+                             f"({error.strerror})") from None
     report = load_report(args.output)
     report["environment"] = environment()
     done = {cell_key(run) for run in report["runs"]}
@@ -391,6 +421,10 @@ def study(args, command):
           f"{len(todo)} to run, {args.jobs} at a time", flush=True)
     if args.report_only:
         todo = []
+
+    def kept(cell):  # where --keep-checkpoints puts the cell's last checkpoint
+        return (os.path.join(args.keep_checkpoints, checkpoint_name(cell))
+                if args.keep_checkpoints else None)
 
     def record(cell, result):
         add_run(report, {**cell, **result, "command": command,
@@ -408,13 +442,14 @@ def study(args, command):
     try:
         if args.jobs == 1:
             for cell, overrides in todo:
-                record(cell, train_cell(cell["config"], overrides))
+                record(cell, train_cell(cell["config"], overrides, keep=kept(cell)))
         elif todo:
             context = multiprocessing.get_context("spawn")  # no torch state forked into workers
             with concurrent.futures.ProcessPoolExecutor(
                     args.jobs, mp_context=context, initializer=end_with_parent,
                     initargs=(os.getpid(),)) as pool:
-                futures = {pool.submit(train_cell, cell["config"], overrides): cell
+                futures = {pool.submit(train_cell, cell["config"], overrides,
+                                       keep=kept(cell)): cell
                            for cell, overrides in todo}
                 try:
                     for future in concurrent.futures.as_completed(futures):

@@ -144,6 +144,29 @@ def test_finished_cells_are_skipped_and_a_partial_grid_is_finished(tmp_path, cap
     assert sorted(run["micro_batch_size"] for run in rerun["runs"]) == [2, 8, 8]  # replaced
 
 
+def test_kept_checkpoints_are_each_runs_last_weights(tmp_path, capsys):
+    from train.evaluate import load_model
+
+    kept = tmp_path / "kept"
+    status, report = study(tmp_path, "--micro-batches", "8", "--keep-checkpoints", str(kept))
+    assert status == 0
+    names = sorted(run["checkpoint"] for run in report["runs"])
+    assert names == sorted(os.listdir(kept)) and len(set(names)) == 2
+    for run in report["runs"]:
+        assert run["checkpoint"].startswith(f"{run['config']}-digits_preact_resnet-15ep-mb8-seed0-")
+        assert "--keep-checkpoints" not in run["command"]
+        _, info = load_model(kept / run["checkpoint"])
+        assert info["step"] == 2 and info["config"]["norm"] == run["norm"]
+        assert info["val_accuracy"] == run["val_accuracy"]
+    capsys.readouterr()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    status, _ = study(tmp_path, "--keep-checkpoints", str(blocked / "kept"))
+    assert status == 2
+    assert capsys.readouterr().err == (f"error: --keep-checkpoints {blocked}/kept: cannot write "
+                                       "there (Not a directory)\n")
+
+
 def test_cells_recorded_before_a_setting_existed_keep_their_key():
     old = {"config": "c", "model": "m", "norm": "batch", "data_path": None, "global_batch": 64,
            "micro_batch_size": 8, "seed": 0, "epochs": 3, "max_steps": 0, "lr": 0.1}
