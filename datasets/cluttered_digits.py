@@ -92,7 +92,8 @@ def paste(patches, canvas_size, scale, corner):
 
 def make_canvases(images, labels, count, knobs, generator):
     """`count` canvases, each one of `images` (N, 1, 8, 8) in [0, 1], scaled and placed,
-    under `knobs.clutter` patches cut from the others, plus noise; and their labels."""
+    under `knobs.clutter` patches cut from the others, plus noise; their labels; and which
+    of `images` each shows."""
     size = knobs.canvas_size
 
     def uniform(low, high, *shape):
@@ -119,25 +120,50 @@ def make_canvases(images, labels, count, knobs, generator):
         canvas = torch.maximum(canvas, clutter.view(count, knobs.clutter, size, size)
                                .amax(dim=1, keepdim=True))
     noisy = canvas + knobs.noise * torch.randn(canvas.shape, generator=generator)
-    return noisy.clamp(0, 1), labels[which]
+    return noisy.clamp(0, 1), labels[which], which
 
 
-def build(knobs=DEFAULTS):
-    """(train_images, train_labels, val_images, val_labels): canvases from the two sides of
-    the digits split (with `knobs.holdout`, of the training side's own split), each side
-    under its own generator stream."""
+def sides(knobs):
+    """(images, labels, train_index, val_index): the digits and the indices of the two sides
+    of their split (with `knobs.holdout`, of the training side's own split)."""
     from datasets import digits  # here: it imports torchvision, which `--help` can do without
 
     check(knobs)
     images, labels, train_index, val_index = digits.split()
     if knobs.holdout:
         train_index, val_index = digits.stratified_split(train_index, labels)
-    sides = []
-    for side, (index, count) in enumerate([(train_index, knobs.train_samples),
-                                           (val_index, knobs.val_samples)]):
-        generator = torch.Generator().manual_seed((knobs.seed * 1_000_003 + side) % 2 ** 63)
-        sides += make_canvases(images[index], labels[index], count, knobs, generator)
-    return tuple(sides)
+    return images, labels, train_index, val_index
+
+
+def stream_generator(knobs, stream):
+    """The generator of one stream of canvases: 0 the training side, 1 the validation side,
+    2 on more validation canvases (more_validation)."""
+    return torch.Generator().manual_seed((knobs.seed * 1_000_003 + stream) % 2 ** 63)
+
+
+def build(knobs=DEFAULTS):
+    """(train_images, train_labels, val_images, val_labels): canvases from the two sides of
+    the digits split, each side under its own generator stream."""
+    images, labels, *indices = sides(knobs)
+    built = []
+    for stream, (index, count) in enumerate(zip(indices, (knobs.train_samples,
+                                                          knobs.val_samples))):
+        built += make_canvases(images[index], labels[index], count, knobs,
+                               stream_generator(knobs, stream))[:2]
+    return tuple(built)
+
+
+def more_validation(knobs, count, stream):
+    """(images, labels, digits): `count` new canvases of the validation digits, drawn as the
+    validation set's are, from stream 2 + `stream` (stream >= 0; each stream its own
+    canvases); digits: which validation digit each shows (0 .. number of them - 1). Not
+    normalised. For measuring how much a validation set's size limits its accuracies
+    (analysis.validation_noise)."""
+    if stream < 0:
+        raise ValueError(f"stream must be >= 0, got {stream}")
+    images, labels, _, val_index = sides(knobs)
+    return make_canvases(images[val_index], labels[val_index], count, knobs,
+                         stream_generator(knobs, 2 + stream))
 
 
 _cache = {}

@@ -90,18 +90,19 @@ def test_label_is_the_class_of_the_placed_digit():
     values = [(k + 1) / 10 for k in range(10)]
     images, labels = labelled_constants(values, list(range(10)))
     knobs = SMALL._replace(clutter=0, noise=0.0)
-    canvases, canvas_labels = make_canvases(images, labels, 200, knobs,
-                                            torch.Generator().manual_seed(0))
+    canvases, canvas_labels, which = make_canvases(images, labels, 200, knobs,
+                                                   torch.Generator().manual_seed(0))
     brightest = canvases.amax(dim=(1, 2, 3))
     torch.testing.assert_close(brightest, (canvas_labels + 1) / 10)
     assert len(canvas_labels.unique()) == 10
+    assert torch.equal(labels[which], canvas_labels)
 
 
 def test_clutter_adds_pixels_from_other_digits():
     images, labels = labelled_constants([0.5, 1.0], [0, 1])
     knobs = SMALL._replace(clutter=3, noise=0.0)
-    canvases, canvas_labels = make_canvases(images, labels, 100, knobs,
-                                            torch.Generator().manual_seed(0))
+    canvases, canvas_labels, _ = make_canvases(images, labels, 100, knobs,
+                                               torch.Generator().manual_seed(0))
     # the brighter digit's patches stay visible on the dimmer digit's canvases (patches are
     # combined by maximum): every such canvas holds the value of the other digit
     dim = canvases[canvas_labels == 0]
@@ -140,6 +141,26 @@ def test_holdout_splits_the_training_digits_and_never_shows_a_validation_digit(m
     assert not torch.equal(canvases[2], build(SMALL)[2])
     config = resolve_config("cluttered_digits_preact_resnet20_batch", {"clutter_holdout": True})
     assert cluttered_digits.knobs(**{k: config[k] for k in cluttered_digits.OPTIONS}).holdout
+
+
+def test_more_validation_canvases_show_the_validation_digits_anew():
+    knobs = SMALL._replace(clutter=0, noise=0.0)
+    images, labels, _, val_index = digits.split()
+    canvases, canvas_labels, which = cluttered_digits.more_validation(knobs, 300, stream=0)
+    assert canvases.shape == (300, 1, 32, 32)
+    assert torch.equal(canvas_labels, labels[val_index][which])
+    assert len(which.unique()) > 200  # most of the 360 validation digits
+    # without clutter or noise a canvas is its digit scaled and placed: its brightest pixel
+    # is at most the digit's, and its ink comes from that digit alone
+    assert (canvases.amax(dim=(1, 2, 3)) <= images[val_index][which].amax(dim=(1, 2, 3))
+            + 1e-6).all()
+    again, _, _ = cluttered_digits.more_validation(knobs, 300, stream=0)
+    other, _, _ = cluttered_digits.more_validation(knobs, 300, stream=1)
+    assert torch.equal(again, canvases) and not torch.equal(other, canvases)
+    validation = build(knobs)[2]
+    assert not any(torch.equal(canvas, validation[0]) for canvas in canvases)
+    with pytest.raises(ValueError, match="stream must be >= 0"):
+        cluttered_digits.more_validation(knobs, 1, stream=-1)
 
 
 def test_registered_with_its_knobs_as_options():
