@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy [--data digits|cluttered_digits|cifar10 | --configs NAME ...]
         [--norms ...] [--global-batch 64] [--micro-batches 2 8 64] [--seeds 0 1 2]
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
-        [--mixup ALPHA ...] [--model NAME ...] [--holdout] [--every-split]
+        [--mixup ALPHA ...] [--groups G ...] [--model NAME ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--depth-figure FILE] [--headline]
         [--comparison NAME] [--keep-checkpoints DIR] [--output JSON]
         [--markdown FILE --section NAME]
@@ -19,11 +19,11 @@ global batch), `cpu_threads` 1, wandb disabled and the run folder a temporary on
 afterwards (its validation curve is kept in the JSON). `lr` stays the config's (it is not
 rescaled for the global batch; `--lr` sets another, several make a search, as several
 `--epochs` do; `--label-smoothing` and `--mixup` set the extra regularisation the same way,
-a cell for each combination; `--model` trains another model with the same recipe, its
-runs a row of their own; several models run one after another, all of the first model's
-cells first). The sample order depends only on the seed and the global
-batch, so at one seed every micro-batch sees the same batches: only the normalisation's
-statistics domain differs.
+a cell for each combination, and `--groups` the group count of `group` and `group_pn`;
+`--model` trains another model with the same recipe, its runs a row of their own; several
+models run one after another, all of the first model's cells first). The sample order
+depends only on the seed and the global batch, so at one seed every micro-batch sees the
+same batches: only the normalisation's statistics domain differs.
 
 Every run also records its channel-wise collapse (`collapse`): analysis.power's
 `channel_squared_mean` share of the power of each pre-activation (a norm layer followed by
@@ -95,6 +95,7 @@ from benchmarks.accuracy_results import (NORMS, REGULARISATION, StudyError, add_
 from benchmarks.accuracy_tables import depth_table, headline, table, time_table
 from benchmarks.measure import write_json
 from benchmarks.readme import README, replace_section
+from proxynorm.norms import norm_kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "accuracy.json")
@@ -149,9 +150,12 @@ def plan(args):
         if once:  # one run per seed, at the config's own micro-batch where the grid has it
             own = recipe["micro_batch_size"]
             micro_batches = [own if own in micro_batches else max(micro_batches)]
-        for epochs, lr, smoothing, mixup, micro_batch, seed in itertools.product(
+        # --groups varies only a norm whose group count is free (group, group_pn)
+        group_counts = (args.groups or [None]) if norm_kind(recipe["norm"]).groups == "any" \
+            else [None]
+        for epochs, lr, smoothing, mixup, groups, micro_batch, seed in itertools.product(
                 args.epochs or [None], args.lr or [None], args.label_smoothing or [None],
-                args.mixup or [None], micro_batches, args.seeds):
+                args.mixup or [None], group_counts, micro_batches, args.seeds):
             overrides = {
                 "seed": seed, "micro_batch_size": micro_batch, "gradient_accumulation": 1,
                 "replicas": args.global_batch // micro_batch, "bn_group_size": 0,
@@ -162,6 +166,7 @@ def plan(args):
                 overrides["clutter_holdout"] = True
             for option, value in (("norm", norm), ("epochs", epochs), ("lr", lr),
                                   ("label_smoothing", smoothing), ("mixup_alpha", mixup),
+                                  ("groups", groups),
                                   ("model", model), ("data_path", args.data_path),
                                   ("engine", args.engine)):
                 if value is not None:
@@ -175,7 +180,8 @@ def plan(args):
                     "global_batch": args.global_batch, "micro_batch_size": micro_batch,
                     "replicas": config["replicas"], "seed": seed,
                     "epochs": config["epochs"], "max_steps": config["max_steps"],
-                    "lr": config["lr"], "holdout": args.holdout, "split_invariant": once,
+                    "lr": config["lr"], "groups": config["groups"], "holdout": args.holdout,
+                    "split_invariant": once,
                     **{option: config[option] for option in REGULARISATION}}
             cells.append((cell, overrides))
     return cells
@@ -345,6 +351,9 @@ def main(argv=None):
                         help="override the configs' label_smoothing (several: a search)")
     parser.add_argument("--mixup", nargs="+", type=float,
                         help="override the configs' mixup_alpha (several: a search)")
+    parser.add_argument("--groups", nargs="+", type=int,
+                        help="override GroupNorm's group count of group and group_pn (several: "
+                             "a search; the other norms run once)")
     parser.add_argument("--model", nargs="+",
                         help="override the configs' model (models.list_models(): "
                              "cifar_preact_resnet56, say); its runs are rows of their own; "

@@ -17,7 +17,7 @@ NORM_WORDS = {"batch": "BatchNorm", "sync_batch": "BatchNorm", "group": "GroupNo
 KEY_DEFAULTS = {"config": None, "model": None, "norm": None, "data_path": None,
                 "global_batch": None, "micro_batch_size": None, "seed": None, "epochs": None,
                 "max_steps": None, "lr": None, "holdout": False,
-                "label_smoothing": 0.0, "mixup_alpha": 0.0}
+                "label_smoothing": 0.0, "mixup_alpha": 0.0, "groups": None}
 REGULARISATION = {"label_smoothing": "label smoothing", "mixup_alpha": "mixup"}
 
 

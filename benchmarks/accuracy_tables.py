@@ -23,11 +23,11 @@ def regularisation(run):
 
 
 def table(report):
-    """The markdown table: one row per (data, model, norm, global batch, length, lr,
-    regularisation), one
-    column per micro-batch; a cell is the mean +- std of the final validation accuracy (%)
-    and the number of seeds. A split-invariant norm run at one micro-batch shows its value
-    in every column, marked with *."""
+    """The markdown table: one row per (data, model, norm and its group count where set,
+    global batch, length, lr, regularisation), one column per micro-batch; a cell is the
+    mean +- std of the final validation accuracy (%) and the number of seeds. A
+    split-invariant norm run at one micro-batch shows its value in every column, marked
+    with *."""
     runs = report["runs"]
     if not runs:
         return "No runs yet."
@@ -36,14 +36,14 @@ def table(report):
     for run in runs:
         row = (run["data"] + (" (holdout)" if run.get("holdout") else ""), run["model"],
                run["norm"], run["global_batch"], run["epochs"], run["max_steps"], run["lr"],
-               regularisation(run))
+               regularisation(run), run.get("groups") or 0)
         groups.setdefault(row, {}).setdefault(run["micro_batch_size"], []).append(run)
     order = {norm: i for i, norm in enumerate(NORMS)}
     rows, once = [], set()
     for key in sorted(groups, key=lambda k: (k[0], natural(k[1]), k[3], k[4], k[5], k[6],
                                              k[7] != "none", k[7],
-                                             order.get(k[2], len(order)), k[2])):
-        data, model, norm, global_batch, epochs, max_steps, lr, extra = key
+                                             order.get(k[2], len(order)), k[2], k[8])):
+        data, model, norm, global_batch, epochs, max_steps, lr, extra, group_count = key
         by_micro_batch = groups[key]
         shared = None
         if len(by_micro_batch) == 1 and all(r.get("split_invariant") for runs in
@@ -66,7 +66,8 @@ def table(report):
                        - {None})
         length = f"{epochs} epochs" + (f", max {max_steps} steps" if max_steps else "")
         length += f" ({'/'.join(map(str, steps))} steps)" if steps else ""
-        rows.append([data, f"`{model}`", f"`{norm}`", global_batch, length, lr, extra, *cells])
+        shown = f"`{norm}`" + (f", {group_count} groups" if group_count else "")
+        rows.append([data, f"`{model}`", shown, global_batch, length, lr, extra, *cells])
     header = ["data", "model", "norm", "global batch", "length", "lr", "regularisation",
               *[f"micro-batch {mb}" for mb in micro_batches]]
     commands = sorted({run["command"] for run in runs})

@@ -192,6 +192,12 @@ def test_table_shows_mean_and_std_over_seeds():
     # its own row, after the unregularised one
     assert text.index("| 0.1 | none | 60.00") < text.index(
         "| 0.1 | label smoothing 0.1, mixup 0.2 | 90.00 (1) |")
+    grouped = [{**run, "norm": "group", "groups": count, "val_accuracy": value}
+               for run, count, value in ((runs[0], None, 0.8), (runs[0], 16, 0.85))]
+    text = table({"runs": runs + grouped})
+    # a group count set is part of the row: each its own, the model's own count first
+    assert text.index("| `group` | 64 |") < text.index("| `group`, 16 groups | 64 |")
+    assert "| `group`, 16 groups | 64 | 15 epochs | 0.1 | none | 85.00 (1) |" in text
 
 
 def test_time_table_gives_each_lengths_minutes_per_run_by_kind_of_norm():
@@ -351,7 +357,7 @@ def test_other_config_families_are_planned_without_training():
                    "micro_batches": [8, 64], "seeds": [0], "epochs": None, "max_steps": 0,
                    "lr": None, "data_path": "data/cifar10", "engine": None, "threads": 1,
                    "holdout": False, "every_split": True, "label_smoothing": None,
-                   "mixup": None, "model": None}
+                   "mixup": None, "model": None, "groups": None}
     cells = accuracy.plan(argparse.Namespace(data="cifar10", **parser_args))
     # cifar10_preact_resnet20 has no layer config: its first config with norm overridden
     assert [(c["config"], c["norm"], c["replicas"]) for c, _ in cells] == [
@@ -380,6 +386,14 @@ def test_other_config_families_are_planned_without_training():
     assert [(c["label_smoothing"], c["mixup_alpha"]) for c, _ in cells] == [(0, 0.2), (0.1, 0.2)]
     assert [(o["label_smoothing"], o["mixup_alpha"]) for _, o in cells] == [(0, 0.2), (0.1, 0.2)]
     assert len({cell_key(c) for c, _ in cells}) == 2
+    # a group-count search varies group and group_pn; a norm without a free count runs once
+    cells = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["batch", "group_pn", "layer"],
+                                    "data_path": None, "every_split": False,
+                                    "micro_batches": [8], "groups": [8, 16]}))
+    assert [(c["norm"], c["groups"], o.get("groups")) for c, o in cells] == [
+        ("batch", None, None), ("group_pn", 8, 8), ("group_pn", 16, 16), ("layer", None, None)]
+    assert len({cell_key(c) for c, _ in cells}) == 4
     # another model with the same recipe: its own cells, the model carried into the run
     deeper = accuracy.plan(argparse.Namespace(
         data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
