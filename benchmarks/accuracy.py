@@ -471,6 +471,12 @@ def study(args, command):
         # a run that raised (missing data, a bug): stop, keep what finished, show its log
         print(f"error: {error}", file=sys.stderr)
         status = 1
+    except concurrent.futures.process.BrokenProcessPool:
+        # a worker ended from outside (a kill, the out-of-memory killer): the pool is gone
+        print(f"error: a run's process ended abruptly (killed, or out of memory); the runs "
+              f"that finished are in {args.output}, and the same command runs the rest",
+              file=sys.stderr)
+        status = 1
     write_json(args.output, report)
     publish(args, report, cells)
     return status

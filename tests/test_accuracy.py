@@ -455,3 +455,48 @@ def test_killing_the_study_ends_its_runs(tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not left
     assert not list(tmp_path.glob("accuracy-*"))  # their run folders went with them
+
+
+def test_a_run_killed_from_outside_is_one_line(tmp_path):
+    """A worker killed (by a user, or the out-of-memory killer) ends the study with one line,
+    no traceback, and the JSON written."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    output = tmp_path / "a.json"
+    study = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.accuracy", "--norms", "batch", "--micro-batches",
+         "2", "8", "--global-batch", "16", "--epochs", "200", "--seeds", "0", "1",
+         "--jobs", "2", "--no-readme", "--output", str(output)], cwd=root,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+
+    def workers():  # the pool's processes, not its resource tracker
+        found = []
+        for pid in children(study.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert len(workers()) >= 2, "the study started no workers"
+        os.kill(workers()[0], signal.SIGKILL)
+        _, err = study.communicate(timeout=120)
+    finally:
+        study.kill()
+        for pid in workers():  # on failure, no orphan keeps a core busy after the test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert study.returncode == 1
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: a run's process ended abruptly (killed, or out of memory); the runs that "
+        f"finished are in {output}, and the same command runs the rest")
+    assert json.loads(output.read_text())["runs"] == []
