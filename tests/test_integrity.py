@@ -597,3 +597,20 @@ def test_a_sigterm_after_the_stop_changes_nothing():
     done = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "summary written\n", done.stderr
+
+
+def test_every_test_docs_promises_md_names_exists():
+    """Each promise's tests (`file.py::name`, or `::name` after one of that file) are test
+    functions of tests/: a renamed or deleted test leaves no promise unchecked."""
+    with open(os.path.join(REPO, "docs", "promises.md")) as f:
+        page = f.read()
+    named, missing = 0, []
+    for row in (line for line in page.splitlines() if line.startswith("|")):
+        current = None
+        for path, name in re.findall(r"`(test_\w+\.py)?::(\w+)`", row):
+            current = path or current
+            with open(os.path.join(REPO, "tests", current)) as f:
+                if not re.search(rf"^def {name}\(", f.read(), re.MULTILINE):
+                    missing.append(f"{current}::{name}")
+            named += 1
+    assert named > 50 and not missing
