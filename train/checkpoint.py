@@ -103,7 +103,9 @@ def unreadable(error):
     load it with weights_only=False, which would let the file run code."""
     text = str(error)
     if "weights_only" in text or "WeightsUnpickler" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        # torch 2.14 names it "Unsupported global: GLOBAL argparse.Namespace",
+        # torch 2.0 (PopTorch's pin) "Unsupported class argparse.Namespace"
+        found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)
         held = f" ({found.group(1)})" if found else ""
         return f"it holds objects{held} besides tensors and plain data, as no checkpoint does"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
