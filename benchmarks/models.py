@@ -13,7 +13,6 @@ import argparse
 import os
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import write_json
 from benchmarks.readme import ROOT, markdown_table, replace_section
@@ -42,6 +41,10 @@ def variants():
 
 
 def measure(name, norm, options, resolution):
+    # torch >= 2.1: imported where it counts, so that the module (its DOCS_PAGE, RESULTS)
+    # still imports on torch 2.0, PopTorch's, which has no FLOP counter
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.device("meta"):
         model = get_model(name, norm=norm, **options).eval()
         x = torch.empty(1, options.get("in_channels", 3), resolution, resolution)

@@ -5,6 +5,7 @@ torch.fx.symbolic_trace and a short list of activation types). Inputs are tiny (
 at 64x64, so the last stage keeps 2x2 positions); weights are random (never downloaded).
 """
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from models import ConversionError, convert_norms, get_model
 from proxynorm.convert import default_groups
 from proxynorm.norms import BATCH_INDEPENDENT, GroupNormAct, GroupNormProxyAct
-from tests.test_train import train
+from tests.test_train import needs_compile, train
 
 TORCHVISION = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",
                "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_s", "regnet_y_400mf",
@@ -186,6 +187,9 @@ def test_an_absorbed_activation_leaves_the_forward():
     assert all((t < 0).any() for t in relus)  # sums, not Proxy Norm outputs re-activated
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch.export") is None,
+                    reason="torch.export needs torch >= 2.1")  # torch 2.0: PopTorch's pin
+@needs_compile
 def test_export_trace_and_compile_of_a_converted_model():
     model = convert_norms(torchvision_model("resnet18"), "group_pn").eval()
     x = torch.randn(2, 3, 32, 32)
@@ -224,6 +228,7 @@ def test_every_batch_independent_norm_converts(norm):
                                    atol=1e-4 * out.abs().max().item())
 
 
+@needs_compile
 def test_state_dict_round_trip_and_torch_compile(tmp_path):
     model = convert_norms(torchvision_model("resnet18"), "group_pn")
     torch.save(model.state_dict(), tmp_path / "weights.pt")

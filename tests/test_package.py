@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPLICATION = ("datasets", "models", "train", "custom_ops", "analysis", "benchmarks", "tests")
@@ -68,7 +69,8 @@ def test_pip_install_puts_only_proxynorm_in_site_packages(installed):
 
 def test_a_user_project_imports_the_installed_package(installed, tmp_path):
     """From an empty folder, without the checkout on the path: the library works, builds
-    its CPU op on first use into an empty cache, and hides nothing of the user's."""
+    its CPU op on first use into an empty cache (on torch 2.0, which cannot, says why and
+    runs eagerly), and hides nothing of the user's."""
     project = tmp_path / "project"
     project.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -84,6 +86,10 @@ def test_a_user_project_imports_the_installed_package(installed, tmp_path):
     assert not any(origin and origin.startswith(ROOT) for origin in report["shadowed"].values())
     assert report["model"] == "ResNet" and report["block"] == "BasicBlock"
     assert report["output"] == [2, 3]
-    assert report["fused"] and report["matches_eager"]
+    assert report["matches_eager"]
     assert report["library"].startswith(str(tmp_path / "cache"))
+    if not hasattr(torch.library, "register_fake"):  # torch 2.0 (IPU hosts): no CPU op
+        assert not report["fused"] and "needs torch >= 2.4" in result.stderr
+        return
+    assert report["fused"]
     assert "compiling the fused CPU op" in result.stderr  # said once, on stderr

@@ -5,6 +5,7 @@ optimiser step, the engine's state (model and optimiser), the weight average, th
 number generators' states and the best validation accuracy so far. The sample order needs
 no state: it is a function of (seed, epoch), and the step says where in the epoch to start.
 """
+import inspect
 import os
 import re
 
@@ -19,6 +20,10 @@ FORMAT = "proxy-norm-train/2"
 # the first version lacked what FORMAT adds (ADDED_IN_2): `load` completes it
 FORMAT_1 = "proxy-norm-train/1"
 ADDED_IN_2 = ("validation_due", "val_weights", "num_classes", "in_channels", "totals")
+
+
+# torch.load takes mmap from torch 2.1; torch 2.0 (PopTorch's pin) reads the whole file
+LOAD_CAN_MMAP = "mmap" in inspect.signature(torch.load).parameters
 
 
 class CheckpointError(Exception):
@@ -62,11 +67,12 @@ def save(path, checkpoint):
 def load(path, mmap=False):
     """The checkpoint's dict, checked against the schema (`malformed`) and completed for an
     older version; CheckpointError (one line) otherwise. mmap: leave the tensors on disk (to
-    read a few numbers of a large one)."""
+    read a few numbers of a large one; torch 2.0 reads it all, LOAD_CAN_MMAP)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True,
+                                **({"mmap": mmap} if LOAD_CAN_MMAP else {}))
     except Exception as error:  # pickle, zip and weights_only errors differ by torch version
         raise CheckpointError(f"cannot read checkpoint {path}: {unreadable(error)}") from None
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
@@ -97,7 +103,9 @@ def unreadable(error):
     load it with weights_only=False, which would let the file run code."""
     text = str(error)
     if "weights_only" in text or "WeightsUnpickler" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        # torch 2.14 names it "Unsupported global: GLOBAL argparse.Namespace",
+        # torch 2.0 (PopTorch's pin) "Unsupported class argparse.Namespace"
+        found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)
         held = f" ({found.group(1)})" if found else ""
         return f"it holds objects{held} besides tensors and plain data, as no checkpoint does"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
