@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.processes import alive, children
+from tests.processes import alive, children, skip_where_torchrun_can_hang
 from train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +86,7 @@ def test_a_parent_that_died_before_the_request_counts_as_the_signal(monkeypatch,
 
 def torchrun(run_dir, log, *flags):
     """Starts torchrun with 2 gloo workers training digits for a long time."""
+    skip_where_torchrun_can_hang()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "train", "--config", "digits_resnet_group_pn",
                "--output-dir", str(run_dir), "--epochs", "1000", "--validation", "false",

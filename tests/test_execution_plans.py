@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.processes import skip_where_torchrun_can_hang
 from train.build import build_model, resolve_config
 from train.distributed import Context, free_port
 from train.engine import PyTorchEngine
@@ -97,6 +98,7 @@ def train_run(run_dir, norm, plan, processes=1, extra=()):
     weights; with processes > 1 under torchrun (gloo on 127.0.0.1)."""
     launcher = [sys.executable, "-m", "train"]
     if processes > 1:
+        skip_where_torchrun_can_hang()
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                     "--nproc-per-node", str(processes), "--master-addr", "127.0.0.1",
                     "--master-port", str(free_port()), "-m", "train"]

@@ -8,11 +8,13 @@ import pytest
 from benchmarks import sync, sync_cost
 from models import get_model
 from proxynorm.norms import BatchNormAct
+from tests.processes import skip_where_torchrun_can_hang
 
 
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
     """One torchrun launch of the benchmark: 2 gloo processes, a small model, one round."""
+    skip_where_torchrun_can_hang()
     folder = tmp_path_factory.mktemp("sync")
     sync.main(["--models", "digits_preact_resnet", "--processes", "2", "--micro-batches", "2",
                "--rounds", "1", "--cores", "2", "--no-readme", "--output",
