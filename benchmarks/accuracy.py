@@ -62,7 +62,8 @@ a table, with the sweep's pre-registered predictions read by their rule, which a
 between the `depth_sweep` markers of `--markdown`; `--headline` rewrites README.md's
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best
 first, and each row's paired distance below the best BatchNorm with its 95% confidence
-interval; `--comparison NAME` writes the same table between the NAME markers of
+interval and, where the JSON holds the same runs at half the epochs, each row's paired
+change since then (the budget rule, applied to every norm); `--comparison NAME` writes the same table between the NAME markers of
 `--markdown` (docs/evidence.md's converged comparison at 48 epochs: `converged`).
 `--keep-checkpoints DIR` keeps each run's last checkpoint there, named in the run's record
 (`checkpoint`), for analyses of the trained networks (analysis.validation_noise).
@@ -511,7 +512,7 @@ def publish(args, report, cells):
             if args.depth_figure and runs:
                 replace_section("depth_sweep", depth, args.markdown)
             if args.headline or args.comparison:
-                paired = headline(runs, [cell for cell, _ in cells])
+                paired = headline(runs, [cell for cell, _ in cells], budget_runs(report, cells))
             if args.headline:
                 replace_section("accuracy_headline", paired, README)
             if args.comparison:

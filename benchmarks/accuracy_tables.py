@@ -3,8 +3,8 @@ time of its runs, and README.md's headline table, built from benchmarks.accuracy
 import collections
 
 from benchmarks.accuracy_results import (KEY_DEFAULTS, NORM_WORDS, NORMS, REGULARISATION,
-                                         depth_sweep, finished, mean_std, natural,
-                                         paired_ci, split_invariant)
+                                         cell_key, depth_sweep, finished, mean_std,
+                                         natural, paired_ci, split_invariant)
 from benchmarks.readme import markdown_table
 from proxynorm.norms import norm_kind
 
@@ -137,12 +137,14 @@ def time_table(report):
     return markdown_table(header, rows) + "\n\n" + note
 
 
-def headline(runs, planned=()):
+def headline(runs, planned=(), budgets=()):
     """The README's headline table of one study's runs (one recipe per norm): a row per
     (norm, micro-batch), best first, with each row's distance below the best BatchNorm row
     as the mean of the per-seed differences (a seed fixes the batches, so the comparison
-    is paired) and its 95% confidence interval. Rows of `planned` cells (the study's plan)
-    with no finished run yet follow, marked so."""
+    is paired) and its 95% confidence interval. Where `budgets` (the same cells at other
+    lengths: accuracy_results.budget_runs) hold runs of half the epochs, a column gives
+    each row's paired change since then: the budget rule, applied to every norm. Rows of
+    `planned` cells (the study's plan) with no finished run yet follow, marked so."""
     def row_key(run):
         return run["norm"], None if run.get("split_invariant") else run["micro_batch_size"]
 
@@ -176,6 +178,14 @@ def headline(runs, planned=()):
     def label(norm):
         return f"{NORM_WORDS.get(norm, norm)} (`{norm}`)"
 
+    at_half = {cell_key(run): run for run in budgets}
+
+    def since_half(by_seed):
+        changes = [100 * (run["val_accuracy"] - half["val_accuracy"])
+                   for run in by_seed.values()
+                   if (half := at_half.get(cell_key({**run, "epochs": run["epochs"] // 2})))]
+        return f"{mean_std(changes)[0]:+.2f} ({len(changes)})" if changes else "–"
+
     rows = []
     for key in sorted(groups, key=lambda k: (-mean[k], k != best)):
         by_seed = groups[key]
@@ -191,14 +201,19 @@ def headline(runs, planned=()):
                     below += f" [{low:.2f}, {high:.2f}]"
         accuracies = [r["val_accuracy"] for r in by_seed.values()]
         rows.append([label(key[0]), statistics_over(run), regularisation(run),
-                     f"{percent(accuracies)} ({len(accuracies)})", below])
+                     f"{percent(accuracies)} ({len(accuracies)})", below,
+                     since_half(by_seed)])
     for key, cell in missing.items():
         rows.append([label(key[0]), statistics_over(cell), regularisation(cell),
-                     "not run yet", "–"])
+                     "not run yet", "–", "–"])
+    first = runs[0] if runs else next(iter(missing.values()))
     header = ["norm", "statistics over", "extra regularisation",
               "final validation accuracy (%)",
-              "below the best BatchNorm (points) [95% CI]"]
-    first = runs[0] if runs else next(iter(missing.values()))
+              "below the best BatchNorm (points) [95% CI]",
+              f"since {first['epochs'] // 2} epochs (points)"]
+    shown = any(row[-1] != "–" for row in rows)
+    if not shown:
+        header, rows = header[:-1], [row[:-1] for row in rows]
     seeds = sorted({run["seed"] for run in [*runs, *planned]})
     note = (f"{first['data']}, `{first['model']}`, global batch {first['global_batch']}, "
             f"{first['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean ± standard "
@@ -207,6 +222,10 @@ def headline(runs, planned=()):
             f"its 95% confidence interval in brackets (Student's t, n - 1 degrees of freedom: "
             f"4.30 standard errors either side at 3 seeds); negative is above it, and an "
             f"interval that holds 0 does not tell the two apart.")
+    if shown:
+        note += (f" Since {first['epochs'] // 2} epochs: the mean per-seed change from the same "
+                 f"runs at half the budget, the number of seeds in brackets; by the budget rule "
+                 f"a norm within 0.3 points had converged at half the budget.")
     return markdown_table(header, rows) + "\n\n" + note
 
 

@@ -254,6 +254,25 @@ def test_headline_ranks_norms_by_their_paired_distance_below_the_best_batchnorm(
     assert len(lines) == 8
 
 
+def test_headline_applies_the_budget_rule_to_every_norm_given_the_runs_at_half_the_budget():
+    def run(norm, epochs, seed, value):
+        return {"data": "cluttered_digits", "model": "m", "norm": norm, "global_batch": 64,
+                "epochs": epochs, "micro_batch_size": 8, "seed": seed, "status": "finished",
+                "val_accuracy": value, "split_invariant": norm != "batch"}
+    runs = [run("batch", 48, 0, 0.975), run("batch", 48, 1, 0.98),
+            run("group", 48, 0, 0.97), run("group", 48, 1, 0.976)]
+    # batch: -0.10 and +0.20 since 24 epochs, paired by seed; group: seed 1 only
+    shorter = [run("batch", 24, 0, 0.976), run("batch", 24, 1, 0.978),
+               run("group", 24, 1, 0.97), run("group", 12, 0, 0.5), run("layer", 24, 0, 0.9)]
+    lines = headline(runs, budgets=runs + shorter).splitlines()
+    assert lines[0].endswith("| since 24 epochs (points) |")
+    assert lines[2].endswith("| 97.75 ± 0.35 (2) | – | +0.05 (2) |")
+    assert lines[3].endswith("| 97.30 ± 0.42 (2) | 0.45 [-0.19, 1.09] | +0.60 (1) |")
+    assert "a norm within 0.3 points had converged at half the budget" in lines[-1]
+    # without runs at half the budget there is no such column
+    assert "since" not in headline(runs, budgets=runs).splitlines()[0]
+
+
 def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
     cell = {"config": "c", "model": "m", "norm": "group_pn", "data_path": None,
             "global_batch": 64, "micro_batch_size": 8, "seed": 0, "epochs": 12,
