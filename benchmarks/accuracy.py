@@ -5,7 +5,7 @@
         [--jobs 2] [--epochs N ...] [--max-steps N] [--lr LR ...] [--label-smoothing E ...]
         [--mixup ALPHA ...] [--groups G ...] [--model NAME ...] [--holdout] [--every-split]
         [--data-path DIR] [--figures DIR] [--depth-figure FILE] [--headline]
-        [--comparison NAME] [--keep-checkpoints DIR] [--output JSON]
+        [--comparison NAME] [--by-recipe NAME] [--keep-checkpoints DIR] [--output JSON]
         [--markdown FILE --section NAME]
         [--no-resume] [--no-readme] [--report-only]
 
@@ -64,7 +64,9 @@ headline table (`accuracy_headline`) from them: a row per norm and micro-batch, 
 first, and each row's paired distance below the best BatchNorm with its 95% confidence
 interval and, where the JSON holds the same runs at half the epochs, each row's paired
 change since then (the budget rule, applied to every norm); `--comparison NAME` writes the same table between the NAME markers of
-`--markdown` (docs/evidence.md's converged comparison at 48 epochs: `converged`).
+`--markdown` (docs/evidence.md's converged comparison at 48 epochs: `converged`);
+`--by-recipe NAME` writes the study's runs as a grid there, a row per recipe (lr,
+regularisation, group count) and a column per norm, for reading a search.
 `--keep-checkpoints DIR` keeps each run's last checkpoint there, named in the run's record
 (`checkpoint`), for analyses of the trained networks (analysis.validation_noise).
 `--report-only` runs nothing and rebuilds the tables and figures from what the JSON holds
@@ -93,7 +95,7 @@ from benchmarks.accuracy_figures import (plot_accuracy_vs_micro_batch, plot_dept
 from benchmarks.accuracy_results import (NORMS, REGULARISATION, StudyError, add_run,
                                          budget_runs, cell_key, load_report, split_invariant,
                                          study_runs)
-from benchmarks.accuracy_tables import depth_table, headline, table, time_table
+from benchmarks.accuracy_tables import depth_table, headline, recipe_table, table, time_table
 from benchmarks.measure import write_json
 from benchmarks.readme import README, replace_section
 from proxynorm.norms import norm_kind
@@ -314,11 +316,12 @@ def command_line(argv):
         if arg in ("--no-readme", "--no-resume", "--resume", "--report-only", "--headline"):
             continue
         if arg in ("--output", "--jobs", "--markdown", "--section", "--figures",
-                   "--depth-figure", "--comparison", "--keep-checkpoints"):
+                   "--depth-figure", "--comparison", "--by-recipe", "--keep-checkpoints"):
             skip = True
             continue
         if arg.startswith(("--output=", "--jobs=", "--markdown=", "--section=", "--figures=",
-                           "--depth-figure=", "--comparison=", "--keep-checkpoints=")):
+                           "--depth-figure=", "--comparison=", "--by-recipe=",
+                           "--keep-checkpoints=")):
             continue
         shown.append(arg)
     return " ".join(["python -m benchmarks.accuracy", *map(shlex.quote, shown)])
@@ -393,6 +396,10 @@ def main(argv=None):
     parser.add_argument("--comparison", metavar="NAME",
                         help="also write the headline's table of this study's runs between the "
                              "NAME markers of --markdown (converged)")
+    parser.add_argument("--by-recipe", metavar="NAME",
+                        help="also write this study's runs as a grid, a row per recipe (lr, "
+                             "regularisation, group count) and a column per norm, between the "
+                             "NAME markers of --markdown (for reading a search)")
     parser.add_argument("--keep-checkpoints", metavar="DIR",
                         help="keep each run's last checkpoint in DIR (named in its JSON "
                              "record), for analyses of the trained networks: "
@@ -517,6 +524,8 @@ def publish(args, report, cells):
                 replace_section("accuracy_headline", paired, README)
             if args.comparison:
                 replace_section(args.comparison, paired, args.markdown)
+            if args.by_recipe:
+                replace_section(args.by_recipe, recipe_table(runs), args.markdown)
         except ValueError as error:
             raise StudyError(str(error)) from None
 

@@ -98,6 +98,59 @@ def table(report):
     return markdown_table(header, rows) + "\n\n" + note
 
 
+def recipe_table(runs):
+    """A study's runs as a grid of recipes: a row per recipe (micro-batch where several, lr,
+    extra regularisation, group count where set), a column per norm; a cell is the mean +-
+    std of the final validation accuracy (%) over seeds and their number, each column's best
+    mean in bold. For reading a search, whose table() rows list one norm each."""
+    def recipe(run):
+        return (run["micro_batch_size"], run["lr"],
+                *(run.get(option, KEY_DEFAULTS[option]) for option in REGULARISATION),
+                run.get("groups") or 0)
+
+    cells = {}
+    for run in runs:
+        if run["val_accuracy"] is not None and finished(run):
+            cells.setdefault(recipe(run), {}).setdefault(run["norm"], []).append(
+                run["val_accuracy"])
+    if not cells:
+        return "No runs yet."
+    order = {norm: i for i, norm in enumerate(NORMS)}
+    norms = sorted({norm for by_norm in cells.values() for norm in by_norm},
+                   key=lambda norm: (order.get(norm, len(order)), norm))
+    means = {(key, norm): mean_std(values)[0] for key, by_norm in cells.items()
+             for norm, values in by_norm.items()}
+    best = {norm: max(mean for (_, n), mean in means.items() if n == norm) for norm in norms}
+    several_micro_batches = len({key[0] for key in cells}) > 1
+    any_groups = any(key[-1] for key in cells)
+    rows = []
+    for key in sorted(cells):
+        micro_batch, lr, *options, groups = key
+        extra = regularisation(dict(zip(REGULARISATION, options)))
+        row = [micro_batch] if several_micro_batches else []
+        row += [lr, extra] + ([groups or "the model's"] if any_groups else [])
+        for norm in norms:
+            values = cells[key].get(norm)
+            if not values:
+                row.append("–")
+                continue
+            shown = percent(values)
+            if means[key, norm] == best[norm]:
+                shown = f"**{shown}**"
+            row.append(f"{shown} ({len(values)})")
+        rows.append(row)
+    header = (["micro-batch"] if several_micro_batches else []) + ["lr", "regularisation"]
+    header += (["groups"] if any_groups else []) + [f"`{norm}`" for norm in norms]
+    first = runs[0]
+    seeds = sorted({run["seed"] for run in runs})
+    note = (f"{first['data']}{' (holdout)' if first.get('holdout') else ''}, "
+            f"`{first['model']}`, global batch {first['global_batch']}, {first['epochs']} "
+            f"epochs, seeds {', '.join(map(str, seeds))}: final validation accuracy (%), mean "
+            f"± standard deviation (n - 1) over the seeds, their number in brackets; each "
+            f"column's best mean in bold; \"–\": not run.")
+    return markdown_table(header, rows) + "\n\n" + note
+
+
 def time_table(report):
     """The markdown table of what the runs took: per (data, model, length), the wall minutes
     of one run, lowest to highest, for the norms with batch statistics and for the

@@ -15,7 +15,7 @@ import torch
 from benchmarks import accuracy
 from benchmarks.accuracy_figures import plot_error_vs_budget
 from benchmarks.accuracy_results import budget_runs, cell_key, depth_sweep
-from benchmarks.accuracy_tables import headline, table, time_table
+from benchmarks.accuracy_tables import headline, recipe_table, table, time_table
 from tests.processes import alive, children
 
 
@@ -271,6 +271,25 @@ def test_headline_applies_the_budget_rule_to_every_norm_given_the_runs_at_half_t
     assert "a norm within 0.3 points had converged at half the budget" in lines[-1]
     # without runs at half the budget there is no such column
     assert "since" not in headline(runs, budgets=runs).splitlines()[0]
+
+
+def test_recipe_table_is_a_grid_of_recipes_by_norm_with_each_columns_best_in_bold():
+    def run(norm, seed, value, mixup=0.0, groups=None, status="finished"):
+        return {"data": "cluttered_digits", "model": "m", "norm": norm, "global_batch": 64,
+                "epochs": 12, "micro_batch_size": 8, "seed": seed, "status": status,
+                "val_accuracy": value, "lr": 0.2, "mixup_alpha": mixup, "groups": groups,
+                "holdout": True}
+    runs = [run("batch", 0, 0.97), run("batch", 1, 0.96), run("batch", 0, 0.95, mixup=0.4),
+            run("group_pn", 0, 0.96), run("group_pn", 0, 0.98, mixup=0.4),
+            run("group_pn", 1, None, mixup=0.4, status="diverged"),
+            run("group_pn", 0, 0.99, groups=16)]
+    lines = recipe_table(runs).splitlines()
+    assert lines[0] == "| lr | regularisation | groups | `batch` | `group_pn` |"
+    assert lines[2:5] == ["| 0.2 | none | the model's | **96.50 ± 0.71** (2) | 96.00 (1) |",
+                          "| 0.2 | none | 16 | – | **99.00** (1) |",
+                          "| 0.2 | mixup 0.4 | the model's | 95.00 (1) | 98.00 (1) |"]
+    assert "(holdout), `m`, global batch 64, 12 epochs, seeds 0, 1:" in lines[-1]
+    assert recipe_table([runs[-2]]) == "No runs yet."
 
 
 def test_budget_runs_are_the_plans_cells_at_every_length(tmp_path):
