@@ -19,9 +19,10 @@ global batch), `cpu_threads` 1, wandb disabled and the run folder a temporary on
 afterwards (its validation curve is kept in the JSON). `lr` stays the config's (it is not
 rescaled for the global batch; `--lr` sets another, several make a search, as several
 `--epochs` do; `--label-smoothing` and `--mixup` set the extra regularisation the same way,
-a cell for each combination, and `--groups` the group count of `group` and `group_pn`;
-`--model` trains another model with the same recipe, its runs a row of their own; several
-models run one after another, all of the first model's cells first). The sample order
+a cell for each combination, and `--groups` the group count of `group` and `group_pn` (0:
+the model's own, as without it); `--model` trains another model with the same recipe, its
+runs a row of their own; several models run one after another, all of the first model's
+cells first). The sample order
 depends only on the seed and the global batch, so at one seed every micro-batch sees the
 same batches: only the normalisation's statistics domain differs.
 
@@ -153,9 +154,10 @@ def plan(args):
         if once:  # one run per seed, at the config's own micro-batch where the grid has it
             own = recipe["micro_batch_size"]
             micro_batches = [own if own in micro_batches else max(micro_batches)]
-        # --groups varies only a norm whose group count is free (group, group_pn)
-        group_counts = (args.groups or [None]) if norm_kind(recipe["norm"]).groups == "any" \
-            else [None]
+        # --groups varies only a norm whose group count is free (group, group_pn); 0 (None)
+        # is the model's own count, the cell of a run without --groups
+        group_counts = [count or None for count in args.groups or [0]] \
+            if norm_kind(recipe["norm"]).groups == "any" else [None]
         for epochs, lr, smoothing, mixup, groups, micro_batch, seed in itertools.product(
                 args.epochs or [None], args.lr or [None], args.label_smoothing or [None],
                 args.mixup or [None], group_counts, micro_batches, args.seeds):
@@ -357,7 +359,7 @@ def main(argv=None):
                         help="override the configs' mixup_alpha (several: a search)")
     parser.add_argument("--groups", nargs="+", type=int,
                         help="override GroupNorm's group count of group and group_pn (several: "
-                             "a search; the other norms run once)")
+                             "a search; 0: the model's own; the other norms run once)")
     parser.add_argument("--model", nargs="+",
                         help="override the configs' model (models.list_models(): "
                              "cifar_preact_resnet56, say); its runs are rows of their own; "

@@ -432,6 +432,16 @@ def test_other_config_families_are_planned_without_training():
     assert [(c["norm"], c["groups"], o.get("groups")) for c, o in cells] == [
         ("batch", None, None), ("group_pn", 8, 8), ("group_pn", 16, 16), ("layer", None, None)]
     assert len({cell_key(c) for c, _ in cells}) == 4
+    # 0 is the model's own count: the cell of a run without --groups, which it finds again
+    cells = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
+                                    "every_split": False, "micro_batches": [8],
+                                    "groups": [0, 16]}))
+    assert [(c["groups"], o.get("groups")) for c, o in cells] == [(None, None), (16, 16)]
+    (own,) = accuracy.plan(argparse.Namespace(
+        data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
+                                    "every_split": False, "micro_batches": [8]}))
+    assert cell_key(cells[0][0]) == cell_key(own[0])
     # another model with the same recipe: its own cells, the model carried into the run
     deeper = accuracy.plan(argparse.Namespace(
         data="cluttered_digits", **{**parser_args, "norms": ["group_pn"], "data_path": None,
