@@ -206,9 +206,9 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
     norm_kind(norm)  # an unknown name is one error before any work
     model = copy.deepcopy(model)
     result = ConversionReport(norm)
-    graph = _trace(model, strict, result)
-    if graph is not None:
-        _convert(model, graph, norm, groups, eps, dict(norm_kwargs or {}), strict, result)
+    traced = _trace(model, strict, result)
+    if traced is not None:
+        _convert(model, *traced, norm, groups, eps, dict(norm_kwargs or {}), strict, result)
     return (model, result) if report else model
 
 
@@ -223,13 +223,18 @@ class _TraceFailure(Exception):
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the modules in `leaves` kept whole, every BatchNorm,
     GroupNorm and timm activation module a leaf (torch's are leaves already), and each node
-    tagged with the module whose forward made it."""
+    tagged with the module whose forward made it (convert_scope) and which of that
+    module's calls it was (convert_call, an index into `calls[scope]`)."""
 
     def __init__(self, leaves):
         super().__init__()
         self.leaves = leaves
         self.module_path = [""]
+        self.call_path = [0]
         self.callers = {}  # traced (non-leaf) module name -> the module that called it
+        # traced module name -> per call, the names of its forward's parameters that the
+        # call left None (None: its signature cannot say); the root's calls are the user's
+        self.calls = {"": [frozenset()]}
 
     def is_leaf_module(self, module, name):
         return (name in self.leaves or isinstance(module, (_BatchNorm, nn.GroupNorm))
@@ -241,7 +246,10 @@ class _Tracer(fx.Tracer):
         if self.is_leaf_module(module, name):
             return super().call_module(module, forward, args, kwargs)
         self.callers.setdefault(name, self.module_path[-1])
+        calls = self.calls.setdefault(name, [])
+        calls.append(_left_none(module.forward, args, kwargs))
         self.module_path.append(name)
+        self.call_path.append(len(calls) - 1)
         try:
             return super().call_module(module, forward, args, kwargs)
         except _TraceFailure:
@@ -250,11 +258,24 @@ class _Tracer(fx.Tracer):
             raise _TraceFailure(name, module, error) from error
         finally:
             self.module_path.pop()
+            self.call_path.pop()
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta["convert_scope"] = self.module_path[-1]
+        node.meta["convert_call"] = self.call_path[-1]
         return node
+
+
+def _left_none(forward, args, kwargs):
+    """The names of `forward`'s parameters that a call with `args` and `kwargs` leaves
+    None (passed None or defaulting to it), or None when its signature cannot say."""
+    try:
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return frozenset(name for name, value in bound.arguments.items() if value is None)
 
 
 def _trace_once(model, leaves, training):
@@ -316,7 +337,8 @@ def _describe(name, module):
 
 
 def _trace(model, strict, result):
-    """The fx graph of `model` in train mode, or None when the model itself cannot be
+    """(the fx graph of `model` in train mode, its tracer's `calls`), or None when the
+    model itself cannot be
     traced (strict=False, or no BatchNorm module in it: nothing to convert). Modules that
     cannot be traced become leaves: silently when they hold no BatchNorm, else a
     ConversionError or (strict=False) their BatchNorms are `left`."""
@@ -358,7 +380,7 @@ def _trace(model, strict, result):
         leaves[name] = reason
     else:  # unreachable: every round adds a leaf
         raise ConversionError("convert_norms: tracing did not settle")
-    return train[0]
+    return train[0], train[1].calls
 
 
 # ---- rewriting -------------------------------------------------------------------------
@@ -448,8 +470,9 @@ def _unsupported_kind(module):
             f"than BatchNorm's")
 
 
-def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
-    """Swap the BatchNorms of `model` (traced as `graph`) for `norm` layers, in place."""
+def _convert(model, graph, calls, norm, groups, eps, norm_kwargs, strict, result):
+    """Swap the BatchNorms of `model` (traced as `graph`, its modules' `calls` as
+    _Tracer's) for `norm` layers, in place."""
     proxy = norm_kind(norm).proxy
     modules = dict(model.named_modules())
     sites = {}  # BatchNorm module name -> its call nodes (a module may be called twice)
@@ -514,7 +537,7 @@ def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
             result.norm_act[name] = act
             absorbed.extend(found[2] for found in followers)
     # the forwards are traced before any module changes, then everything is swapped
-    identities, forwards = _plan_activation_removal(model, graph, absorbed, modules)
+    identities, forwards = _plan_activation_removal(model, graph, calls, absorbed, modules)
     for name, layer in itertools.chain(layers.items(), ((n, nn.Identity()) for n in identities)):
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
@@ -523,18 +546,18 @@ def _convert(model, graph, norm, groups, eps, norm_kwargs, strict, result):
         result.forwards.append(name)
 
 
-def _plan_activation_removal(model, graph, absorbed, modules):
+def _plan_activation_removal(model, graph, calls, absorbed, modules):
     """How the activations that norm-act modules now apply leave the forward.
 
     Returns (names of activation modules to replace by nn.Identity: each is called once in
     the whole model, at a site absorbed, under its only name; {module name: _Forward} for
     the modules whose own forward calls the rest, regenerated without those calls).
     """
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    counts = Counter(node.target for node in graph.nodes if node.op == "call_module")
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     identities, by_scope = [], {}
     for node in absorbed:
-        if node.op == "call_module" and calls[node.target] == 1 \
+        if node.op == "call_module" and counts[node.target] == 1 \
                 and names[id(modules[node.target])] == 1:
             identities.append(node.target)
         else:
@@ -542,26 +565,45 @@ def _plan_activation_removal(model, graph, absorbed, modules):
     forwards = {}
     for scope, drop in by_scope.items():
         owner = modules[scope]
-        # the owner's own activation calls, in the order of the whole model's trace (one
-        # run of its forward per call of the owner) and of a trace of its forward alone
-        ran = [n for n in graph.nodes if n.meta.get("convert_scope", "") == scope
-               and _activation(n, modules) is not None]
-        local = _trace_own_forward(owner, scope)
-        own_modules = dict(owner.named_modules())
-        own = [n for n in local.nodes if _activation(n, own_modules) is not None]
-        dropped = {i % max(len(own), 1) for i, n in enumerate(ran) if n in drop}
-        calls_of_owner = len(ran) // len(own) if own and len(ran) % len(own) == 0 else 0
-        if not calls_of_owner or any(
-                (n in drop) != (i % len(own) in dropped) for i, n in enumerate(ran)):
-            raise ConversionError(
-                f"{_describe(scope, owner)}: its forward is called more than once and keeps "
-                f"an activation after a converted norm in one call but not in another")
-        for i in sorted(dropped):
-            node = own[i]
-            node.replace_all_uses_with(node.args[0])
-            local.erase_node(node)
-        local.lint()
-        forwards[scope] = _Forward.from_graph(local, type(owner).__name__)
+        # Its forward is traced alone once per way the model calls it: an argument a call
+        # leaves None is traced as None (`if shortcut is None: shortcut = x` then holds, as
+        # in timm's DLA), the others as tensors. Each call's activation calls in the whole
+        # model's trace then match that trace's one by one.
+        patterns = calls[scope]
+        if None in patterns:  # a signature inspect cannot read: every argument a tensor
+            patterns = [frozenset()] * len(patterns)
+        ran = {}
+        for node in graph.nodes:
+            if node.meta.get("convert_scope", "") == scope and _activation(node, modules):
+                ran.setdefault(node.meta["convert_call"], []).append(node)
+        graphs = {}
+        for pattern in dict.fromkeys(patterns):
+            local = _trace_own_forward(owner, scope, pattern)
+            own_modules = dict(owner.named_modules())
+            own = [n for n in local.nodes if _activation(n, own_modules) is not None]
+            dropped = set()
+            for index in (i for i, p in enumerate(patterns) if p == pattern):
+                nodes = ran.get(index, [])
+                if len(nodes) != len(own):
+                    raise ConversionError(
+                        f"{_describe(scope, owner)}: its forward traced alone calls "
+                        f"{len(own)} activations where the model's call {index} ran "
+                        f"{len(nodes)} (an argument other than None changes its code)")
+                mine = {i for i, n in enumerate(nodes) if n in drop}
+                if index != patterns.index(pattern) and mine != dropped:
+                    raise ConversionError(
+                        f"{_describe(scope, owner)}: its forward is called more than once "
+                        f"and keeps an activation after a converted norm in one call but "
+                        f"not in another")
+                dropped = mine
+            for i in sorted(dropped):
+                node = own[i]
+                node.replace_all_uses_with(node.args[0])
+                local.erase_node(node)
+            local.lint()
+            graphs[pattern] = local
+        forwards[scope] = _Forward.from_graphs(graphs, inspect.signature(owner.forward),
+                                               type(owner).__name__)
     return identities, forwards
 
 
@@ -572,9 +614,11 @@ class _OwnForwardTracer(fx.Tracer):
         return True
 
 
-def _trace_own_forward(module, name):
+def _trace_own_forward(module, name, none=frozenset()):
+    """The fx graph of `module`'s own forward, its parameters in `none` traced as None."""
     try:
-        return _OwnForwardTracer().trace(module)
+        return _OwnForwardTracer().trace(
+            module, concrete_args={parameter: None for parameter in none} or None)
     except Exception as error:  # traced before as part of the model: should not happen
         raise ConversionError(f"{_describe(name, module)}: torch.fx cannot trace its forward "
                               f"alone ({type(error).__name__}: {error})") from None
@@ -584,32 +628,48 @@ class _Forward:
     """A module's own forward, traced by torch.fx without the activations that converted
     norm-act modules now apply, set on the instance as its `forward`.
 
-    The module keeps its class, children and state_dict; the code calls the same
-    children by the same names. Picklable (torch.save of the whole model, deepcopy): it
-    is kept as its source and rebuilt on load.
+    One traced function per way the model calls it (which of its parameters a call leaves
+    None); a call picks its function by the same rule. The module keeps its class,
+    children and state_dict; the code calls the same children by the same names.
+    Picklable (torch.save of the whole model, deepcopy): it is kept as its sources and
+    rebuilt on load.
     """
 
-    def __init__(self, source, namespace, label):
-        self.source, self.label = source, label
-        self.namespace = dict(namespace)
-        scope = dict(self.namespace)
-        exec(compile(source, f"<forward of {label}, converted by proxynorm>", "exec"), scope)
-        self.function = scope["forward"]
-        parameters = list(inspect.signature(self.function).parameters.values())[1:]
-        self.signature = inspect.Signature(parameters)
+    def __init__(self, sources, signature, label):
+        # sources: {names left None: (source, namespace)}; signature: the forward's own
+        self.sources, self.signature, self.label = sources, signature, label
+        self.functions = {}
+        for pattern, (source, namespace) in sources.items():
+            scope = dict(namespace)
+            exec(compile(source, f"<forward of {label}, converted by proxynorm>", "exec"),
+                 scope)
+            self.functions[pattern] = scope["forward"]
+        self.optional = frozenset().union(*sources)
         self.module = None
 
     @classmethod
-    def from_graph(cls, graph, label):
-        code = graph.python_code(root_module="self")
-        return cls(code.src, code.globals, label)
+    def from_graphs(cls, graphs, signature, label):
+        codes = {pattern: graph.python_code(root_module="self")
+                 for pattern, graph in graphs.items()}
+        return cls({pattern: (code.src, dict(code.globals)) for pattern, code in codes.items()},
+                   signature, label)
 
     def install(self, module):
         self.module = module
         module.forward = self  # an instance attribute: nn.Module.__call__ calls it
 
     def __call__(self, *args, **kwargs):
-        return self.function(self.module, *args, **kwargs)
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        pattern = frozenset(name for name in self.optional if bound.arguments[name] is None)
+        function = self.functions.get(pattern)
+        if function is None:
+            seen = "; ".join(", ".join(sorted(p)) or "none" for p in self.functions)
+            raise TypeError(
+                f"{self.label}.forward, as convert_norms traced it, takes calls that leave "
+                f"None: {seen}; this call leaves {', '.join(sorted(pattern)) or 'none'}")
+        # positionally: fx renames a parameter it traced as None
+        return function(self.module, *bound.args, **bound.kwargs)
 
     @property
     def __signature__(self):  # what inspect (torch.export, jit.trace) sees: forward's own
@@ -617,16 +677,22 @@ class _Forward:
 
     def __reduce__(self):
         # modules (torch, math) travel by name; fx puts only importable objects in there
-        namespace = {key: ("module", value.__name__) if isinstance(value, types.ModuleType)
-                     else ("object", value) for key, value in self.namespace.items()}
-        return _rebuild_forward, (self.source, namespace, self.label, self.module)
+        sources = {pattern: (source, {key: ("module", value.__name__)
+                                      if isinstance(value, types.ModuleType)
+                                      else ("object", value)
+                                      for key, value in namespace.items()})
+                   for pattern, (source, namespace) in self.sources.items()}
+        return _rebuild_forward, (sources, self.signature, self.label, self.module)
 
 
-def _rebuild_forward(source, namespace, label, module):
+def _rebuild_forward(sources, signature, label, module):
     import importlib
 
-    forward = _Forward(source, {key: importlib.import_module(value) if kind == "module"
-                                else value for key, (kind, value) in namespace.items()}, label)
+    forward = _Forward({pattern: (source, {key: importlib.import_module(value)
+                                           if kind == "module" else value
+                                           for key, (kind, value) in namespace.items()})
+                        for pattern, (source, namespace) in sources.items()},
+                       signature, label)
     forward.module = module
     return forward
 

@@ -187,6 +187,72 @@ def test_an_absorbed_activation_leaves_the_forward():
     assert all((t < 0).any() for t in relus)  # sums, not Proxy Norm outputs re-activated
 
 
+class OptionalShortcut(nn.Module):
+    """timm's DlaBasic: an optional shortcut, one ReLU module after bn1 and after the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class CallsItTwoWays(nn.Module):
+    """timm's DlaTree: its blocks called with a shortcut and without one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.project = nn.Conv2d(3, 8, 1)
+        self.tree1 = OptionalShortcut()
+        self.tree2 = OptionalShortcut()
+
+    def forward(self, x):
+        y = self.tree1(self.stem(x), self.project(x))
+        y = self.tree2(y)  # its own input as the shortcut
+        return self.tree1(y, shortcut=y * 0.5)  # tree1 again, the shortcut by keyword
+
+
+def test_a_forward_called_with_and_without_an_optional_argument(tmp_path):
+    """A regenerated forward follows each call's None arguments: traced alone with a
+    tensor for `shortcut`, `if shortcut is None` would vanish and tree2(y) add None."""
+    original = CallsItTwoWays()
+    model, report = convert_norms(original, "batch", report=True)
+    assert report.forwards == ["tree1", "tree2"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for training in (True, False):  # the same network, each call as the original's
+            assert torch.equal(model.train(training)(x), original.train(training)(x))
+
+    model = convert_norms(original, "group_pn").eval()
+    relus = []
+    hooks = [block.relu.register_forward_pre_hook(lambda m, i: relus.append(i[0].clone()))
+             for block in (model.tree1, model.tree2)]
+    with torch.no_grad():
+        out = model(x)
+        # one ReLU per block call, after the add; bn1's is the norm-act's own now
+        assert len(relus) == 3 and all((t < 0).any() for t in relus)
+        for hook in hooks:  # a lambda does not pickle
+            hook.remove()
+        torch.save(model, tmp_path / "model.pt")
+        for other in (torch.load(tmp_path / "model.pt", weights_only=False),
+                      copy.deepcopy(model)):
+            assert torch.equal(other(x), out)
+        y = torch.randn(2, 8, 8, 8)
+        with pytest.raises(TypeError, match=r"^OptionalShortcut\.forward, as convert_norms "
+                                            r"traced it, takes calls that leave None: "
+                                            r"shortcut; this call leaves none$"):
+            model.tree2(y, y)  # the model never calls tree2 so
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch.export") is None,
                     reason="torch.export needs torch >= 2.1")  # torch 2.0: PopTorch's pin
 @needs_compile

@@ -33,7 +33,9 @@ from timm.layers import activations_me as timm_acts_me  # noqa: E402
 # name: (BatchNorm -> activation pairs, an indexable submodule path of the model's own)
 TIMM = {"resnet50": (33, "layer1.0.conv1"), "efficientnet_b0": (33, "blocks.0.0.conv_dw"),
         "regnety_008": (29, "s1.b1.conv1.conv"),
-        "mobilenetv3_large_100": (31, "blocks.0.0.conv_dw")}
+        "mobilenetv3_large_100": (31, "blocks.0.0.conv_dw"),
+        # DlaTree calls DlaBasic with and without its optional shortcut
+        "dla34": (21, "level2.tree1.conv1")}
 ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish)
 
 
