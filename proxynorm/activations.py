@@ -4,7 +4,8 @@ Proxy Norm computes its statistics by pushing its Gaussian proxy through the act
 module itself (proxynorm/proxy.py), so every entry works with every norm. The fused ops
 (proxynorm.ops) implement FUSED_ACTS; a Proxy Norm layer with another activation runs the
 eager PyTorch expression of the same maths. relu6 and hardswish are there for converted
-MobileNets (proxynorm/convert.py).
+MobileNets, leaky_relu (torch's default slope, 0.01) for timm's CSPNets and DarkNets, mish
+for models that use it (proxynorm/convert.py).
 """
 import difflib
 
@@ -16,6 +17,8 @@ ACTS = {
     "gelu": nn.GELU,  # exact (erf) GELU, as nn.GELU's default
     "relu6": nn.ReLU6,
     "hardswish": nn.Hardswish,
+    "leaky_relu": nn.LeakyReLU,  # negative_slope 0.01, torch's default
+    "mish": nn.Mish,
     "identity": nn.Identity,
 }
 FUSED_ACTS = ("relu", "silu", "gelu", "identity")

@@ -27,9 +27,10 @@ their unused `drop_block` there) are looked through, and for the Proxy Norm name
 layers too (timm's DropBlock2d, torch's Dropout): the activation joins the norm and the
 drop layer stays where it is, after the Proxy Norm layer now (the other norms keep
 BatchNorm -> drop -> activation as it was). Supported activations are
-proxynorm.activations.ACTS (relu, silu, exact gelu, relu6, hardswish), as modules
-(torch's, and timm's own: Swish, GELU, HardSwish and their memory-efficient variants),
-functions or tensor methods, in place or not. Proxy Norm computes its statistics through
+proxynorm.activations.ACTS (relu, silu, exact gelu, relu6, hardswish, leaky_relu at
+torch's default slope 0.01, mish), as modules (torch's, and timm's own: Swish, GELU,
+HardSwish, Mish and their memory-efficient variants), functions or tensor methods, in
+place or not. Proxy Norm computes its statistics through
 the activation itself, so any other activation is a new entry in that registry, not new
 maths here. timm is never imported here: its classes are looked up in `sys.modules`,
 where a model that holds one has put them.
@@ -64,18 +65,21 @@ _TIMM_ACT_MODULES = ("timm.layers.activations", "timm.layers.activations_me")
 _TIMM_DROPS = (("timm.layers.drop", "DropBlock2d"),)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _TIMM_ACTS = {"Swish": "silu", "SwishMe": "silu", "GELU": "gelu", "HardSwish": "hardswish",
-              "HardSwishMe": "hardswish"}
+              "HardSwishMe": "hardswish", "Mish": "mish", "MishMe": "mish"}
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.ReLU6: "relu6",
-                nn.Hardswish: "hardswish"}
+                nn.Hardswish: "hardswish", nn.LeakyReLU: "leaky_relu", nn.Mish: "mish"}
 _ACT_FUNCTIONS = {F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu",
-                  F.silu: "silu", F.gelu: "gelu", F.relu6: "relu6", F.hardswish: "hardswish"}
+                  F.silu: "silu", F.gelu: "gelu", F.relu6: "relu6", F.hardswish: "hardswish",
+                  F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", F.mish: "mish"}
+# the registry's leaky_relu is torch's default; another slope is another activation
+_LEAKY_SLOPE = nn.LeakyReLU().negative_slope
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
 # activations that exist but that the registry lacks: an error for Proxy Norm, which must
 # hold the activation, rather than a silent scale-only norm in front of them
 _OTHER_ACT_FUNCTIONS = {
-    F.elu, F.elu_, F.selu, F.celu, F.leaky_relu, F.leaky_relu_, F.hardtanh, F.hardtanh_,
-    F.hardsigmoid, F.sigmoid, F.tanh, F.mish, F.softplus, F.prelu, F.rrelu, F.logsigmoid,
+    F.elu, F.elu_, F.selu, F.celu, F.hardtanh, F.hardtanh_,
+    F.hardsigmoid, F.sigmoid, F.tanh, F.softplus, F.prelu, F.rrelu, F.logsigmoid,
     F.softsign, F.tanhshrink, F.threshold, torch.sigmoid, torch.tanh, torch.sigmoid_,
     torch.tanh_}
 _OTHER_ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
@@ -394,6 +398,11 @@ def _activation(node, modules):
         name = getattr(target, "__name__", str(target))
         if target is F.gelu and node.kwargs.get("approximate", "none") != "none":
             return None, f"{name}(approximate='{node.kwargs['approximate']}')"
+        if target in (F.leaky_relu, F.leaky_relu_):
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+                "negative_slope", _LEAKY_SLOPE)
+            if slope != _LEAKY_SLOPE:
+                return None, f"{name}(negative_slope={slope})"
         if target in _ACT_FUNCTIONS:
             return _ACT_FUNCTIONS[target], name
         if target in _OTHER_ACT_FUNCTIONS:
@@ -412,6 +421,8 @@ def _activation_module(name, module):
     kind = type(module)
     if kind is nn.GELU and module.approximate != "none":
         return None, f"{name} (GELU(approximate='{module.approximate}'))"
+    if kind is nn.LeakyReLU and module.negative_slope != _LEAKY_SLOPE:
+        return None, f"{name} (LeakyReLU(negative_slope={module.negative_slope}))"
     if kind in _ACT_MODULES:
         return _ACT_MODULES[kind], name
     if kind.__module__ in _TIMM_ACT_MODULES:

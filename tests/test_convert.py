@@ -345,13 +345,47 @@ def test_activation_kinds_functions_and_methods():
     assert report.norm_only == ["bn2"]
 
 
+class LeakyFunction(nn.Module):
+    def __init__(self, **slope):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.slope = slope
+
+    def forward(self, x):
+        return F.leaky_relu(self.bn(self.conv(x)), **self.slope)
+
+
+def test_leaky_relu_at_torchs_slope_and_mish_convert_and_another_slope_is_refused():
+    """The registry's leaky_relu is nn.LeakyReLU() (slope 0.01, timm's CSPNets and
+    DarkNets); Proxy Norm must hold the exact activation, so another slope is refused."""
+    x = torch.randn(3, 3, 8, 8)
+    for act, name in ((nn.LeakyReLU(), "leaky_relu"), (nn.LeakyReLU(0.01, inplace=True),
+                                                       "leaky_relu"), (nn.Mish(), "mish")):
+        model, report = convert_norms(Net(act), report=True)
+        assert report.norm_act["block.bn"] == name
+        assert type(model.block.bn.act) is type(act) and type(model.block.act) is nn.Identity
+        with torch.no_grad():
+            torch.testing.assert_close(model(x)[:1], model(x[:1]))  # batch mates don't matter
+    model, report = convert_norms(LeakyFunction(), report=True)
+    assert report.norm_act == {"bn": "leaky_relu"}
+    assert convert_norms(LeakyFunction(negative_slope=0.01)).bn.act.negative_slope == 0.01
+    with pytest.raises(ConversionError, match=r"^block\.bn: followed by block\.act "
+                                              r"\(LeakyReLU\(negative_slope=0\.2\)\), an "
+                                              r"activation that Proxy Norm cannot hold"):
+        convert_norms(Net(nn.LeakyReLU(0.2)))
+    with pytest.raises(ConversionError, match=r"^bn: followed by leaky_relu\(negative_slope="
+                                              r"0\.2\), an activation"):
+        convert_norms(LeakyFunction(negative_slope=0.2))
+
+
 def test_unsupported_activation_is_one_error_naming_the_module():
     with pytest.raises(ConversionError) as info:
         convert_norms(Net(nn.Tanh()))
     assert str(info.value) == (
         "block.bn: followed by block.act (Tanh), an activation that Proxy Norm cannot hold; "
-        "supported: relu, silu, gelu, relu6, hardswish; pass strict=False to leave it as "
-        "it is")
+        "supported: relu, silu, gelu, relu6, hardswish, leaky_relu, mish; pass strict=False "
+        "to leave it as it is")
     with pytest.raises(ConversionError, match=r"^block\.bn: followed by block\.act "
                                               r"\(GELU\(approximate='tanh'\)\)"):
         convert_norms(Net(nn.GELU(approximate="tanh")), "layer_pn")

@@ -35,7 +35,8 @@ TIMM = {"resnet50": (33, "layer1.0.conv1"), "efficientnet_b0": (33, "blocks.0.0.
         "regnety_008": (29, "s1.b1.conv1.conv"),
         "mobilenetv3_large_100": (31, "blocks.0.0.conv_dw"),
         # DlaTree calls DlaBasic with and without its optional shortcut
-        "dla34": (21, "level2.tree1.conv1")}
+        "dla34": (21, "level2.tree1.conv1"),
+        "cspresnet50": (38, "stages.0.blocks.0.conv1")}  # LeakyReLU(0.01) in BatchNormAct2d
 ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish)
 
 
@@ -206,7 +207,8 @@ def block(act_layer=nn.ReLU, **kw):
     (nn.ReLU6, "relu6"), (timm_acts.Swish, "silu"), (timm_acts.GELU, "gelu"),
     (timm_acts.HardSwish, "hardswish"), (timm_acts_me.SwishMe, "silu"),
     (timm_acts_me.HardSwishMe, "hardswish"), ("swish", "silu"), ("hard_swish", "hardswish"),
-    ("gelu", "gelu")])
+    ("gelu", "gelu"), (nn.LeakyReLU, "leaky_relu"), ("leaky_relu", "leaky_relu"),
+    (nn.Mish, "mish"), ("mish", "mish"), (timm_acts.Mish, "mish"), (timm_acts_me.MishMe, "mish")])
 def test_batch_norm_act_activations(act_layer, name):
     original = block(act_layer)
     x = torch.randn(4, 3, 8, 8)
@@ -267,19 +269,21 @@ def test_the_drop_layer_is_kept():
 
 def test_unsupported_activation_is_one_error_naming_the_module():
     with pytest.raises(ConversionError) as info:
-        convert_norms(block(nn.Mish))
+        convert_norms(block(nn.ELU))
     assert str(info.value) == (
-        "bn: its activation bn.act (Mish) is one that Proxy Norm cannot hold; supported: "
-        "relu, silu, gelu, relu6, hardswish; pass strict=False to leave it as it is")
+        "bn: its activation bn.act (ELU) is one that Proxy Norm cannot hold; supported: "
+        "relu, silu, gelu, relu6, hardswish, leaky_relu, mish; pass strict=False to leave it "
+        "as it is")
     with pytest.raises(ConversionError, match=r"^bn: its activation bn\.act \(timm's GELUTanh\)"):
         convert_norms(block(timm_acts.GELUTanh), "layer_pn")
-    with pytest.raises(ConversionError, match=r"^bn: its activation bn\.act \(LeakyReLU\)"):
-        convert_norms(block("leaky_relu"))
-    model, report = convert_norms(block(nn.Mish), strict=False, report=True)
+    with pytest.raises(ConversionError, match=r"^bn: its activation bn\.act \(LeakyReLU\("
+                                              r"negative_slope=0\.001\)\)"):
+        convert_norms(block(functools.partial(nn.LeakyReLU, 1e-3)))  # TResNet's
+    model, report = convert_norms(block(nn.ELU), strict=False, report=True)
     assert list(report.left) == ["bn"] and type(model.bn) is BatchNormAct2d
     # a norm without Proxy Norm holds any activation: timm's module is kept as it is
-    model, report = convert_norms(block(nn.Mish), "group", report=True)
-    assert report.norm_act == {"bn": "Mish"} and type(model.bn.act) is nn.Mish
+    model, report = convert_norms(block(nn.ELU), "group", report=True)
+    assert report.norm_act == {"bn": "ELU"} and type(model.bn.act) is nn.ELU
     assert type(model.bn) is GroupNormAct and model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 8, 8)
 
 

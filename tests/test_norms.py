@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
+from proxynorm.activations import ACTS
 from proxynorm.norms import (BATCH_INDEPENDENT, NORMS, BatchNormAct, GroupNormAct,
                              GroupNormProxyAct, SyncBatchNormAct, get_norm_act, norm_kind)
 from proxynorm.proxy import proxy_norm_act
@@ -19,6 +20,8 @@ ACT_FORMULAS = {  # written out, not taken from torch.nn
     "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2))),
     "relu6": lambda t: t.clamp(min=0, max=6),
     "hardswish": lambda t: t * (t + 3).clamp(min=0, max=6) / 6,
+    "leaky_relu": lambda t: torch.where(t >= 0, t, 0.01 * t),
+    "mish": lambda t: t * torch.tanh(torch.log1p(torch.exp(t))),
     "identity": lambda t: t,
 }
 
@@ -273,10 +276,14 @@ def test_unknown_norm_lists_valid_names():
         get_norm_act("gruop_pn", 8)
 
 
+def test_every_activation_is_checked_against_a_written_out_formula():
+    assert list(ACT_FORMULAS) == list(ACTS)  # a new entry needs its formula here
+
+
 def test_unknown_activation_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown activation 'swish' \(did you mean "
                                          r"'hardswish'\?\); valid names: relu, silu, gelu, "
-                                         r"relu6, hardswish, identity"):
+                                         r"relu6, hardswish, leaky_relu, mish, identity"):
         get_norm_act("group", 8, act="swish", groups=2)
     with pytest.raises(ValueError, match="unknown activation"):
         get_norm_act("batch", 8, act="tanh", apply_act=False)

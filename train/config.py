@@ -112,8 +112,8 @@ OPTION_GROUPS = [
                "group_pn, layer_pn, none", role="model"),
         Option("groups", None, int, "GroupNorm groups for group/group_pn (null: the model's)",
                null_ok=True, at_least=1, role="model"),
-        Option("act", None, str, "activation: relu, silu, gelu, relu6, hardswish (null: the "
-               "model's)", null_ok=True, role="model"),
+        Option("act", None, str, "activation: relu, silu, gelu, relu6, hardswish, leaky_relu, "
+               "mish (null: the model's)", null_ok=True, role="model"),
         Option("group_dim", None, int, "EfficientNet: channels per group in its grouped convs (1 = "
                "depthwise, G1; 16 = G16)", null_ok=True, at_least=1, role="model"),
         Option("expand_ratio", None, int, "EfficientNet: expansion ratio of its inverted "
