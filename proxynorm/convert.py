@@ -670,6 +670,8 @@ class _Forward:
         module.forward = self  # an instance attribute: nn.Module.__call__ calls it
 
     def __call__(self, *args, **kwargs):
+        if not self.optional:  # one trace, every parameter its own name: no binding
+            return self.functions[frozenset()](self.module, *args, **kwargs)
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         pattern = frozenset(name for name in self.optional if bound.arguments[name] is None)
