@@ -22,9 +22,9 @@ rescaled for the global batch; `--lr` sets another, several make a search, as se
 a cell for each combination, and `--groups` the group count of `group` and `group_pn` (0:
 the model's own, as without it); `--model` trains another model with the same recipe, its
 runs a row of their own; several models run one after another, all of the first model's
-cells first). The sample order
-depends only on the seed and the global batch, so at one seed every micro-batch sees the
-same batches: only the normalisation's statistics domain differs.
+cells first). The sample order depends only on the seed and the global batch, so at one
+seed every micro-batch sees the same batches: only the normalisation's statistics domain
+differs.
 
 Every run also records its channel-wise collapse (`collapse`): analysis.power's
 `channel_squared_mean` share of the power of each pre-activation (a norm layer followed by
@@ -64,8 +64,9 @@ between the `depth_sweep` markers of `--markdown`; `--headline` rewrites README.
 headline table (`accuracy_headline`) from them: a row per norm and micro-batch, best
 first, and each row's paired distance below the best BatchNorm with its 95% confidence
 interval and, where the JSON holds the same runs at half the epochs, each row's paired
-change since then (the budget rule, applied to every norm); `--comparison NAME` writes the same table between the NAME markers of
-`--markdown` (docs/evidence.md's converged comparison at 48 epochs: `converged`);
+change since then (the budget rule, applied to every norm); `--comparison NAME` writes the
+same table between the NAME markers of `--markdown` (docs/evidence.md's converged
+comparison at 48 epochs: `converged`);
 `--by-recipe NAME` writes the study's runs as a grid there, a row per recipe (lr,
 regularisation, group count) and a column per norm, for reading a search.
 `--keep-checkpoints DIR` keeps each run's last checkpoint there, named in the run's record
