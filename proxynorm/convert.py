@@ -30,9 +30,8 @@ BatchNorm -> drop -> activation as it was). Supported activations are
 proxynorm.activations.ACTS (relu, silu, exact gelu, relu6, hardswish, leaky_relu at
 torch's default slope 0.01, mish), as modules (torch's, and timm's own: Swish, GELU,
 HardSwish, Mish and their memory-efficient variants), functions or tensor methods, in
-place or not. Proxy Norm computes its statistics through
-the activation itself, so any other activation is a new entry in that registry, not new
-maths here. timm is never imported here: its classes are looked up in `sys.modules`,
+place or not. Proxy Norm computes its statistics through the activation itself, so any
+other activation is a new entry in that registry, not new maths here. timm is never imported here: its classes are looked up in `sys.modules`,
 where a model that holds one has put them.
 """
 import copy
@@ -342,10 +341,9 @@ def _describe(name, module):
 
 def _trace(model, strict, result):
     """(the fx graph of `model` in train mode, its tracer's `calls`), or None when the
-    model itself cannot be
-    traced (strict=False, or no BatchNorm module in it: nothing to convert). Modules that
-    cannot be traced become leaves: silently when they hold no BatchNorm, else a
-    ConversionError or (strict=False) their BatchNorms are `left`."""
+    model itself cannot be traced (strict=False, or no BatchNorm module in it: nothing to
+    convert). Modules that cannot be traced become leaves: silently when they hold no
+    BatchNorm, else a ConversionError or (strict=False) their BatchNorms are `left`."""
     leaves = {}  # name -> reason
     modules = dict(model.named_modules())
     for _ in range(len(modules) + 1):
