@@ -31,8 +31,9 @@ proxynorm.activations.ACTS (relu, silu, exact gelu, relu6, hardswish, leaky_relu
 torch's default slope 0.01, mish), as modules (torch's, and timm's own: Swish, GELU,
 HardSwish, Mish and their memory-efficient variants), functions or tensor methods, in
 place or not. Proxy Norm computes its statistics through the activation itself, so any
-other activation is a new entry in that registry, not new maths here. timm is never imported here: its classes are looked up in `sys.modules`,
-where a model that holds one has put them.
+other activation is a new entry in that registry, not new maths here. timm is never
+imported here: its classes are looked up in `sys.modules`, where a model that holds one
+has put them.
 """
 import copy
 import inspect
