@@ -193,7 +193,9 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
 
     What it cannot convert raises one ConversionError (a ValueError) naming the module:
     a forward that torch.fx cannot trace or that traces differently in train and eval
-    mode (a module without BatchNorms is then kept whole instead, which is always safe);
+    mode beyond a `training` argument that follows it (`F.dropout(x, training=
+    self.training)`, which a regenerated forward keeps following) (a module without
+    BatchNorms is then kept whole instead, which is always safe);
     an activation after a BatchNorm, or in a timm BatchNormAct2d, that Proxy Norm cannot
     hold (Proxy Norm names only: the other norms leave it after, or in, a norm without
     activation); a BatchNorm1d (its input may be (N, C), which a per-sample norm cannot
@@ -299,12 +301,30 @@ def _trace_once(model, leaves, training):
     return graph, tracer
 
 
+def _mark_mode_arguments(train_graph, eval_graph):
+    """Tag (convert_mode) the nodes of two traces, in train and eval mode, that differ only
+    in a `training` argument that follows the mode, True in one and False in the other:
+    `F.dropout(x, p, training=self.training)`, as timm's GhostNets' heads call it. The
+    comparison reads it as the mode, and a regenerated forward passes `self.training`."""
+    for a, b in zip(train_graph.nodes, eval_graph.nodes):
+        if (a.op, a.target, a.name) == (b.op, b.target, b.name) \
+                and a.kwargs.get("training") is True and b.kwargs.get("training") is False:
+            a.meta["convert_mode"] = b.meta["convert_mode"] = True
+
+
+def _arguments(node):
+    """(args, kwargs) of `node`, a `training` argument that follows the mode marked so."""
+    if node.meta.get("convert_mode"):
+        return node.args, {**node.kwargs, "training": "<the mode>"}
+    return node.args, node.kwargs
+
+
 def _scope_code(graph):
     """{module name: what its own forward did}: ops, targets and constant arguments of
     the nodes it made, its tensor arguments reduced to a mark."""
     code = {}
     for node in graph.nodes:
-        args = fx.node.map_arg((node.args, node.kwargs), lambda _: "%")
+        args = fx.node.map_arg(_arguments(node), lambda _: "%")
         code.setdefault(node.meta.get("convert_scope", ""), []).append(
             (node.op, str(node.target), repr(args)))
     return code
@@ -314,9 +334,11 @@ def _mode_difference(train, evaluation):
     """The module whose own forward traces differently in train and eval mode, or None.
 
     A module called in one mode only is its caller's doing; else the module whose own
-    nodes differ (a mode-dependent op, or a leaf called in one mode only).
+    nodes differ (a mode-dependent op, or a leaf called in one mode only). A `training`
+    argument that follows the mode is no difference (_mark_mode_arguments).
     """
     (train_graph, train_tracer), (eval_graph, eval_tracer) = train, evaluation
+    _mark_mode_arguments(train_graph, eval_graph)
     for callers, other in ((train_tracer.callers, eval_tracer.callers),
                            (eval_tracer.callers, train_tracer.callers)):
         for name, caller in callers.items():
@@ -327,7 +349,7 @@ def _mode_difference(train, evaluation):
         if train_code.get(name) != eval_code.get(name):
             return name
     for a, b in zip(train_graph.nodes, eval_graph.nodes):  # the same ops, wired differently
-        if (a.name, repr(a.args), repr(a.kwargs)) != (b.name, repr(b.args), repr(b.kwargs)):
+        if (a.name, repr(_arguments(a))) != (b.name, repr(_arguments(b))):
             return a.meta.get("convert_scope", "")
     return None
 
@@ -589,6 +611,7 @@ def _plan_activation_removal(model, graph, calls, absorbed, modules):
         graphs = {}
         for pattern in dict.fromkeys(patterns):
             local = _trace_own_forward(owner, scope, pattern)
+            _follow_mode(local, owner, scope, pattern)
             own_modules = dict(owner.named_modules())
             own = [n for n in local.nodes if _activation(n, own_modules) is not None]
             dropped = set()
@@ -624,14 +647,33 @@ class _OwnForwardTracer(fx.Tracer):
         return True
 
 
-def _trace_own_forward(module, name, none=frozenset()):
-    """The fx graph of `module`'s own forward, its parameters in `none` traced as None."""
+def _trace_own_forward(module, name, none=frozenset(), training=True):
+    """The fx graph of `module`'s own forward in train or eval mode, its parameters in
+    `none` traced as None."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
     try:
         return _OwnForwardTracer().trace(
             module, concrete_args={parameter: None for parameter in none} or None)
     except Exception as error:  # traced before as part of the model: should not happen
         raise ConversionError(f"{_describe(name, module)}: torch.fx cannot trace its forward "
                               f"alone ({type(error).__name__}: {error})") from None
+    finally:
+        for each, mode in modes:
+            each.training = mode
+
+
+def _follow_mode(graph, module, name, none):
+    """Where `graph` (the module's own forward in train mode) passes the mode on
+    (`training=self.training`), pass `self.training` instead of the traced True."""
+    if not any(node.kwargs.get("training") is True for node in graph.nodes):
+        return
+    _mark_mode_arguments(graph, _trace_own_forward(module, name, none, training=False))
+    for node in list(graph.nodes):
+        if node.meta.get("convert_mode"):
+            with graph.inserting_before(node):
+                mode = graph.get_attr("training")
+            node.kwargs = {**node.kwargs, "training": mode}
 
 
 class _Forward:

@@ -253,6 +253,37 @@ def test_a_forward_called_with_and_without_an_optional_argument(tmp_path):
             model.tree2(y, y)  # the model never calls tree2 so
 
 
+class PassesItsMode(nn.Module):
+    """F.dropout(x, p, training=self.training), as timm's GhostNet heads, in a forward that
+    conversion regenerates (a functional ReLU after a BatchNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(F.dropout(x, 0.5, training=self.training))
+
+
+def test_a_forward_that_passes_its_mode_on_converts_and_still_follows_the_mode():
+    """Its train and eval traces differ only in dropout's `training`, which follows the
+    mode: no reason to refuse it, and the regenerated forward must read self.training
+    rather than the True of the trace (eval would then drop half its features)."""
+    original = PassesItsMode()
+    model, report = convert_norms(original, "batch", report=True)
+    assert report.forwards == [""] and report.norm_act == {"bn": "relu"}
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        for training in (True, False, True):
+            torch.manual_seed(0)
+            expected = original.train(training)(x)
+            torch.manual_seed(0)
+            assert torch.equal(model.train(training)(x), expected)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch.export") is None,
                     reason="torch.export needs torch >= 2.1")  # torch 2.0: PopTorch's pin
 @needs_compile

@@ -267,6 +267,22 @@ def test_the_drop_layer_is_kept():
         assert (model.train()(x) == 0).any() and not (model.eval()(x) == 0).any()
 
 
+def test_ghostnet_whose_head_passes_its_mode_to_dropout():
+    """GhostNet's head calls F.dropout(x, p, training=self.training): its train and eval
+    traces differ there only, so it converts, and the dropout still follows the mode."""
+    model, report = convert_norms(timm_model("ghostnet_100"), "group_pn", report=True)
+    assert not batch_norms(model) and not report.left and report.counts()["norm_act"] == 34
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))  # no dropout
+        model.train()
+        torch.manual_seed(0)
+        first = model(x)
+        torch.manual_seed(1)
+        assert not torch.equal(model(x), first)  # dropout's masks
+
+
 def test_unsupported_activation_is_one_error_naming_the_module():
     with pytest.raises(ConversionError) as info:
         convert_norms(block(nn.ELU))
