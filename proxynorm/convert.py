@@ -200,7 +200,9 @@ def convert_norms(model: nn.Module, norm: str = "group_pn",
     hold (Proxy Norm names only: the other norms leave it after, or in, a norm without
     activation); a BatchNorm1d (its input may be (N, C), which a per-sample norm cannot
     normalise), a BatchNorm subclass other than timm's BatchNormAct2d and SyncBatchNormAct,
-    a call of F.batch_norm; a group count that does not divide a layer's channels.
+    a call of F.batch_norm over activations (one over a weight, as timm's ScaledStdConv2d
+    standardises it in NFNets, is no BatchNorm and stays); a group count that does not
+    divide a layer's channels.
     strict=False leaves the BatchNorms concerned as they were (the whole model when its
     own forward cannot be traced) and lists them in the report's `left`; bad groups stay
     an error.
@@ -352,6 +354,20 @@ def _mode_difference(train, evaluation):
         if (a.name, repr(_arguments(a))) != (b.name, repr(_arguments(b))):
             return a.meta.get("convert_scope", "")
     return None
+
+
+def _depends_on_input(node):
+    """Whether `node`'s value depends on the model's inputs, not on its parameters alone
+    (timm's ScaledStdConv2d standardises its weight with F.batch_norm: no batch there)."""
+    seen, stack = set(), [node]
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False
 
 
 def _has_batch_norm(module):
@@ -511,7 +527,8 @@ def _convert(model, graph, calls, norm, groups, eps, norm_kwargs, strict, result
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
             sites.setdefault(node.target, []).append(node)
-        elif node.op == "call_function" and node.target is F.batch_norm:
+        elif node.op == "call_function" and node.target is F.batch_norm \
+                and _depends_on_input(node.args[0]):  # else a weight's standardisation
             scope = node.meta.get("convert_scope", "")
             where = _describe(scope, modules[scope])
             reason = f"{where} calls torch.nn.functional.batch_norm, which is not a module"

@@ -410,6 +410,32 @@ def test_leaky_relu_at_torchs_slope_and_mish_convert_and_another_slope_is_refuse
         convert_norms(LeakyFunction(negative_slope=0.2))
 
 
+class FunctionalBatchNorms(nn.Module):
+    """A weight standardised by F.batch_norm (timm's ScaledStdConv2d, in NFNets), then a
+    BatchNorm module, then F.batch_norm over the activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, 8, -1), None, None, training=True)
+        x = F.relu(self.bn(F.conv2d(x, weight.reshape_as(self.weight), padding=1)))
+        return F.batch_norm(x, None, None, training=True)
+
+
+def test_functional_batch_norm_over_activations_is_refused_over_a_weight_left_alone():
+    with pytest.raises(ConversionError, match=r"^the model \(FunctionalBatchNorms\) calls "
+                                              r"torch\.nn\.functional\.batch_norm, which is "
+                                              r"not a module; pass strict=False to leave it "
+                                              r"as it is$"):
+        convert_norms(FunctionalBatchNorms())
+    model, report = convert_norms(FunctionalBatchNorms(), strict=False, report=True)
+    assert report.norm_act == {"bn": "relu"}
+    assert list(report.left) == ["<model>:batch_norm_1"]  # the activations' only
+
+
 def test_unsupported_activation_is_one_error_naming_the_module():
     with pytest.raises(ConversionError) as info:
         convert_norms(Net(nn.Tanh()))
