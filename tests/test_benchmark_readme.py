@@ -38,6 +38,7 @@ def test_replace_section_needs_markers(tmp_path):
     ("benchmarks.model", "DOCS_PAGE", "model"),
     ("benchmarks.models", "DOCS_PAGE", "models"),
     ("benchmarks.plan", "DOCS_PAGE", "plan"),
+    ("benchmarks.convert_coverage", "DOCS_PAGE", "convert_coverage"),
 ])
 def test_each_script_writes_the_page_that_holds_its_table(module, page, name):
     text = open(getattr(importlib.import_module(module), page)).read()

@@ -8,6 +8,7 @@ in between), checked against each model's known count. Inputs are tiny (batch 4 
 64x64); weights are random (pretrained=False: nothing is downloaded).
 """
 import functools
+import json
 import subprocess
 import sys
 
@@ -436,3 +437,33 @@ def test_train_a_timm_model(tmp_path, capsys):
         "error: drop_rate does not apply to timm:test_efficientnet (timm models keep their "
         "own); unset it (--drop-rate null)\n")
     assert not (tmp_path / "bad").exists()
+
+
+def test_coverage_records_each_outcome_and_its_check_can_fail(tmp_path, capsys):
+    """benchmarks.convert_coverage: a converted model passes (nothing left, batch
+    independent in float64), a refusal carries the converter's line, and a model whose
+    norm does use its batch (norm="batch") is a failure, not a pass."""
+    from benchmarks import convert_coverage
+
+    converted = convert_coverage.check("resnet10t")
+    assert converted["outcome"] == "converted" and converted["family"] == "resnet"
+    assert converted["batch_norms_left"] == 0 and converted["batch_dependence"] < 1e-9
+    assert (converted["norm_act"], converted["norm_only"]) == (7, 7)
+    refused = convert_coverage.check("levit_128s")
+    assert refused["outcome"] == "refused"
+    assert refused["reason"].startswith("stages.0.blocks.0.attn (Attention): its forward "
+                                        "traces differently in train and eval mode")
+    batch = convert_coverage.check("resnet10t", norm="batch")
+    assert batch["outcome"] == "failed" and batch["batch_dependence"] > 1e-3
+    text = convert_coverage.table([converted, refused, batch], "group_pn")
+    assert "| `resnet10t` | resnet | converted: 7 norm-act, 7 norm-only |" in text
+    assert "| `levit_128s` | levit | refused: stages.0.blocks.0.attn" in text
+    assert "1 of 3 convert to `group_pn` and pass the checks, 1 are refused in one line, " \
+           "1 fail." in text
+    assert "pass strict=False" not in text  # said once, on the page
+    # --report-only checks nothing: the same table from the JSON
+    path = tmp_path / "coverage.json"
+    path.write_text(json.dumps({"norm": "group_pn", "models": [converted, refused, batch]}))
+    capsys.readouterr()
+    convert_coverage.main(["--report-only", "--output", str(path), "--no-readme"])
+    assert capsys.readouterr().out.strip() == text
