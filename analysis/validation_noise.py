@@ -62,8 +62,7 @@ def load(path):
     if config["data"] != "cluttered_digits":
         raise NoiseError(f"{path}: a {config['data']} run; this analysis is for "
                          f"cluttered_digits")
-    knobs = cluttered_digits.knobs(
-        config["image_size"], **{name: config[name] for name in cluttered_digits.OPTIONS})
+    knobs = cluttered_digits.knobs(config["image_size"], **cluttered_digits.options_of(config))
     return model, info, knobs
 
 

@@ -38,6 +38,11 @@ OPTIONS = {"clutter": "clutter", "clutter_size": "clutter_size",
            "clutter_holdout": "holdout"}
 
 
+def options_of(config):
+    """A training config's cluttered-digits options, by their names in OPTIONS."""
+    return {name: config[name] for name in OPTIONS}
+
+
 def knobs(image_size=None, **options):
     """Knobs from training options (names as in OPTIONS); the rest keep their defaults."""
     unknown = set(options) - set(OPTIONS)

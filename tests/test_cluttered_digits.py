@@ -140,7 +140,7 @@ def test_holdout_splits_the_training_digits_and_never_shows_a_validation_digit(m
     assert canvases[2].shape == (SMALL.val_samples, 1, 32, 32)
     assert not torch.equal(canvases[2], build(SMALL)[2])
     config = resolve_config("cluttered_digits_preact_resnet20_batch", {"clutter_holdout": True})
-    assert cluttered_digits.knobs(**{k: config[k] for k in cluttered_digits.OPTIONS}).holdout
+    assert cluttered_digits.knobs(**cluttered_digits.options_of(config)).holdout
 
 
 def test_more_validation_canvases_show_the_validation_digits_anew():

@@ -32,7 +32,7 @@ def data_for(config):
                            synthetic_samples=config["micro_batch_size"] * config["replicas"],
                            synthetic_num_classes=CLASSES[name])
     return get_dataset(name, data_path=path, image_size=config["image_size"], seed=config["seed"],
-                       clutter_options={key: config[key] for key in cluttered_digits.OPTIONS})
+                       clutter_options=cluttered_digits.options_of(config))
 
 
 @pytest.mark.parametrize("name", config_names(CONFIGS))

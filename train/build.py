@@ -64,7 +64,7 @@ def load_data(config):
         mixup_alpha=config["mixup_alpha"], cutmix_alpha=config["cutmix_alpha"],
         synthetic_samples=config["synthetic_samples"],
         synthetic_num_classes=config["synthetic_num_classes"],
-        clutter_options={name: config[name] for name in cluttered_digits.OPTIONS})
+        clutter_options=cluttered_digits.options_of(config))
 
 
 def build_model(config, data, context=None, report=False, **options):
