@@ -35,6 +35,7 @@ other activation is a new entry in that registry, not new maths here. timm is ne
 imported here: its classes are looked up in `sys.modules`, where a model that holds one
 has put them.
 """
+import contextlib
 import copy
 import inspect
 import itertools
@@ -286,20 +287,28 @@ def _left_none(forward, args, kwargs):
     return frozenset(name for name, value in bound.arguments.items() if value is None)
 
 
-def _trace_once(model, leaves, training):
-    """(graph, tracer) of `model` traced in train or eval mode."""
+@contextlib.contextmanager
+def _in_mode(model, training):
+    """`model` in train or eval mode inside the block; every submodule's own mode after."""
     modes = [(m, m.training) for m in model.modules()]
     model.train(training)
-    tracer = _Tracer(leaves)
     try:
-        graph = tracer.trace(model)
-    except _TraceFailure:
-        raise
-    except Exception as error:
-        raise _TraceFailure("", model, error) from error
+        yield
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def _trace_once(model, leaves, training):
+    """(graph, tracer) of `model` traced in train or eval mode."""
+    tracer = _Tracer(leaves)
+    with _in_mode(model, training):
+        try:
+            graph = tracer.trace(model)
+        except _TraceFailure:
+            raise
+        except Exception as error:
+            raise _TraceFailure("", model, error) from error
     return graph, tracer
 
 
@@ -625,11 +634,10 @@ def _plan_activation_removal(model, graph, calls, absorbed, modules):
         for node in graph.nodes:
             if node.meta.get("convert_scope", "") == scope and _activation(node, modules):
                 ran.setdefault(node.meta["convert_call"], []).append(node)
-        graphs = {}
+        graphs, own_modules = {}, dict(owner.named_modules())
         for pattern in dict.fromkeys(patterns):
             local = _trace_own_forward(owner, scope, pattern)
             _follow_mode(local, owner, scope, pattern)
-            own_modules = dict(owner.named_modules())
             own = [n for n in local.nodes if _activation(n, own_modules) is not None]
             dropped = set()
             for index in (i for i, p in enumerate(patterns) if p == pattern):
@@ -667,17 +675,13 @@ class _OwnForwardTracer(fx.Tracer):
 def _trace_own_forward(module, name, none=frozenset(), training=True):
     """The fx graph of `module`'s own forward in train or eval mode, its parameters in
     `none` traced as None."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        return _OwnForwardTracer().trace(
-            module, concrete_args={parameter: None for parameter in none} or None)
-    except Exception as error:  # traced before as part of the model: should not happen
-        raise ConversionError(f"{_describe(name, module)}: torch.fx cannot trace its forward "
-                              f"alone ({type(error).__name__}: {error})") from None
-    finally:
-        for each, mode in modes:
-            each.training = mode
+    with _in_mode(module, training):
+        try:
+            return _OwnForwardTracer().trace(
+                module, concrete_args={parameter: None for parameter in none} or None)
+        except Exception as error:  # traced before as part of the model: should not happen
+            raise ConversionError(f"{_describe(name, module)}: torch.fx cannot trace its "
+                                  f"forward alone ({type(error).__name__}: {error})") from None
 
 
 def _follow_mode(graph, module, name, none):
